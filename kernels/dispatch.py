@@ -1,0 +1,79 @@
+"""One place that picks the implementation of each fused op.
+
+Order for CUDA tensors: ``cuda`` (our csrc/ extension, when built) → ``triton`` → ``torch``.
+CPU tensors get the pure-torch reference unless ``triton`` is asked for explicitly and the
+Triton interpreter is on (``TRITON_INTERPRET=1``), which is how the CPU tests run kernels.
+
+Override, strongest first: the ``backend=`` argument of the public op; the environment
+variable ``LLAVA_KERNEL_BACKEND_<OP>`` (e.g. ``LLAVA_KERNEL_BACKEND_MASKED_LOSS=triton``);
+``LLAVA_KERNEL_BACKEND`` for every op. Values: ``torch``, ``triton``, ``cuda``, ``auto``.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+BACKENDS = ("torch", "triton", "cuda")
+OPS = ("projector", "scatter", "masked_loss")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def cuda_ops_available(op: str) -> bool:
+    """True when the compiled csrc/ extension is loaded and registers ``op``."""
+    try:
+        from kernels import _cuda
+    except ImportError:
+        return False
+    return _cuda.available(op)
+
+
+def _requested(op: str, backend: str | None) -> str:
+    choice = backend or os.environ.get(f"LLAVA_KERNEL_BACKEND_{op.upper()}") or os.environ.get(
+        "LLAVA_KERNEL_BACKEND") or "auto"
+    if choice not in BACKENDS + ("auto",):
+        raise ValueError(f"unknown kernel backend {choice!r} for op {op!r}; expected one of "
+                         f"{BACKENDS + ('auto',)}")
+    return choice
+
+
+def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
+    """The backend that runs ``op`` for tensors on ``device``.
+
+    Raises ValueError when an explicitly requested backend cannot run there (e.g. ``cuda``
+    for CPU tensors, or ``triton`` on the CPU without the interpreter).
+    """
+    assert op in OPS, op
+    choice = _requested(op, backend)
+    on_gpu = device.type == "cuda"
+    if choice == "auto":
+        if on_gpu and cuda_ops_available(op):
+            return "cuda"
+        if on_gpu and triton_available():
+            return "triton"
+        return "torch"
+    if choice == "cuda" and not (on_gpu and cuda_ops_available(op)):
+        why = "tensors are not on a CUDA device" if not on_gpu else "the csrc extension is not built"
+        raise ValueError(f"backend 'cuda' requested for {op} but {why}")
+    if choice == "triton" and not (triton_available() and (on_gpu or triton_interpreting())):
+        raise ValueError(f"backend 'triton' requested for {op} on {device} but Triton cannot run there "
+                         "(set TRITON_INTERPRET=1 to run kernels on the CPU interpreter)")
+    return choice
+
+
+def describe(device: torch.device, backend: str | None = None) -> dict[str, str]:
+    """The backend each op would use on ``device``: for logging the effective config."""
+    return {op: resolve(op, device, backend) for op in OPS}

@@ -1,0 +1,32 @@
+"""Packaging for the LLaVA engine.
+
+The CUDA extension (csrc/) is built by CMake, not here: `pip install .` stays a pure
+Python install on CPU-only machines, and `cmake -S . -B build && cmake --build build`
+builds `kernels/_C*.so` where torch has CUDA (see README, "CUDA ops").
+"""
+from setuptools import find_packages, setup
+
+setup(
+    name="llava-engine",
+    version="0.1.0",
+    description="A kernel-first LLaVA engine: training, generation, serving and evaluation",
+    python_requires=">=3.10",
+    packages=find_packages(include=["engine*", "kernels*", "train*", "evals*"]),
+    package_data={"train": ["prompts/*/*.txt"]},
+    install_requires=[
+        # torch 2.11 (GPU machine) .. 2.14 (CPU pip cap); an open range would pull a CUDA build here.
+        "torch>=2.10,<2.15",
+        "triton>=3.5",
+        "safetensors>=0.4",
+        "transformers>=4.45",
+        "tokenizers>=0.20",
+        "pillow>=10",
+        "numpy>=1.26",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        "flash": ["flash-attn>=2.6"],
+        "xformers": ["xformers>=0.0.28"],
+        "nvtx": ["nvtx>=0.2.10"],
+    },
+)

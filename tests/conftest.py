@@ -1,0 +1,38 @@
+"""Test-wide setup: kernels run on the Triton interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before any ``@triton.jit`` function is created, i.e. before
+``kernels`` is imported, so it is set here at collection time.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+UPSTREAM = os.environ.get("LLAVA_UPSTREAM_DATA",
+                          os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "upstream"))
+
+
+@pytest.fixture
+def upstream_dir():
+    """Path of the public LLaVA/ScienceQA files; skips the test when they are absent."""
+    path = os.path.abspath(UPSTREAM)
+    if not os.path.isdir(path):
+        pytest.skip(f"upstream data not found at {path} (set LLAVA_UPSTREAM_DATA)")
+    return path
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device; none is available on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
