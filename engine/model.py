@@ -1,0 +1,244 @@
+"""The one LLaVA model definition that training and generation share.
+
+Letters: B sequences, T packed tokens (or padded length in ``forward``), D text width,
+H/Hkv query/key-value heads, Dh head dim, V vocab, N images, S rows per image, M = N·S.
+
+A batch is packed: the tokens of all sequences concatenated (``input_ids`` [T]), described by
+``cu_seqlens`` (int32 [B+1]), ``position_ids`` (restarting at 0 per sequence) and
+``max_seqlen``. Image placeholders are already expanded to S ids each, so the destination
+row of every image feature is known before the vision tower runs.
+
+The fused ops (projector, image-token scatter; the masked loss lives in training) are called
+through their public functions in ``kernels``; ``kernel_backend`` picks their implementation
+("torch" = the pure-torch reference, None = automatic by device).
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import kernels
+from engine.attention import varlen_attention
+from engine.config import LlavaConfig, TextConfig
+from engine.vision import VisionTower
+
+
+class AttentionContext(Protocol):
+    """How a decoder layer attends: packed varlen attention here; generation plugs in a KV cache."""
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
+
+
+class PackedAttention:
+    """Causal attention within each packed sequence, no cache (training, full recompute)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, max_seqlen: int, backend: str | None = None):
+        self.cu_seqlens, self.max_seqlen, self.backend = cu_seqlens, max_seqlen, backend
+
+    def __call__(self, layer, q, k, v):
+        return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, causal=True, backend=self.backend)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalise in fp32, scale in the input dtype (as LLaMA does).
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [T, Dh] for RoPE at ``position_ids`` [T], computed in fp32."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
+                                .float() / head_dim))
+    freqs = position_ids.float()[:, None] * inv_freq[None, :]  # (T, Dh/2)
+    emb = torch.cat([freqs, freqs], dim=-1)                     # (T, Dh)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [T, heads, Dh]; rotate-half convention of the HF LLaMA weights."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.h, self.hkv, self.dh = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.hidden_size, self.h * self.dh, bias=False)
+        self.k = nn.Linear(cfg.hidden_size, self.hkv * self.dh, bias=False)
+        self.v = nn.Linear(cfg.hidden_size, self.hkv * self.dh, bias=False)
+        self.o = nn.Linear(self.h * self.dh, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, attn: AttentionContext, layer: int):  # x (T, D)
+        t = x.shape[0]
+        q = apply_rope(self.q(x).view(t, self.h, self.dh), cos, sin)    # (T, H, Dh)
+        k = apply_rope(self.k(x).view(t, self.hkv, self.dh), cos, sin)  # (T, Hkv, Dh)
+        v = self.v(x).view(t, self.hkv, self.dh)
+        return self.o(attn(layer, q, k, v).reshape(t, self.h * self.dh))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig, index: int):
+        super().__init__()
+        self.index = index
+        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, attn: AttentionContext):
+        x = x + self.attn(self.attn_norm(x), cos, sin, attn, self.index)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.gradient_checkpointing = False
+
+    @property
+    def head_weight(self) -> torch.Tensor:  # (V, D)
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
+        """Embedded tokens x [T, D] → final-normed hidden states [T, D]."""
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        for layer in self.layers:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, attn)
+        return self.norm(x)
+
+
+class Projector(nn.Module):
+    """``linear`` (one matrix, LLaVA v1) or ``mlp2x_gelu`` (Linear → GELU → Linear, LLaVA-1.5)."""
+
+    def __init__(self, cfg: LlavaConfig):
+        super().__init__()
+        d_in, d = cfg.projector_in_features, cfg.text.hidden_size
+        self.linear_1 = nn.Linear(d_in, d, bias=cfg.projector_bias)
+        self.linear_2 = nn.Linear(d, d, bias=cfg.projector_bias) if cfg.projector_type == "mlp2x_gelu" else None
+
+    def forward(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:  # (M, Dv) -> (M, D)
+        l2 = self.linear_2
+        return kernels.projector(x, self.linear_1.weight, self.linear_1.bias, None if l2 is None else l2.weight,
+                                 None if l2 is None else l2.bias, backend=backend)
+
+
+def pack_cu_seqlens(lengths: list[int], device=None) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Sequence lengths → (cu_seqlens int32 [B+1], position_ids int64 [T], max_seqlen)."""
+    lens = torch.tensor(lengths, dtype=torch.int64, device=device)
+    cu = F.pad(lens.cumsum(0), (1, 0)).to(torch.int32)
+    starts = torch.repeat_interleave(cu[:-1].long(), lens)
+    pos = torch.arange(int(lens.sum()), device=device) - starts
+    return cu, pos, max(lengths, default=0)
+
+
+class Llava(nn.Module):
+    def __init__(self, config: LlavaConfig, *, kernel_backend: str | None = "torch",
+                 attention_backend: str | None = None):
+        super().__init__()
+        self.config = config
+        self.kernel_backend = kernel_backend
+        self.attention_backend = attention_backend
+        self.vision = VisionTower(config.vision)
+        self.projector = Projector(config)
+        self.decoder = Decoder(config.text)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.decoder.head_weight
+
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N, 3, H, W] → projected image rows [N·S, D] in the decoder's dtype.
+
+        The tower runs without autograd unless one of its weights trains, so a frozen tower
+        never keeps activations.
+        """
+        train_tower = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
+        with torch.set_grad_enabled(train_tower):
+            feats = self.vision(pixel_values, self.config.vision_feature_layer,
+                                self.config.vision_feature_select_strategy)  # (N, S, Dv·layers)
+        rows = self.projector(feats.flatten(0, 1).to(self.projector.linear_1.weight.dtype), self.kernel_backend)
+        return rows.to(self.decoder.embed.weight.dtype)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed ids [T] (+ images for the placeholders, in order) → input embeddings [T, D]."""
+        is_image = input_ids == self.config.image_token_id
+        positions = is_image.nonzero().flatten()                                    # (M,)
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if positions.numel() != n_images * self.config.image_seq_len:
+            raise ValueError(f"the prompt holds {positions.numel()} image placeholder tokens "
+                             f"({positions.numel() / self.config.image_seq_len:g} images of "
+                             f"{self.config.image_seq_len} rows) but {n_images} images were given")
+        w = self.decoder.embed.weight
+        rows = self.encode_images(pixel_values) if n_images else w.new_empty(0, w.shape[1])
+        return kernels.scatter_image_tokens(input_ids, w, rows, positions, backend=self.kernel_backend)
+
+    def forward_packed(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
+                       max_seqlen: int, pixel_values: torch.Tensor | None = None,
+                       attn: AttentionContext | None = None) -> torch.Tensor:
+        """The training/prefill entry point: packed ids [T] → final hidden states [T, D] (no head).
+
+        ``attn`` defaults to causal varlen attention over ``cu_seqlens``; the generation runtime
+        passes a context that also writes its KV cache.
+        """
+        if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
+            raise ValueError(f"packed input_ids and position_ids must both be [T]; got {tuple(input_ids.shape)} "
+                             f"and {tuple(position_ids.shape)}")
+        x = self.embed(input_ids, pixel_values)
+        attn = attn or PackedAttention(cu_seqlens, max_seqlen, self.attention_backend)
+        return self.decoder(x, position_ids, attn)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., D] → [..., V] (full logits: generation and tests; training uses the masked loss)."""
+        return F.linear(hidden, self.head_weight)
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """HF-style entry: padded ids [B, T] (left or right padding via ``attention_mask``) →
+        logits [B, T, V]; rows at padding positions are zero. Sequences are packed internally,
+        so padding costs nothing; positions restart at each sequence's first real token (RoPE
+        is relative, so this equals transformers' logits for either padding side)."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [B, T]; got {tuple(input_ids.shape)}")
+        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        if mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(mask.shape)} does not match input_ids {tuple(input_ids.shape)}")
+        lengths = mask.sum(1).tolist()
+        cu, pos, max_len = pack_cu_seqlens(lengths, input_ids.device)
+        hidden = self.forward_packed(input_ids[mask], cu_seqlens=cu, position_ids=pos, max_seqlen=max_len,
+                                     pixel_values=pixel_values)
+        logits = self.logits(hidden)                                                 # (T_packed, V)
+        out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
+        out[mask] = logits
+        return out

@@ -1,0 +1,435 @@
+"""Checkpoint import and export: one key table per layout, safetensors (and stage-1 ``.bin``).
+
+Layouts read:
+  * HF llava directories (``config.json`` + ``model.safetensors`` or shards with
+    ``model.safetensors.index.json``), with the v4 (``language_model.model.*``) and v5
+    (``model.language_model.*``) key layouts, the vision tower with or without ``vision_model``;
+  * original LLaVA checkpoints (``model.layers.*`` + ``model.mm_projector.*``) and stage-1
+    ``mm_projector.bin`` files (read with ``weights_only=True``);
+  * a CLIP directory + a LLaMA directory composed into a fresh LLaVA (new projector).
+Layout written: HF llava (v4 key names, which transformers 4.x and 5.x both load).
+
+Tables map a source key to our parameter name; ``{}`` stands for a layer index and ``None``
+marks keys we drop on purpose. Unknown or missing keys are an error that lists them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from engine.config import LlavaConfig, VisionConfig, from_hf, text_config_from_dict, vision_config_from_dict
+from engine.model import Llava
+
+# --------------------------------------------------------------------------- key tables
+
+VISION_TABLE = {
+    "embeddings.patch_embedding.weight": "vision.patch_embed.weight",
+    "embeddings.class_embedding": "vision.class_embed",
+    "embeddings.position_embedding.weight": "vision.pos_embed.weight",
+    "embeddings.position_ids": None,  # a buffer older transformers saved
+    "pre_layrnorm.weight": "vision.pre_norm.weight",
+    "pre_layrnorm.bias": "vision.pre_norm.bias",
+    "encoder.layers.{}.layer_norm1.weight": "vision.layers.{}.norm1.weight",
+    "encoder.layers.{}.layer_norm1.bias": "vision.layers.{}.norm1.bias",
+    "encoder.layers.{}.self_attn.q_proj.weight": "vision.layers.{}.attn.q.weight",
+    "encoder.layers.{}.self_attn.q_proj.bias": "vision.layers.{}.attn.q.bias",
+    "encoder.layers.{}.self_attn.k_proj.weight": "vision.layers.{}.attn.k.weight",
+    "encoder.layers.{}.self_attn.k_proj.bias": "vision.layers.{}.attn.k.bias",
+    "encoder.layers.{}.self_attn.v_proj.weight": "vision.layers.{}.attn.v.weight",
+    "encoder.layers.{}.self_attn.v_proj.bias": "vision.layers.{}.attn.v.bias",
+    "encoder.layers.{}.self_attn.out_proj.weight": "vision.layers.{}.attn.o.weight",
+    "encoder.layers.{}.self_attn.out_proj.bias": "vision.layers.{}.attn.o.bias",
+    "encoder.layers.{}.layer_norm2.weight": "vision.layers.{}.norm2.weight",
+    "encoder.layers.{}.layer_norm2.bias": "vision.layers.{}.norm2.bias",
+    "encoder.layers.{}.mlp.fc1.weight": "vision.layers.{}.fc1.weight",
+    "encoder.layers.{}.mlp.fc1.bias": "vision.layers.{}.fc1.bias",
+    "encoder.layers.{}.mlp.fc2.weight": "vision.layers.{}.fc2.weight",
+    "encoder.layers.{}.mlp.fc2.bias": "vision.layers.{}.fc2.bias",
+    "post_layernorm.weight": "vision.post_norm.weight",
+    "post_layernorm.bias": "vision.post_norm.bias",
+}
+
+TEXT_TABLE = {
+    "embed_tokens.weight": "decoder.embed.weight",
+    "layers.{}.input_layernorm.weight": "decoder.layers.{}.attn_norm.weight",
+    "layers.{}.self_attn.q_proj.weight": "decoder.layers.{}.attn.q.weight",
+    "layers.{}.self_attn.k_proj.weight": "decoder.layers.{}.attn.k.weight",
+    "layers.{}.self_attn.v_proj.weight": "decoder.layers.{}.attn.v.weight",
+    "layers.{}.self_attn.o_proj.weight": "decoder.layers.{}.attn.o.weight",
+    "layers.{}.self_attn.rotary_emb.inv_freq": None,  # recomputed from rope_theta
+    "layers.{}.post_attention_layernorm.weight": "decoder.layers.{}.mlp_norm.weight",
+    "layers.{}.mlp.gate_proj.weight": "decoder.layers.{}.mlp.gate.weight",
+    "layers.{}.mlp.up_proj.weight": "decoder.layers.{}.mlp.up.weight",
+    "layers.{}.mlp.down_proj.weight": "decoder.layers.{}.mlp.down.weight",
+    "norm.weight": "decoder.norm.weight",
+}
+
+HF_PROJECTOR_TABLE = {
+    "linear_1.weight": "projector.linear_1.weight",
+    "linear_1.bias": "projector.linear_1.bias",
+    "linear_2.weight": "projector.linear_2.weight",
+    "linear_2.bias": "projector.linear_2.bias",
+}
+
+# Upstream LLaVA's projector is nn.Sequential(Linear, GELU, Linear) (indices 0, 2) or one Linear.
+ORIGINAL_PROJECTOR_TABLE = {
+    "0.weight": "projector.linear_1.weight", "0.bias": "projector.linear_1.bias",
+    "2.weight": "projector.linear_2.weight", "2.bias": "projector.linear_2.bias",
+    "weight": "projector.linear_1.weight", "bias": "projector.linear_1.bias",
+}
+
+
+def _prefixed(prefixes: tuple[str, ...], table: dict) -> dict:
+    return {p + k: v for p in prefixes for k, v in table.items()}
+
+
+# One table per layout; the prefixes spell the alternatives each layout has seen.
+HF_LLAVA = {
+    **_prefixed(("vision_tower.vision_model.", "vision_tower.", "model.vision_tower.vision_model.",
+                 "model.vision_tower."), VISION_TABLE),
+    **_prefixed(("multi_modal_projector.", "model.multi_modal_projector."), HF_PROJECTOR_TABLE),
+    **_prefixed(("language_model.model.", "model.language_model."), TEXT_TABLE),
+    "language_model.lm_head.weight": "decoder.lm_head.weight",
+    "lm_head.weight": "decoder.lm_head.weight",
+}
+ORIGINAL_LLAVA = {
+    **_prefixed(("model.",), TEXT_TABLE),
+    "lm_head.weight": "decoder.lm_head.weight",
+    **_prefixed(("model.mm_projector.",), ORIGINAL_PROJECTOR_TABLE),
+    **_prefixed(("model.vision_tower.vision_tower.vision_model.",), VISION_TABLE),
+}
+CLIP_DIR = {**_prefixed(("vision_model.",), VISION_TABLE), "text_model.*": None, "visual_projection.weight": None,
+            "text_projection.weight": None, "logit_scale": None}
+LLAMA_DIR = {**_prefixed(("model.",), TEXT_TABLE), "lm_head.weight": "decoder.lm_head.weight"}
+
+
+def _compile(table: dict) -> list[tuple[re.Pattern, str | None]]:
+    out = []
+    for src, dst in table.items():
+        pat = re.escape(src).replace(r"\{\}", r"(\d+)").replace(r"\*", ".*")
+        out.append((re.compile(pat + "$"), dst))
+    return out
+
+
+def rename(state: dict[str, torch.Tensor], table: dict, where: str) -> dict[str, torch.Tensor]:
+    """Source keys → our names by ``table``; raises ValueError listing keys no entry matches."""
+    compiled = _compile(table)
+    out, unknown = {}, []
+    for key, tensor in state.items():
+        for pat, dst in compiled:
+            m = pat.match(key)
+            if m:
+                if dst is not None:
+                    out[dst.replace("{}", m.group(1)) if "{}" in dst else dst] = tensor
+                break
+        else:
+            unknown.append(key)
+    if unknown:
+        raise ValueError(f"{where}: unexpected checkpoint keys ({len(unknown)}): {sorted(unknown)[:20]}")
+    return out
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's safetensors files (sharded through the index when present)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors files in {path}")
+    state = {}
+    for name in files:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise FileNotFoundError(f"{index}: names shard {name}, which does not exist")
+        try:
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    state[key] = f.get_tensor(key)
+        except Exception as e:  # safetensors raises its own error types for corrupt headers/data
+            raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    return state
+
+
+def read_projector_bin(file: str) -> dict[str, torch.Tensor]:
+    """A stage-1 ``mm_projector.bin`` (a plain state dict; never unpickles code)."""
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{file}: not a readable projector checkpoint ({type(e).__name__}: {e})") from e
+
+
+def _fold_identity_projector(state: dict, config: LlavaConfig) -> dict:
+    """An HF checkpoint with ``projector_hidden_act: linear`` holds two stacked linears; our
+    ``linear`` projector is their product (exact for the identity second matrix we export)."""
+    w2 = state.pop("projector.linear_2.weight", None)
+    b2 = state.pop("projector.linear_2.bias", None)
+    if w2 is None:
+        return state
+    w1, b1 = state["projector.linear_1.weight"], state.get("projector.linear_1.bias")
+    dtype = w1.dtype
+    state["projector.linear_1.weight"] = (w2.double() @ w1.double()).to(dtype)
+    if config.projector_bias:
+        b = torch.zeros(w2.shape[0], dtype=torch.float64) if b1 is None else w2.double() @ b1.double()
+        state["projector.linear_1.bias"] = (b + (0 if b2 is None else b2.double())).to(dtype)
+    return state
+
+
+# --------------------------------------------------------------------------- building a model
+
+
+def _identity_post_norm(state: dict, model: Llava) -> None:
+    # LLaVA never applies the tower's post-layernorm; checkpoints that omit it get an identity.
+    d = model.config.vision.hidden_size
+    state.setdefault("vision.post_norm.weight", torch.ones(d))
+    state.setdefault("vision.post_norm.bias", torch.zeros(d))
+
+
+def assign_state(model: Llava, state: dict[str, torch.Tensor], where: str, *, dtype=None, device=None) -> Llava:
+    """Load ``state`` (our names) into a model built on the meta device; strict on keys and shapes."""
+    expected = dict(model.state_dict())
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{where}: missing keys {missing[:20]} ({len(missing)}), unexpected keys "
+                         f"{unexpected[:20]} ({len(unexpected)})")
+    for key, ref in expected.items():
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise ValueError(f"{where}: {key} has shape {tuple(state[key].shape)} in the checkpoint but the "
+                             f"config implies {tuple(ref.shape)}")
+    if dtype is None:
+        dtype = state["decoder.embed.weight"].dtype
+    fixed = {k: v.to(device=device or "cpu", dtype=dtype if v.is_floating_point() else v.dtype)
+             for k, v in state.items()}
+    model.load_state_dict(fixed, strict=True, assign=True)
+    return model
+
+
+def new_model(config: LlavaConfig, **kw) -> Llava:
+    with torch.device("meta"):
+        return Llava(config, **kw)
+
+
+def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: str | None = None,
+         kernel_backend: str | None = "torch") -> Llava:
+    """Load a LLaVA checkpoint directory (HF llava or original LLaVA layout).
+
+    ``vision``: a CLIP directory, required for original LLaVA checkpoints whose tower weights
+    are not inside the checkpoint. Raises FileNotFoundError / ValueError naming the file or key.
+    """
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    vision_cfg = _clip_config(vision) if vision else None
+    config = from_hf(path, vision=vision_cfg)  # raises FileNotFoundError / ValueError naming the field
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    original = "mm_vision_tower" in raw or "mm_projector_type" in raw
+    state = read_safetensors_dir(path)
+    if original:
+        state = rename(state, ORIGINAL_LLAVA, path)
+        if not any(k.startswith("vision.") for k in state):
+            if not vision:
+                raise ValueError(f"{path}: an original LLaVA checkpoint without vision-tower weights; pass the "
+                                 f"CLIP directory for {raw['mm_vision_tower']!r} as vision=")
+            state.update(rename(read_safetensors_dir(vision), CLIP_DIR, vision))
+        state, config = _add_image_token_row(state, config)
+    else:
+        state = rename(state, HF_LLAVA, path)
+        if config.projector_type == "linear":
+            state = _fold_identity_projector(state, config)
+    if config.text.tie_word_embeddings:
+        state.pop("decoder.lm_head.weight", None)
+    model = new_model(config, kernel_backend=kernel_backend)
+    _identity_post_norm(state, model)
+    return assign_state(model, state, path, dtype=dtype, device=device)
+
+
+def _clip_config(path: str) -> VisionConfig:
+    with open(os.path.join(path, "config.json")) as f:
+        return vision_config_from_dict(json.load(f), f"{path}/config.json")
+
+
+def _add_image_token_row(state: dict, config: LlavaConfig) -> tuple[dict, LlavaConfig]:
+    """Give an out-of-vocabulary image placeholder a row (the mean embedding) so that exported
+    checkpoints index it safely in transformers; our scatter never reads that row."""
+    v = config.text.vocab_size
+    if config.image_token_id < v:
+        return state, config
+    grow = config.image_token_id + 1 - v
+    for key in ("decoder.embed.weight", "decoder.lm_head.weight"):
+        if key in state:
+            w = state[key]
+            state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(grow, -1)], dim=0)
+    text = config.text.__class__(**{**config.text.__dict__, "vocab_size": v + grow})
+    return state, config.replace(text=text)
+
+
+def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu", image_token_id: int | None = None,
+            vision_feature_layer: int = -2, dtype=None, device=None, seed: int = 0,
+            kernel_backend: str | None = "torch") -> Llava:
+    """A fresh LLaVA from a CLIP directory and a LLaMA/Vicuna directory (stage-1 start).
+
+    The projector is newly initialised (nn.Linear's default init, seeded). The image
+    placeholder gets id ``image_token_id`` (default: the first id past the vocabulary, with a
+    new embedding row).
+    """
+    with open(os.path.join(llama_dir, "config.json")) as f:
+        text = text_config_from_dict(json.load(f), f"{llama_dir}/config.json")
+    config = LlavaConfig(vision=_clip_config(clip_dir), text=text, projector_type=projector_type,
+                         image_token_id=text.vocab_size if image_token_id is None else image_token_id,
+                         vision_feature_layer=(vision_feature_layer,))
+    state = rename(read_safetensors_dir(clip_dir), CLIP_DIR, clip_dir)
+    state.update(rename(read_safetensors_dir(llama_dir), LLAMA_DIR, llama_dir))
+    torch.manual_seed(seed)
+    fresh = Llava(config).projector.state_dict()
+    state.update({f"projector.{k}": v for k, v in fresh.items()})
+    state, config = _add_image_token_row(state, config)
+    if config.text.tie_word_embeddings:
+        state.pop("decoder.lm_head.weight", None)
+    model = new_model(config, kernel_backend=kernel_backend)
+    _identity_post_norm(state, model)
+    return assign_state(model, state, f"{clip_dir} + {llama_dir}", dtype=dtype, device=device)
+
+
+def load_projector(model: Llava, source: str) -> None:
+    """Copy projector weights into ``model`` from a stage-1 ``mm_projector.bin`` or a directory
+    holding one (upstream's stage-1 output). Shapes are checked against the model."""
+    file = os.path.join(source, "mm_projector.bin") if os.path.isdir(source) else source
+    if not os.path.isfile(file):
+        raise FileNotFoundError(f"no mm_projector.bin at {source}")
+    state = read_projector_bin(file)
+    state = {k[len("model.mm_projector."):] if k.startswith("model.mm_projector.") else k: v for k, v in state.items()}
+    state = rename(state, ORIGINAL_PROJECTOR_TABLE, file)
+    own = model.projector.state_dict()
+    state = {k[len("projector."):]: v for k, v in state.items()}
+    if set(state) != set(own):
+        raise ValueError(f"{file}: projector keys {sorted(state)} do not match the model's {sorted(own)}")
+    for k, v in state.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"{file}: {k} has shape {tuple(v.shape)} but the model expects {tuple(own[k].shape)}")
+    with torch.no_grad():
+        for k, v in state.items():
+            own[k].copy_(v)
+
+
+# --------------------------------------------------------------------------- export
+
+
+def to_hf_state(model: Llava) -> dict[str, torch.Tensor]:
+    """Our state dict → HF llava keys (v4 names). A ``linear`` projector becomes linear_1 plus an
+    identity linear_2 (the config says ``projector_hidden_act: linear``)."""
+    inverse = {}
+    for table, prefix in ((VISION_TABLE, "vision_tower.vision_model."), (TEXT_TABLE, "language_model.model."),
+                          (HF_PROJECTOR_TABLE, "multi_modal_projector.")):
+        for src, dst in table.items():
+            if dst is not None:
+                inverse[dst] = prefix + src
+    inverse["decoder.lm_head.weight"] = "language_model.lm_head.weight"
+    compiled = _compile(inverse)
+    out = {}
+    for key, tensor in model.state_dict().items():
+        for pat, dst in compiled:
+            m = pat.match(key)
+            if m:
+                out[dst.replace("{}", m.group(1)) if "{}" in dst else dst] = tensor.detach().contiguous()
+                break
+        else:
+            raise AssertionError(f"no export name for {key}")
+    if model.config.projector_type == "linear":
+        w = model.projector.linear_1.weight
+        d = w.shape[0]
+        out["multi_modal_projector.linear_2.weight"] = torch.eye(d, dtype=w.dtype)
+        out["multi_modal_projector.linear_2.bias"] = torch.zeros(d, dtype=w.dtype)
+        out.setdefault("multi_modal_projector.linear_1.bias", torch.zeros(d, dtype=w.dtype))
+    return {k: v.cpu() for k, v in out.items()}
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_dir(out_dir: str, write) -> None:
+    """Write a directory atomically: ``write(tmp)`` fills a sibling temporary directory, every
+    file is fsynced, then it is renamed over ``out_dir``. A crash leaves the old directory (or
+    none), never a half-written one."""
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    try:
+        write(tmp)
+        for name in os.listdir(tmp):
+            full = os.path.join(tmp, name)
+            if os.path.isfile(full):
+                with open(full, "rb") as f:
+                    os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        old = None
+        if os.path.exists(out_dir):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+            os.rename(out_dir, os.path.join(old, "x"))
+        os.rename(tmp, out_dir)
+        _fsync_dir(parent)
+        if old:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def export_hf(model: Llava, out_dir: str, *, tokenizer_dir: str | None = None,
+              max_shard_bytes: int = 4 * 2**30, extra_files: dict[str, str] | None = None) -> None:
+    """Write ``model`` as an HF llava checkpoint directory (atomically): ``config.json``,
+    safetensors (sharded with an index above ``max_shard_bytes``), the tokenizer files from
+    ``tokenizer_dir`` when given, and ``extra_files`` (name → text)."""
+    state = to_hf_state(model)
+    config = model.config.to_hf_dict()
+    config["torch_dtype"] = config["dtype"] = str(model.decoder.embed.weight.dtype).removeprefix("torch.")
+
+    def write(tmp: str) -> None:
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(config, f, indent=2)
+        shards, current, size = [], {}, 0
+        for key in sorted(state):
+            nbytes = state[key].numel() * state[key].element_size()
+            if current and size + nbytes > max_shard_bytes:
+                shards.append(current)
+                current, size = {}, 0
+            current[key] = state[key]
+            size += nbytes
+        shards.append(current)
+        if len(shards) == 1:
+            save_file(shards[0], os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
+                weight_map.update({k: name for k in shard})
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        if tokenizer_dir:
+            for name in os.listdir(tokenizer_dir):
+                if name.startswith(("tokenizer", "special_tokens", "added_tokens")) or name.endswith(".model"):
+                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+
+    atomic_dir(out_dir, write)
