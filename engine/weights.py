@@ -327,7 +327,7 @@ def load_projector(model: Llava, source: str) -> None:
 # --------------------------------------------------------------------------- export
 
 
-def to_hf_state(model: Llava) -> dict[str, torch.Tensor]:
+def to_hf_state(state: dict[str, torch.Tensor], config: LlavaConfig) -> dict[str, torch.Tensor]:
     """Our state dict → HF llava keys (v4 names). A ``linear`` projector becomes linear_1 plus an
     identity linear_2 (the config says ``projector_hidden_act: linear``)."""
     inverse = {}
@@ -339,7 +339,7 @@ def to_hf_state(model: Llava) -> dict[str, torch.Tensor]:
     inverse["decoder.lm_head.weight"] = "language_model.lm_head.weight"
     compiled = _compile(inverse)
     out = {}
-    for key, tensor in model.state_dict().items():
+    for key, tensor in state.items():
         for pat, dst in compiled:
             m = pat.match(key)
             if m:
@@ -347,8 +347,8 @@ def to_hf_state(model: Llava) -> dict[str, torch.Tensor]:
                 break
         else:
             raise AssertionError(f"no export name for {key}")
-    if model.config.projector_type == "linear":
-        w = model.projector.linear_1.weight
+    if config.projector_type == "linear":
+        w = state["projector.linear_1.weight"]
         d = w.shape[0]
         out["multi_modal_projector.linear_2.weight"] = torch.eye(d, dtype=w.dtype)
         out["multi_modal_projector.linear_2.bias"] = torch.zeros(d, dtype=w.dtype)
@@ -392,18 +392,26 @@ def atomic_dir(out_dir: str, write) -> None:
         raise
 
 
-def export_hf(model: Llava, out_dir: str, *, tokenizer_dir: str | None = None,
-              max_shard_bytes: int = 4 * 2**30, extra_files: dict[str, str] | None = None) -> None:
-    """Write ``model`` as an HF llava checkpoint directory (atomically): ``config.json``,
-    safetensors (sharded with an index above ``max_shard_bytes``), the tokenizer files from
-    ``tokenizer_dir`` when given, and ``extra_files`` (name → text)."""
-    state = to_hf_state(model)
-    config = model.config.to_hf_dict()
-    config["torch_dtype"] = config["dtype"] = str(model.decoder.embed.weight.dtype).removeprefix("torch.")
+def export_hf(model: Llava, out_dir: str, **kw) -> None:
+    """Write ``model`` as an HF llava checkpoint directory (see ``write_hf_checkpoint``)."""
+    write_hf_checkpoint(model.state_dict(), model.config, out_dir, **kw)
+
+
+def write_hf_checkpoint(state: dict[str, torch.Tensor], config: LlavaConfig, out_dir: str, *,
+                        tokenizer_dir: str | None = None, max_shard_bytes: int = 4 * 2**30,
+                        extra_files: dict[str, str] | None = None, extra_write=None) -> None:
+    """Write a state dict (our names) as an HF llava checkpoint directory, atomically:
+    ``config.json``, safetensors (sharded with an index above ``max_shard_bytes``), the tokenizer
+    files from ``tokenizer_dir`` when given, ``extra_files`` (name → text), and whatever
+    ``extra_write(tmp_dir)`` adds (e.g. the training state) inside the same atomic rename."""
+    dtype = state["decoder.embed.weight"].dtype
+    state = to_hf_state(state, config)
+    hf_config = config.to_hf_dict()
+    hf_config["torch_dtype"] = hf_config["dtype"] = str(dtype).removeprefix("torch.")
 
     def write(tmp: str) -> None:
         with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2)
+            json.dump(hf_config, f, indent=2)
         shards, current, size = [], {}, 0
         for key in sorted(state):
             nbytes = state[key].numel() * state[key].element_size()
@@ -431,5 +439,7 @@ def export_hf(model: Llava, out_dir: str, *, tokenizer_dir: str | None = None,
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)
+        if extra_write is not None:
+            extra_write(tmp)
 
     atomic_dir(out_dir, write)

@@ -107,7 +107,7 @@ def test_image_count_mismatch_reports_both_counts(hf_dir):
 
 def _original_checkpoint(tmp_path, hf, ours):
     """Write ``ours`` in upstream LLaVA's layout: LLaMA keys + model.mm_projector.{0,2}, CLIP apart."""
-    hf_state = weights.to_hf_state(ours)
+    hf_state = weights.to_hf_state(ours.state_dict(), ours.config)
     orig, clip = {}, {}
     for k, v in hf_state.items():
         if k.startswith("language_model.model."):

@@ -1,0 +1,297 @@
+"""Training data: LLaVA JSON/JSONL → validated, tokenized samples → packed micro-batches.
+
+Letters: T packed tokens of a micro-batch, B sequences in it, N images in it, S rows per image.
+
+A plan is built once per epoch and is a pure function of (samples, seed, epoch, sizes): the
+samples are shuffled, grouped by modality (image / text-only) and length as upstream's
+``group_by_modality_length`` does, cut into optimizer steps of ``global_batch`` samples, and
+each step's samples are packed into micro-batches of at most ``max_tokens`` tokens (no padding).
+Resuming at step k therefore only needs k.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from engine.conversation import IGNORE_INDEX, IMAGE_TOKEN, get_template, tokenize_conversation
+from engine.image import preprocess
+from engine.model import pack_cu_seqlens
+
+
+class BadRecord(ValueError):
+    """A record that cannot be trained on; the message names its id (and file)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    id: str
+    input_ids: list[int]
+    labels: list[int]                 # aligned with input_ids (HF convention); shifted when packed
+    image: str | None                 # absolute path, or None for a text-only sample
+
+    @property
+    def length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass
+class LoadReport:
+    """What loading skipped, by reason; printed at the end of a run."""
+    skipped: dict[str, str] = field(default_factory=dict)   # id → reason
+    too_long: list[str] = field(default_factory=list)
+    truncated: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return (f"{len(self.skipped)} bad records skipped, {len(self.too_long)} over-long samples dropped, "
+                f"{len(self.truncated)} truncated")
+
+
+def read_records(path: str) -> list[dict]:
+    """A LLaVA JSON list or a JSONL file (one record per line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path} does not exist")
+    with open(path) as f:
+        text = f.read()
+    if path.endswith(".jsonl"):
+        records = []
+        for i, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}:{i}: not valid JSON ({e})") from e
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
+    return records
+
+
+def _validate(rec, index: int, image_folder: str | None) -> tuple[str, str | None]:
+    """(id, absolute image path or None); raises BadRecord naming the record."""
+    if not isinstance(rec, dict):
+        raise BadRecord(f"record #{index} is not an object")
+    rid = str(rec.get("id", f"#{index}"))
+    convs = rec.get("conversations")
+    if not isinstance(convs, list) or not convs:
+        raise BadRecord(f"record {rid}: 'conversations' must be a non-empty list")
+    if not any(isinstance(t, dict) and t.get("from") == "gpt" for t in convs):
+        raise BadRecord(f"record {rid}: the conversation has no assistant ('gpt') turn")
+    markers = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in convs if isinstance(t, dict))
+    image = rec.get("image")
+    n_images = 0 if image is None else 1
+    if markers != n_images:
+        raise BadRecord(f"record {rid}: {markers} {IMAGE_TOKEN} markers but {n_images} images")
+    if image is None:
+        return rid, None
+    full = os.path.join(image_folder or "", image)
+    if not os.path.isfile(full):
+        raise BadRecord(f"record {rid}: image file {full} does not exist")
+    return rid, full
+
+
+def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, image_seq_len: int,
+                 image_folder: str | None = None, max_length: int = 2048, truncate: bool = False,
+                 on_bad_record: str = "error", answer_first: bool = False) -> tuple[list[Sample], LoadReport]:
+    """Validate and tokenize every record up front.
+
+    ``on_bad_record``: "error" raises the first BadRecord; "skip" records it in the report.
+    Over-long samples (> ``max_length`` tokens) are dropped (counted), or with ``truncate``
+    cut at ``max_length`` unless that would split an image's rows or leave no target.
+    ``answer_first`` reorders reasoning answers ("... The answer is X." → answer first).
+    """
+    if on_bad_record not in ("error", "skip"):
+        raise ValueError(f"on_bad_record must be 'error' or 'skip', got {on_bad_record!r}")
+    tmpl = get_template(template)
+    report, samples = LoadReport(), []
+    for i, rec in enumerate(read_records(path)):
+        try:
+            rid, image = _validate(rec, i, image_folder)
+            convs = rec["conversations"]
+            if answer_first:
+                convs = [dict(t, value=answer_first_order(t["value"])) if t.get("from") == "gpt" else t
+                         for t in convs]
+            if template == "plain":
+                convs = convs[:2]
+            try:
+                tok = tokenize_conversation(tokenizer, tmpl, convs, image_token_id=image_token_id,
+                                            image_seq_len=image_seq_len)
+            except ValueError as e:
+                raise BadRecord(f"record {rid}: {e}") from e
+        except BadRecord as e:
+            if on_bad_record == "error":
+                raise
+            report.skipped[str(rec.get("id", f"#{i}")) if isinstance(rec, dict) else f"#{i}"] = str(e)
+            continue
+        ids, labels = tok.input_ids, tok.labels
+        if len(ids) > max_length:
+            cut_inside_image = ids[max_length - 1] == image_token_id and max_length < len(ids) and \
+                ids[max_length] == image_token_id
+            if not truncate or cut_inside_image or all(x == IGNORE_INDEX for x in labels[1:max_length]):
+                report.too_long.append(rid)
+                continue
+            ids, labels = ids[:max_length], labels[:max_length]
+            report.truncated.append(rid)
+        samples.append(Sample(rid, ids, labels, image))
+    return samples, report
+
+
+def answer_first_order(answer: str) -> str:
+    """Put "The answer is X." before the explanation (the paper's answer-first ablation)."""
+    marker = "The answer is"
+    at = answer.rfind(marker)
+    if at <= 0:
+        return answer
+    return (answer[at:].strip() + "\n" + answer[:at].strip()).strip()
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def plan_steps(samples: list[Sample], *, global_batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """Sample indices of each optimizer step of one epoch.
+
+    Like upstream's modality-length grouping: image and text-only samples never share a step
+    (their lengths differ a lot), and within a mega-batch of steps samples are sorted by length
+    so packed micro-batches are full. The last incomplete step is kept.
+    """
+    rng = random.Random(seed * 1_000_003 + epoch)
+    groups = [[i for i, s in enumerate(samples) if s.image is not None],
+              [i for i, s in enumerate(samples) if s.image is None]]
+    steps = []
+    for group in groups:
+        rng.shuffle(group)
+        mega = global_batch * 8
+        for m in range(0, len(group), mega):
+            chunk = sorted(group[m:m + mega], key=lambda i: -samples[i].length)
+            steps += [chunk[k:k + global_batch] for k in range(0, len(chunk), global_batch)]
+    rng.shuffle(steps)
+    return steps
+
+
+def pack_micro_batches(lengths: list[int], max_tokens: int) -> list[list[int]]:
+    """First-fit-decreasing packing of sample lengths into bins of ≤ ``max_tokens``; returns
+    index lists in a deterministic order. A sample longer than the budget gets its own bin."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    bins: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for b, r in enumerate(room):
+            if lengths[i] <= r:
+                bins[b].append(i)
+                room[b] -= lengths[i]
+                break
+        else:
+            bins.append([i])
+            room.append(max_tokens - lengths[i])
+    return bins
+
+
+def shard_step(step: list[int], rank: int, world: int) -> list[int]:
+    """This rank's share of a step's samples (strided: balanced lengths after the sort)."""
+    return step[rank::world]
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclass
+class MicroBatch:
+    """One packed forward/backward: every tensor on the CPU until ``to(device)``."""
+    input_ids: torch.Tensor      # (T,) int64
+    targets: torch.Tensor        # (T,) int64, -100 where no loss (already shifted)
+    cu_seqlens: torch.Tensor     # (B+1,) int32
+    position_ids: torch.Tensor   # (T,) int64
+    max_seqlen: int
+    pixel_values: torch.Tensor | None  # (N, 3, H, W)
+    ids: list[str]
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.targets != IGNORE_INDEX).sum())
+
+    def to(self, device) -> MicroBatch:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return MicroBatch(move(self.input_ids), move(self.targets), move(self.cu_seqlens), move(self.position_ids),
+                          self.max_seqlen, move(self.pixel_values), self.ids)
+
+
+def shifted_targets(labels: list[int]) -> list[int]:
+    """Row t predicts token t+1: targets[t] = labels[t+1]; the last row of a sequence has none."""
+    return labels[1:] + [IGNORE_INDEX]
+
+
+def collate(samples: list[Sample], *, image_size: int, image_mode: str = "pad") -> MicroBatch:
+    """Pack samples (decoding their images) into one MicroBatch."""
+    ids, targets, pixels = [], [], []
+    for s in samples:
+        ids += s.input_ids
+        targets += shifted_targets(s.labels)
+        if s.image is not None:
+            try:
+                with Image.open(s.image) as img:
+                    pixels.append(preprocess(img.convert("RGB"), size=image_size, mode=image_mode))
+            except (OSError, ValueError) as e:
+                raise BadRecord(f"record {s.id}: cannot read image {s.image} ({e})") from e
+    cu, pos, max_len = pack_cu_seqlens([s.length for s in samples])
+    return MicroBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(targets, dtype=torch.long), cu, pos,
+                      max_len, torch.stack(pixels) if pixels else None, [s.id for s in samples])
+
+
+def empty_micro_batch(pad_id: int = 0) -> MicroBatch:
+    """A one-token batch with no target: keeps ranks' collective calls in step when one rank has
+    fewer micro-batches than another. It contributes nothing to loss or gradients."""
+    cu, pos, _ = pack_cu_seqlens([1])
+    return MicroBatch(torch.tensor([pad_id]), torch.tensor([IGNORE_INDEX]), cu, pos, 1, None, [])
+
+
+class StepDataset(torch.utils.data.Dataset):
+    """Item k = the micro-batches of optimizer step ``first_step + k`` for this rank, collated in a
+    DataLoader worker (image decoding off the training thread)."""
+
+    def __init__(self, samples, steps, *, max_tokens, image_size, rank=0, world=1, first_step=0,
+                 image_mode="pad"):
+        self.samples, self.steps, self.first = samples, steps, first_step
+        self.max_tokens, self.image_size, self.rank, self.world = max_tokens, image_size, rank, world
+        self.image_mode = image_mode
+
+    def __len__(self):
+        return len(self.steps) - self.first
+
+    def micro_batch_groups(self, step: int) -> list[list[int]]:
+        mine = shard_step(self.steps[step], self.rank, self.world)
+        bins = pack_micro_batches([self.samples[i].length for i in mine], self.max_tokens)
+        return [[mine[j] for j in b] for b in bins]
+
+    def __getitem__(self, k):
+        step = self.first + k
+        groups = self.micro_batch_groups(step)
+        # Every rank runs as many micro-batches as the busiest one (collectives stay matched).
+        most = max(len(StepDataset.micro_batch_groups(self._as_rank(r), step)) for r in range(self.world))
+        mbs = [collate([self.samples[i] for i in g], image_size=self.image_size, image_mode=self.image_mode)
+               for g in groups]
+        mbs += [empty_micro_batch() for _ in range(most - len(mbs))]
+        return step, mbs
+
+    def _as_rank(self, r):
+        other = object.__new__(StepDataset)
+        other.__dict__ = {**self.__dict__, "rank": r}
+        return other
+
+
+def count_targets(samples: list[Sample], indices: list[int]) -> int:
+    """Target tokens of a step over all ranks (the loss normaliser), without collectives."""
+    return sum(sum(1 for x in samples[i].labels[1:] if x != IGNORE_INDEX) for i in indices)
+
+
+def steps_per_epoch(n_samples: int, global_batch: int) -> int:
+    return math.ceil(n_samples / global_batch)

@@ -1,0 +1,403 @@
+"""The training loop shared by stage 1 and stage 2.
+
+Per optimizer step: the step's samples (``global_batch``) are packed into micro-batches; each
+micro-batch runs vision (no grad) → projector → scatter → decoder → masked loss normalised by
+the step's global target-token count, so accumulating micro-batches equals one big batch;
+then clip, AdamW, cosine schedule. Checkpoints (HF llava layout + ``training_state.pt``) are
+written atomically; ``--resume`` continues bit-for-bit from the latest one. Several processes
+(``torchrun``) shard the model with FSDP2 (NCCL on GPU, gloo on CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+import kernels
+from engine.weights import write_hf_checkpoint
+from train.data import StepDataset, count_targets, plan_steps
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoopConfig:
+    """What the loop needs; the stage CLIs build it from their flags."""
+    output: str
+    lr: float
+    global_batch: int
+    max_tokens_per_batch: int = 4096
+    epochs: int = 1
+    max_steps: int | None = None
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    fused: bool = False
+    grad_checkpointing: bool = False
+    nvtx: bool = False
+    save_every: int | None = None
+    eval_every: int | None = None
+    num_workers: int = 0
+    image_mode: str = "pad"
+    progress: bool = True
+
+
+# --------------------------------------------------------------------------- small pieces
+
+
+def cosine_lr(step: int, total: int, warmup_ratio: float) -> float:
+    """Multiplier of the base lr at ``step`` (0-based): linear warmup, then cosine to 0."""
+    warmup = math.ceil(total * warmup_ratio)
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str, enabled: bool):
+    if enabled and torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
+
+
+class StopFlag:
+    """SIGINT/SIGTERM ask the loop to save and stop after the current step."""
+
+    def __init__(self):
+        self.signal = None
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def rank_world() -> tuple[int, int]:
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def setup_distributed(device: torch.device) -> None:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def shard_model(model) -> None:
+    """FSDP2: each decoder block and vision block its own unit, the root last."""
+    from torch.distributed.fsdp import fully_shard
+    for block in list(model.decoder.layers) + list(model.vision.layers):
+        fully_shard(block)
+    fully_shard(model)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def latest_checkpoint(output: str) -> str | None:
+    """The newest complete checkpoint (directories appear only by atomic rename)."""
+    found = sorted(glob.glob(os.path.join(output, "checkpoints", "step-*", "training_state.pt")))
+    return os.path.dirname(found[-1]) if found else None
+
+
+class Progress:
+    """One status line on stderr: step, loss, lr, grad-norm, tokens/s, ETA."""
+
+    def __init__(self, total: int, enabled: bool):
+        self.total, self.enabled, self.t0 = total, enabled and rank_world()[0] == 0, time.time()
+
+    def update(self, step: int, m: dict, first: int) -> None:
+        if not self.enabled:
+            return
+        done = step + 1 - first
+        eta = (time.time() - self.t0) / max(done, 1) * (self.total - step - 1)
+        sys.stderr.write(f"\rstep {step + 1}/{self.total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
+                         f"gn {m['grad_norm']:.3f} | {m['tokens_per_s']:.0f} tok/s | ETA {int(eta) // 60:02d}:"
+                         f"{int(eta) % 60:02d}   ")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    final_dir: str | None
+    interrupted: bool
+    last_loss: float | None
+
+
+def micro_loss(model, mb, num_targets: int, cfg: LoopConfig, autocast):
+    """Forward + masked loss of one micro-batch; returns (loss, loss-sum over its targets)."""
+    with autocast:
+        with nvtx_range("vision+projector+decoder", cfg.nvtx):
+            hidden = model.forward_packed(mb.input_ids, cu_seqlens=mb.cu_seqlens, position_ids=mb.position_ids,
+                                          max_seqlen=mb.max_seqlen, pixel_values=mb.pixel_values)
+    with nvtx_range("loss", cfg.nvtx):
+        head = model.head_weight.to(hidden.dtype)
+        loss, seq_sum, _ = kernels.masked_lm_loss(hidden, head, mb.targets, cu_seqlens=mb.cu_seqlens,
+                                                  num_targets=max(num_targets, 1), return_per_sequence=True,
+                                                  backend=None if cfg.fused else "torch")
+    return loss, seq_sum.sum()
+
+
+def evaluate(model, dataset: StepDataset, cfg: LoopConfig, autocast, device) -> float:
+    """Mean token loss over a held-out set (no grad)."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for k in range(len(dataset)):
+            _, mbs = dataset[k]
+            for mb in mbs:
+                n = mb.num_targets
+                if n == 0:
+                    continue
+                _, s = micro_loss(model, mb.to(device), n, cfg, autocast)
+                total, count = total + float(s), count + n
+    if dist.is_initialized():
+        t = torch.tensor([total, count], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        total, count = t.tolist()
+    return total / max(count, 1)
+
+
+def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_dir: str | None = None,
+          eval_samples=None, image_size: int | None = None, run_config: dict | None = None,
+          resume: bool = False) -> TrainResult:
+    """Train the parameters of ``model`` that require grad on ``samples``.
+
+    ``run_config`` (the stage's effective flags) is logged as JSON and saved with checkpoints.
+    """
+    rank, world = rank_world()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    image_size = image_size or model.config.vision.image_size
+    model.decoder.gradient_checkpointing = cfg.grad_checkpointing
+    if not cfg.fused:
+        model.kernel_backend = "torch"
+        model.attention_backend = "sdpa"
+    params = [p for p in model.parameters() if p.requires_grad]
+    if world > 1:
+        shard_model(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    plans = [plan_steps(samples, global_batch=cfg.global_batch, seed=cfg.seed, epoch=e) for e in range(cfg.epochs)]
+    flat = [(e, i) for e, plan in enumerate(plans) for i in range(len(plan))]
+    total = min(len(flat), cfg.max_steps) if cfg.max_steps else len(flat)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, cfg.warmup_ratio))
+
+    os.makedirs(cfg.output, exist_ok=True)
+    metrics_path = os.path.join(cfg.output, "metrics.jsonl")
+    first = 0
+    ckpt = latest_checkpoint(cfg.output) if resume else None
+    if ckpt:
+        first = _restore(model, opt, sched, ckpt, device)
+        _truncate_metrics(metrics_path, first)
+    elif rank == 0 and os.path.exists(metrics_path):
+        os.remove(metrics_path)
+    if rank == 0:
+        effective = {"run": run_config or {}, "loop": dataclasses.asdict(cfg), "world_size": world,
+                     "device": str(device), "kernels": kernels.dispatch.describe(device, None if cfg.fused else "torch"),
+                     "total_steps": total, "resumed_from": ckpt}
+        print(json.dumps({"effective_config": effective}, default=str), flush=True)
+
+    use_bf16 = device.type == "cuda"
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    eval_ds = None
+    if eval_samples and cfg.eval_every:
+        eval_steps = [list(range(k, min(k + cfg.global_batch, len(eval_samples))))
+                      for k in range(0, len(eval_samples), cfg.global_batch)]
+        eval_ds = StepDataset(eval_samples, eval_steps, max_tokens=cfg.max_tokens_per_batch, image_size=image_size,
+                              rank=rank, world=world, image_mode=cfg.image_mode)
+
+    progress = Progress(total, cfg.progress)
+    last_loss, interrupted, step = None, False, first - 1
+    with StopFlag() as stop:
+        for epoch, (start, plan) in enumerate(zip(_epoch_starts(plans), plans)):
+            if start + len(plan) <= first or start >= total:
+                continue
+            ds = StepDataset(samples, plan, max_tokens=cfg.max_tokens_per_batch, image_size=image_size,
+                             rank=rank, world=world, first_step=max(first - start, 0), image_mode=cfg.image_mode)
+            # Worker processes decode images and pack the next steps while this one trains.
+            loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
+                                                 persistent_workers=False)
+            t0 = time.time()
+            for index, mbs in loader:
+                step = start + index
+                if step >= total:
+                    break
+                m = _train_step(model, opt, sched, params, mbs, count_targets(samples, plan[index]), cfg,
+                                autocast, device)
+                m.update(step=step + 1, epoch=epoch, time_s=time.time() - t0)
+                m["tokens_per_s"] = m["tokens"] / max(m["time_s"], 1e-9)
+                last_loss = m["loss"]
+                if eval_ds is not None and (step + 1) % cfg.eval_every == 0:
+                    model.eval()
+                    m["eval_loss"] = evaluate(model, eval_ds, cfg, autocast, device)
+                if rank == 0:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(m) + "\n")
+                progress.update(step, m, first)
+                if stop.signal is not None:
+                    interrupted = True
+                    break
+                if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+                    save_checkpoint(model, opt, sched, step + 1, cfg, tokenizer_dir, run_config)
+                t0 = time.time()
+            del loader
+            if interrupted:
+                break
+    progress.close()
+    steps_done = step + 1
+    if interrupted:
+        save_checkpoint(model, opt, sched, steps_done, cfg, tokenizer_dir, run_config)
+        if rank == 0:
+            print(f"stopped by signal {stop.signal} after step {steps_done}; checkpoint saved in "
+                  f"{latest_checkpoint(cfg.output)}", flush=True)
+        return TrainResult(steps_done, None, True, last_loss)
+    final = os.path.join(cfg.output, "final")
+    state = _full_state(model)
+    if rank == 0:
+        write_hf_checkpoint(state, model.config, final, tokenizer_dir=tokenizer_dir,
+                            extra_files={"run_config.json": json.dumps(run_config or {}, indent=2, default=str)})
+    return TrainResult(steps_done, final, False, last_loss)
+
+
+def _epoch_starts(plans) -> list[int]:
+    starts, n = [], 0
+    for plan in plans:
+        starts.append(n)
+        n += len(plan)
+    return starts
+
+
+def _train_step(model, opt, sched, params, mbs, num_targets: int, cfg: LoopConfig, autocast, device) -> dict:
+    """Accumulate the micro-batches of one step, then clip and step; returns its metrics."""
+    model.train()
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    tokens = 0
+    for mb in mbs:
+        mb = mb.to(device)
+        loss, _ = micro_loss(model, mb, num_targets, cfg, autocast)
+        loss.backward()
+        loss_sum += loss.detach().double().cpu()
+        tokens += int(mb.input_ids.numel())
+    with nvtx_range("optimizer", cfg.nvtx):
+        grad_norm = _clip(params, cfg.max_grad_norm)
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    if dist.is_initialized():
+        t = torch.tensor([float(loss_sum), tokens], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        loss_sum, tokens = t[0].cpu(), int(t[1])
+    return {"loss": float(loss_sum), "lr": lr, "tokens": tokens, "target_tokens": num_targets,
+            "grad_norm": grad_norm}
+
+
+def _clip(params, max_norm: float | None) -> float:
+    grads = [p for p in params if p.grad is not None]
+    if not grads:
+        return 0.0
+    norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm else float("inf"))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+
+def _full_state(model) -> dict:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    if not dist.is_initialized():
+        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def save_checkpoint(model, opt, sched, step: int, cfg: LoopConfig, tokenizer_dir, run_config) -> str:
+    """``OUTPUT/checkpoints/step-NNNNNN``: weights (HF llava layout) + training_state.pt, one atomic rename."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+    state = _full_state(model)
+    if dist.is_initialized():
+        optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
+                                                                              cpu_offload=True))
+    else:
+        optim = opt.state_dict()
+    path = os.path.join(cfg.output, "checkpoints", f"step-{step:06d}")
+    if rank_world()[0] == 0:
+        training = {"step": step, "optimizer": optim, "scheduler": sched.state_dict(), "rng": rng_state(),
+                    "loop": dataclasses.asdict(cfg), "run": run_config or {}}
+        write_hf_checkpoint(state, model.config, path, tokenizer_dir=tokenizer_dir,
+                            extra_write=lambda tmp: torch.save(training, os.path.join(tmp, "training_state.pt")))
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def _restore(model, opt, sched, ckpt: str, device) -> int:
+    """Load weights, optimizer, scheduler and RNG from a checkpoint; returns the step to run next."""
+    from engine.weights import load
+    state = load(ckpt, dtype=torch.float32).state_dict()
+    training = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=True)
+    if dist.is_initialized():
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+        set_state_dict(model, opt, model_state_dict=state, optim_state_dict=training["optimizer"],
+                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+    else:
+        with torch.no_grad():
+            for k, v in model.state_dict().items():
+                v.copy_(state[k])
+        opt.load_state_dict(training["optimizer"])
+    sched.load_state_dict(training["scheduler"])
+    set_rng_state(training["rng"])
+    return int(training["step"])
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    if not os.path.exists(path) or rank_world()[0] != 0:
+        return
+    with open(path) as f:
+        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(keep)
+    os.replace(tmp, path)

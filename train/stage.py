@@ -1,0 +1,193 @@
+"""Command line of both training stages: flags → typed config → model, data → the loop.
+
+Stage 1 (feature alignment): vision tower and LLM frozen, only the projector trains, `plain`
+template. Stage 2 (end-to-end): vision tower frozen, projector + LLM train, `vicuna_v1`.
+With no model and no data, stage 2 runs the embedded default (see train/default.py).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+
+import engine
+from engine.weights import compose, load_projector
+from train.data import load_samples
+from train.loop import LoopConfig, setup_distributed, train
+
+# (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
+DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
+            2: {"1.5": (2e-5, 128, 1), "paper": (2e-5, 32, 3)}}
+
+
+@dataclass(frozen=True, kw_only=True)
+class StageConfig:
+    stage: int
+    model: str | None
+    vision: str | None
+    llm: str | None
+    init: str | None
+    data: str | None
+    image_folder: str | None
+    eval_data: str | None
+    output: str
+    template: str
+    lr: float
+    global_batch: int
+    max_tokens_per_batch: int
+    epochs: int
+    max_steps: int | None
+    max_length: int
+    truncate: bool
+    on_bad_record: str
+    fused: bool
+    resume: bool
+    seed: int
+    device: str
+    grad_checkpointing: bool
+    max_grad_norm: float | None
+    nvtx: bool
+    save_every: int | None
+    eval_every: int | None
+    num_workers: int
+    vision_feature_layer: int | None
+    answer_first: bool
+
+
+def parser(stage: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"python -m train.stage{stage}", description=__doc__.splitlines()[0])
+    p.add_argument("--model", help="starting checkpoint: HF llava dir, original LLaVA dir, or our stage-1 output")
+    p.add_argument("--vision", help="CLIP directory (compose with --llm, or the tower of an original checkpoint)")
+    p.add_argument("--llm", help="LLaMA/Vicuna directory (compose with --vision into a fresh LLaVA)")
+    if stage == 2:
+        p.add_argument("--init", help="stage-1 result: our stage-1 output dir, mm_projector.bin, or a full LLaVA")
+    p.add_argument("--data", help="LLaVA JSON or JSONL")
+    p.add_argument("--image-folder")
+    p.add_argument("--eval-data", help="held-out LLaVA JSON for --eval-every")
+    p.add_argument("--output", default=f"runs/stage{stage}")
+    p.add_argument("--template", default="plain" if stage == 1 else "vicuna_v1")
+    p.add_argument("--paper", action="store_true", help="the paper's lr / batch / epochs instead of LLaVA-1.5's")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--global-batch", type=int, help="samples per optimizer step (all ranks, all micro-batches)")
+    p.add_argument("--max-tokens-per-batch", type=int, default=8192, help="packed tokens per micro-batch")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int)
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--truncate", action="store_true", help="truncate over-long samples instead of dropping them")
+    p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
+    p.add_argument("--fused", action="store_true", help="fused kernels + varlen flash attention")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
+    p.add_argument("--nvtx", action="store_true")
+    p.add_argument("--save-every", type=int)
+    p.add_argument("--eval-every", type=int)
+    p.add_argument("--num-workers", type=int, default=2)
+    p.add_argument("--vision-feature-layer", type=int, choices=(-2, -1), help="ablation: feature layer")
+    p.add_argument("--answer-first", action="store_true", help="ablation: answer before the reasoning")
+    return p
+
+
+def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
+    lr, batch, epochs = DEFAULTS[stage]["paper" if args.paper else "1.5"]
+    return StageConfig(
+        stage=stage, model=args.model, vision=args.vision, llm=args.llm, init=getattr(args, "init", None),
+        data=args.data, image_folder=args.image_folder, eval_data=args.eval_data, output=args.output,
+        template=args.template, lr=args.lr or lr, global_batch=args.global_batch or batch,
+        max_tokens_per_batch=args.max_tokens_per_batch, epochs=args.epochs or epochs, max_steps=args.max_steps,
+        max_length=args.max_length, truncate=args.truncate, on_bad_record=args.on_bad_record, fused=args.fused,
+        resume=args.resume, seed=args.seed, device=args.device, grad_checkpointing=args.grad_checkpointing,
+        max_grad_norm=args.max_grad_norm or None, nvtx=args.nvtx, save_every=args.save_every,
+        eval_every=args.eval_every, num_workers=args.num_workers, vision_feature_layer=args.vision_feature_layer,
+        answer_first=args.answer_first)
+
+
+def _checkpoint_dir(path: str) -> str:
+    """Our stage outputs keep the model in ``final/``; accept either the run dir or the model dir."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(
+            os.path.join(path, "final", "config.json")):
+        return os.path.join(path, "final")
+    return path
+
+
+def build_model(cfg: StageConfig) -> tuple[engine.Llava, str]:
+    """The starting model and the directory its tokenizer comes from."""
+    backend = None if cfg.fused else "torch"
+    init = cfg.init
+    if init and not init.endswith(".bin") and not os.path.isfile(os.path.join(init, "mm_projector.bin")):
+        source = _checkpoint_dir(init)            # a full LLaVA (or our stage-1 output) to start from
+        model, tok = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend), source
+        init = None
+    elif cfg.model:
+        source = _checkpoint_dir(cfg.model)
+        model, tok = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend), source
+    elif cfg.vision and cfg.llm:
+        model, tok = compose(cfg.vision, cfg.llm, dtype=torch.float32, seed=cfg.seed, kernel_backend=backend), cfg.llm
+    else:
+        raise ValueError("give --model DIR, or --vision DIR with --llm DIR")
+    if init:                                      # an upstream stage-1 projector
+        load_projector(model, init)
+    if cfg.vision_feature_layer is not None:
+        model.config = model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
+    return model, tok
+
+
+def freeze_for_stage(model: engine.Llava, stage: int) -> None:
+    """Stage 1: only the projector trains. Stage 2: projector + LLM; the vision tower never does."""
+    for name, p in model.named_parameters():
+        if name.startswith("projector."):
+            p.requires_grad_(True)
+        elif name.startswith("decoder."):
+            p.requires_grad_(stage == 2)
+        else:
+            p.requires_grad_(False)
+
+
+def loop_config(cfg: StageConfig) -> LoopConfig:
+    return LoopConfig(output=cfg.output, lr=cfg.lr, global_batch=cfg.global_batch,
+                      max_tokens_per_batch=cfg.max_tokens_per_batch, epochs=cfg.epochs, max_steps=cfg.max_steps,
+                      max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, fused=cfg.fused,
+                      grad_checkpointing=cfg.grad_checkpointing, nvtx=cfg.nvtx, save_every=cfg.save_every,
+                      eval_every=cfg.eval_every, num_workers=cfg.num_workers)
+
+
+def run_stage(cfg: StageConfig):
+    """Load, freeze, read data, train. Returns the loop's TrainResult."""
+    from transformers import AutoTokenizer
+
+    device = torch.device(cfg.device)
+    setup_distributed(device)
+    if not cfg.data:
+        raise ValueError("--data is required (the embedded default runs only with no --model/--data at all)")
+    model, tok_dir = build_model(cfg)
+    freeze_for_stage(model, cfg.stage)
+    model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    kw = dict(template=cfg.template, image_token_id=model.config.image_token_id,
+              image_seq_len=model.config.image_seq_len, image_folder=cfg.image_folder, max_length=cfg.max_length,
+              truncate=cfg.truncate, on_bad_record=cfg.on_bad_record, answer_first=cfg.answer_first)
+    samples, report = load_samples(cfg.data, tokenizer, **kw)
+    eval_samples = load_samples(cfg.eval_data, tokenizer, **kw)[0] if cfg.eval_data else None
+    if not samples:
+        raise ValueError(f"{cfg.data}: no trainable samples ({report.summary()})")
+    result = train(model, samples, loop_config(cfg), device=device, tokenizer_dir=tok_dir, eval_samples=eval_samples,
+                   run_config=dataclasses.asdict(cfg), resume=cfg.resume)
+    print(f"data: {len(samples)} samples; {report.summary()}", flush=True)
+    for rid, why in list(report.skipped.items())[:20]:
+        print(f"  skipped {rid}: {why}", flush=True)
+    return result
+
+
+def main(stage: int, argv: list[str] | None = None) -> None:
+    args = parser(stage).parse_args(argv)
+    if stage == 2 and not any((args.model, args.data, args.init, args.vision, args.llm)):
+        from train.default import run_default
+        run_default(fused=args.fused, output=args.output if args.output != "runs/stage2" else "runs/default",
+                    device=args.device, seed=args.seed, max_steps=args.max_steps)
+        return
+    run_stage(config_from_args(args, stage))

@@ -1,0 +1,8 @@
+"""Stage 1, feature alignment: ``python -m train.stage1 --model DIR --data FILE --image-folder DIR``.
+
+Only the projector trains (vision tower and LLM frozen), `plain` template; LLaVA-1.5 defaults
+lr 1e-3, global batch 256, 1 epoch (``--paper``: 2e-3, 128)."""
+from train.stage import main
+
+if __name__ == "__main__":
+    main(1)
