@@ -1,12 +1,24 @@
 """LLaVA engine: the model, checkpoints, templates and the runtime.
 
 Public entry points: ``engine.load`` (a checkpoint directory → ``Llava``), ``engine.export_hf``,
-``engine.Llava`` / ``engine.LlavaConfig``; the generation runtime adds ``engine.generate`` and
-``engine.chat``.
+``engine.compose``, ``engine.Llava`` / ``engine.LlavaConfig``, ``engine.generate`` and
+``engine.chat``. They are imported on first use, so light modules such as ``engine.client``
+do not pull in torch and the kernels.
 """
-from engine.config import LlavaConfig, TextConfig, VisionConfig, from_hf, tiny_config
-from engine.model import Llava
-from engine.weights import compose, export_hf, load
+import importlib
 
-__all__ = ["Llava", "LlavaConfig", "TextConfig", "VisionConfig", "compose", "export_hf", "from_hf", "load",
-           "tiny_config"]
+_EXPORTS = {
+    "LlavaConfig": "engine.config", "TextConfig": "engine.config", "VisionConfig": "engine.config",
+    "from_hf": "engine.config", "tiny_config": "engine.config", "Llava": "engine.model",
+    "compose": "engine.weights", "export_hf": "engine.weights", "load": "engine.weights",
+    "generate": "engine.generate", "chat": "engine.chat",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

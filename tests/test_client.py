@@ -1,0 +1,262 @@
+"""engine.client.ChatClient against a scripted HTTP server on 127.0.0.1 (429, 5xx, garbage, truncation, slow).
+
+``FakeServer`` is also used by tests/test_make_instruct.py. It runs in a daemon thread, stops
+itself after ``lifetime`` seconds whatever happens, and records every request.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import engine.client as client_mod
+from engine.client import ChatClient, ChatError, ChatResult
+
+SECRET = "sk-test-DO-NOT-LEAK-8f3a91"
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes | dict | None = None      # dict → JSON; None → a chat completion of ``text``
+    text: str = "hello"
+    finish_reason: str = "stop"
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0                     # seconds before answering
+    truncate: bool = False                 # announce more bytes than are sent, then close
+
+
+def completion(text: str, finish_reason: str = "stop") -> dict:
+    return {"id": "x", "object": "chat.completion", "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+
+
+class FakeServer:
+    """Scripted OpenAI-compatible server: ``script(request_json, headers, n) -> Reply`` (n: 0-based call count
+    for this request's messages, so a script can fail the first k tries of one prompt)."""
+
+    def __init__(self, script, *, lifetime: float = 60.0):
+        self.script = script
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output clean
+                pass
+
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                request = json.loads(self.rfile.read(length))
+                key = json.dumps(request.get("messages"))
+                with outer._lock:
+                    n = outer._counts.get(key, 0)
+                    outer._counts[key] = n + 1
+                    outer.requests.append(request)
+                    outer.headers.append(dict(self.headers))
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                try:
+                    reply = outer.script(request, dict(self.headers), n)
+                    if reply.delay:
+                        time.sleep(reply.delay)
+                    body = reply.body
+                    if body is None:
+                        body = completion(reply.text, reply.finish_reason)
+                    raw = json.dumps(body).encode() if isinstance(body, dict) else body
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "application/json")
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    if reply.truncate:
+                        self.send_header("Content-Length", str(len(raw) + 100))
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        self.wfile.write(raw[: len(raw) // 2])
+                        self.close_connection = True
+                    else:
+                        self.send_header("Content-Length", str(len(raw)))
+                        self.end_headers()
+                        self.wfile.write(raw)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout) before we answered
+                finally:
+                    with outer._lock:
+                        outer.in_flight -= 1
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._timer = threading.Timer(lifetime, self.stop)
+        self._timer.daemon = True
+
+    def __enter__(self):
+        self._thread.start()
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def stop(self):
+        self._timer.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+MSG = [{"role": "user", "content": "hi"}]
+
+
+def make(server, **kw):
+    kw.setdefault("backoff", 0.01)
+    kw.setdefault("timeout", 2.0)
+    return ChatClient(server.url, "fake", **kw)
+
+
+def test_success_sends_bearer_and_counts_usage(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    with FakeServer(lambda r, h, n: Reply(text="bonjour")) as srv:
+        client = make(srv, prompt_price_per_1k=1.0, completion_price_per_1k=2.0)
+        result = client.chat(MSG, temperature=0.5, max_tokens=9, seed=4)
+    assert result == ChatResult(text="bonjour", finish_reason="stop",
+                                usage={"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18})
+    assert srv.headers[0]["Authorization"] == f"Bearer {SECRET}"
+    assert srv.requests[0] == {"model": "fake", "messages": MSG, "temperature": 0.5, "max_tokens": 9,
+                               "seed": 4}
+    assert client.usage.as_dict() == {"requests": 1, "retries": 0, "prompt_tokens": 11,
+                                      "completion_tokens": 7, "failures": 0,
+                                      "cost": pytest.approx((11 * 1.0 + 7 * 2.0) / 1000)}
+    assert SECRET not in repr(client) and SECRET not in repr(client.usage)
+
+
+def test_no_key_no_header(monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    with FakeServer(lambda r, h, n: Reply()) as srv:
+        make(srv).chat(MSG)
+    assert "Authorization" not in srv.headers[0]
+
+
+@pytest.mark.parametrize("fault", [
+    Reply(status=429, headers={"Retry-After": "0"}),
+    Reply(status=500),
+    Reply(status=503),
+    Reply(truncate=True),
+    Reply(delay=1.0),                       # beyond the 0.3 s timeout
+], ids=["429", "500", "503", "truncated", "timeout"])
+def test_transient_faults_are_retried(fault):
+    with FakeServer(lambda r, h, n: fault if n < 2 else Reply(text="ok")) as srv:
+        client = make(srv, timeout=0.3, max_retries=3)
+        assert client.chat(MSG).text == "ok"
+    assert len(srv.requests) == 3
+    assert client.usage.requests == 3 and client.usage.retries == 2 and client.usage.failures == 0
+
+
+def test_retries_exhausted_raise_chat_error():
+    with FakeServer(lambda r, h, n: Reply(status=500, body=b"boom")) as srv:
+        client = make(srv, max_retries=2)
+        with pytest.raises(ChatError) as e:
+            client.chat(MSG)
+    assert len(srv.requests) == 3 and e.value.status == 500 and e.value.attempts == 3
+    assert "HTTP 500" in e.value.reason and "boom" in e.value.reason
+    assert client.usage.failures == 1
+
+
+def test_client_error_is_not_retried_and_key_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", SECRET)
+    # A hostile or buggy server that echoes the credentials back in its error body.
+    with FakeServer(lambda r, h, n: Reply(status=401, body=f"bad key {h['Authorization']}".encode())) as srv:
+        with pytest.raises(ChatError) as e:
+            make(srv).chat(MSG)
+    assert len(srv.requests) == 1 and e.value.status == 401
+    assert SECRET not in str(e.value) and SECRET not in repr(e.value) and "***" in e.value.reason
+
+
+@pytest.mark.parametrize("body,why", [
+    (b"{not json", "not JSON"),
+    (b'{"choices": []}', "no choices"),
+    (b'{"choices": [{"message": {"role": "assistant"}}]}', "content"),
+    (b"[1, 2]", "not an object"),
+])
+def test_malformed_body_retried_then_error(body, why):
+    with FakeServer(lambda r, h, n: Reply(body=body)) as srv:
+        client = make(srv, malformed_retries=2)
+        with pytest.raises(ChatError) as e:
+            client.chat(MSG)
+    assert len(srv.requests) == 3 and why in e.value.reason
+
+
+def test_malformed_once_then_good():
+    with FakeServer(lambda r, h, n: Reply(body=b"garbage") if n == 0 else Reply(text="fine")) as srv:
+        assert make(srv, malformed_retries=1).chat(MSG).text == "fine"
+
+
+def test_connection_refused_is_retried_then_fails():
+    with FakeServer(lambda r, h, n: Reply()) as srv:
+        url = srv.url
+    client = ChatClient(url, "fake", max_retries=2, backoff=0.0)  # the port is closed now
+    with pytest.raises(ChatError) as e:
+        client.chat(MSG)
+    assert "connection" in e.value.reason and client.usage.requests == 3
+
+
+def test_backoff_is_exponential_seeded_and_honours_retry_after(monkeypatch):
+    slept = []
+    monkeypatch.setattr(client_mod.time, "sleep", slept.append)
+    delays = []
+    for _ in range(2):
+        slept.clear()
+        with FakeServer(lambda r, h, n: Reply(status=500) if n < 4 else Reply()) as srv:
+            ChatClient(srv.url, "fake", backoff=1.0, max_retries=4, seed=7).chat(MSG)
+        delays.append(list(slept))
+    assert delays[0] == delays[1]  # same seed, same jitter
+    for k, d in enumerate(delays[0]):
+        assert 0.5 * 2 ** k <= d < 1.5 * 2 ** k
+    slept.clear()
+    busy = Reply(status=429, headers={"Retry-After": "3"})
+    with FakeServer(lambda r, h, n: busy if n < 1 else Reply()) as srv:
+        ChatClient(srv.url, "fake", backoff=100.0).chat(MSG)
+    assert slept == [3.0]
+
+
+def test_chat_many_bounded_concurrency_and_every_index_once():
+    def script(r, h, n):
+        text = r["messages"][0]["content"]
+        if text == "q5":
+            return Reply(status=400)
+        return Reply(text=text.upper(), delay=0.05)
+
+    with FakeServer(script) as srv:
+        client = make(srv, concurrency=3)
+        results = dict(client.chat_many([[{"role": "user", "content": f"q{i}"}] for i in range(12)]))
+    assert sorted(results) == list(range(12))
+    assert isinstance(results[5], ChatError) and results[5].status == 400
+    assert all(results[i].text == f"Q{i}" for i in range(12) if i != 5)
+    assert 2 <= srv.max_in_flight <= 3
+    assert client.usage.requests == 12 and client.usage.failures == 1
+
+
+def test_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="base_url"):
+        ChatClient("127.0.0.1:8000", "m")
+    with pytest.raises(ValueError, match="concurrency"):
+        ChatClient("http://127.0.0.1:1/v1", "m", concurrency=0)
+    with pytest.raises(ValueError, match=r"messages\[0\]"):
+        ChatClient("http://127.0.0.1:1/v1", "m").chat([{"role": "user"}])

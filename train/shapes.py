@@ -1,0 +1,257 @@
+"""The bundled procedural dataset of the embedded default: coloured shapes, no downloads.
+
+Each image is a plain background with 1..``max_objects`` shapes (circle, square, triangle) in
+distinct (colour, shape) combinations, so "the red circle" always names one object. Everything
+is a pure function of ``seed``: the same call writes byte-identical files.
+
+What ``make_shapes_dataset(out_dir, ...)`` writes (all image paths relative to ``out_dir``,
+which is therefore the ``--image-folder`` for training):
+
+- ``train/NNNNNN.png``, ``test/NNNNNN.png``: RGB PNGs, ``image_size`` × ``image_size``.
+- ``captions.jsonl``: one training record per line in our caps/boxes form, the input of
+  ``train.make_instruct``: ``{"id", "image", "width", "height", "captions": [5 str],
+  "boxes": [{"category": "red circle", "bbox": [x1, y1, x2, y2]}]}`` with integer pixel boxes
+  (half-open: the shape's pixels lie in ``x1 <= x < x2``, ``y1 <= y < y2``).
+- ``train_mc.json``: multiple-choice questions over the training images, LLaVA JSON.
+- ``test_mc.json``: the held-out multiple-choice set over the test images, LLaVA JSON in the
+  upstream ScienceQA layout: human ``"<image>\\n{question}\\nA. ..\\nB. .."``, gpt ``"B"``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+__all__ = ["COLORS", "SHAPES", "BACKGROUNDS", "ShapesPaths", "Scene", "Shape", "make_scene", "render_scene",
+           "scene_captions", "multiple_choice", "make_shapes_dataset", "make_default_instruct"]
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+BACKGROUNDS = {"white": (255, 255, 255), "gray": (128, 128, 128), "black": (0, 0, 0)}
+LETTERS = "ABCD"
+_NUMBER_WORDS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shape:
+    color: str
+    shape: str
+    bbox: tuple[int, int, int, int]  # pixels, half-open [x1, y1, x2, y2)
+
+    @property
+    def category(self) -> str:
+        return f"{self.color} {self.shape}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Scene:
+    size: int
+    background: str
+    shapes: tuple[Shape, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ShapesPaths:
+    root: str           # the image folder: every "image" field is relative to it
+    captions: str       # captions.jsonl (input of train.make_instruct)
+    train_mc: str       # train_mc.json
+    test_mc: str        # test_mc.json
+
+
+def _overlaps(a, b, gap: int = 1) -> bool:
+    return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
+
+
+def make_scene(rng: random.Random, *, size: int, max_objects: int = 3) -> Scene:
+    """Draw a scene description: a background and non-overlapping shapes with distinct (colour, shape)."""
+    background = rng.choice(sorted(BACKGROUNDS))
+    # A shape in the background's colour would be invisible; black/white/gray are not shape colours.
+    combos = [(c, s) for c in COLORS for s in SHAPES]
+    rng.shuffle(combos)
+    want = rng.randint(1, max_objects)
+    lo, hi = max(4, size // 5), max(5, (size * 2) // 5)
+    shapes: list[Shape] = []
+    for color, shape in combos[:want]:
+        for _ in range(50):  # rejection sampling; a crowded scene simply ends up with fewer shapes
+            side = rng.randint(lo, hi)
+            x1, y1 = rng.randint(0, size - side), rng.randint(0, size - side)
+            box = (x1, y1, x1 + side, y1 + side)
+            if not any(_overlaps(box, s.bbox) for s in shapes):
+                shapes.append(Shape(color=color, shape=shape, bbox=box))
+                break
+    return Scene(size=size, background=background, shapes=tuple(shapes))
+
+
+def render_scene(scene: Scene) -> Image.Image:
+    """Rasterize a scene to an RGB image (PIL's inclusive corners → our half-open boxes)."""
+    image = Image.new("RGB", (scene.size, scene.size), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for s in scene.shapes:
+        x1, y1, x2, y2 = s.bbox
+        fill = COLORS[s.color]
+        if s.shape == "circle":
+            draw.ellipse((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        elif s.shape == "square":
+            draw.rectangle((x1, y1, x2 - 1, y2 - 1), fill=fill)
+        else:
+            draw.polygon([(x1, y2 - 1), (x2 - 1, y2 - 1), ((x1 + x2 - 1) / 2, y1)], fill=fill)
+    return image
+
+
+def _where(s: Shape, size: int) -> str:
+    cx, cy = (s.bbox[0] + s.bbox[2]) / 2 / size, (s.bbox[1] + s.bbox[3]) / 2 / size
+    v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
+    h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
+    return f"{v} {h}".strip() or "center"
+
+
+def _join(items: list[str]) -> str:
+    return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+
+
+def scene_captions(scene: Scene) -> list[str]:
+    """Five captions per image, like COCO's, each a different way of saying what is drawn."""
+    n = len(scene.shapes)
+    things = [f"a {s.category}" for s in scene.shapes]
+    placed = [f"a {s.category} at the {_where(s, scene.size)}" for s in scene.shapes]
+    count = f"{_NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}"
+    first = things[0][0].upper() + things[0][1:]
+    return [
+        f"{_join(things)[0].upper()}{_join(things)[1:]} on a {scene.background} background.",
+        f"A simple drawing of {count} on {scene.background}.",
+        f"There is {_join(placed)}.",
+        f"{first} is one of {count} in this picture." if n > 1 else f"{first} alone on a plain background.",
+        f"Flat coloured shapes: {_join([s.category for s in scene.shapes])}.",
+    ]
+
+
+def multiple_choice(scene: Scene, rng: random.Random) -> tuple[str, list[str], int]:
+    """One question about the scene with its options and the index of the right one."""
+    kinds = ["color", "shape", "count"]
+    kind = rng.choice(kinds)
+    target = rng.choice(scene.shapes)
+    if kind == "color":
+        question, answer, pool = f"What color is the {target.shape}?", target.color, list(COLORS)
+        # Ask about a shape only when it is unique in the scene, else the question has two answers.
+        if sum(s.shape == target.shape for s in scene.shapes) > 1:
+            kind = "count"
+    if kind == "shape":
+        question, answer, pool = f"Which shape is {target.color}?", target.shape, list(SHAPES)
+        if sum(s.color == target.color for s in scene.shapes) > 1:
+            kind = "count"
+    if kind == "count":
+        question, answer, pool = "How many shapes are in the image?", str(len(scene.shapes)), list("1234")
+    options = list(pool)
+    rng.shuffle(options)
+    return question, options, options.index(answer)
+
+
+def _mc_record(sample_id: str, image: str, question: str, options: list[str], answer: int) -> dict:
+    lines = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return {"id": sample_id, "image": image, "conversations": [
+        {"from": "human", "value": f"<image>\n{question}\n{lines}"},
+        {"from": "gpt", "value": LETTERS[answer]},
+    ]}
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
+                        seed: int = 0, max_objects: int = 3) -> ShapesPaths:
+    """Write the shapes dataset under ``out_dir`` (created if needed) and return its paths.
+
+    Deterministic in (``num_train``, ``num_test``, ``image_size``, ``seed``, ``max_objects``):
+    train and test scenes come from separate RNG streams, so ``num_train`` never changes the test set.
+    Raises ValueError for counts < 0, ``image_size`` < 16, or ``max_objects`` outside 1..3.
+    """
+    if num_train < 0 or num_test < 0:
+        raise ValueError(f"num_train and num_test must be >= 0, got {num_train}, {num_test}")
+    if image_size < 16:
+        raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
+    if not 1 <= max_objects <= 3:
+        raise ValueError(f"max_objects must be in 1..3 (options of the count question), got {max_objects}")
+    for split in ("train", "test"):
+        os.makedirs(os.path.join(out_dir, split), exist_ok=True)
+    records, train_mc, test_mc = [], [], []
+    for split, count, out in (("train", num_train, train_mc), ("test", num_test, test_mc)):
+        rng = random.Random(f"shapes:{seed}:{split}")
+        for i in range(count):
+            scene = make_scene(rng, size=image_size, max_objects=max_objects)
+            image = f"{split}/{i:06d}.png"
+            render_scene(scene).save(os.path.join(out_dir, image), format="PNG")
+            sample_id = f"shapes-{split}-{i:06d}"
+            question, options, answer = multiple_choice(scene, rng)
+            out.append(_mc_record(sample_id, image, question, options, answer))
+            if split == "train":
+                records.append({"id": sample_id, "image": image, "width": image_size, "height": image_size,
+                                "captions": scene_captions(scene),
+                                "boxes": [{"category": s.category, "bbox": list(s.bbox)}
+                                          for s in scene.shapes]})
+    paths = ShapesPaths(root=out_dir, captions=os.path.join(out_dir, "captions.jsonl"),
+                        train_mc=os.path.join(out_dir, "train_mc.json"),
+                        test_mc=os.path.join(out_dir, "test_mc.json"))
+    _atomic_write(paths.captions, "".join(json.dumps(r) + "\n" for r in records))
+    _atomic_write(paths.train_mc, json.dumps(train_mc, indent=1))
+    _atomic_write(paths.test_mc, json.dumps(test_mc, indent=1))
+    return paths
+
+
+def make_default_instruct(out_dir: str, *, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
+                          seed: int = 0, preset: str = "full") -> dict[str, str]:
+    """The embedded default's data in one call: shapes → offline teacher (3 kinds) → mixed LLaVA JSON.
+
+    Returns ``{"image_folder", "instruct", "train_mc", "test_mc", "conversation", "detail", "complex"}``
+    (paths). Idempotent: a second call with the same arguments rewrites the same files.
+    ``preset`` is a ``train.mix_instruct.PRESETS`` name.
+    """
+    from train.make_instruct import KINDS, InstructConfig, run
+    from train.mix_instruct import PRESETS, mix
+
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
+    paths = make_shapes_dataset(out_dir, num_train=num_train, num_test=num_test, image_size=image_size,
+                                seed=seed)
+    out = {"image_folder": out_dir, "train_mc": paths.train_mc, "test_mc": paths.test_mc}
+    datasets = {}
+    for kind in KINDS:
+        out[kind] = os.path.join(out_dir, f"instruct_{kind}.json")
+        # resume=True makes a re-run reuse (and cross-check) what an earlier call generated.
+        run(InstructConfig(input=paths.captions, kind=kind, output=out[kind], offline=True, seed=seed,
+                           resume=True))
+        with open(out[kind], encoding="utf-8") as f:
+            datasets[kind] = json.load(f)
+    out["instruct"] = os.path.join(out_dir, "instruct.json")
+    _atomic_write(out["instruct"], json.dumps(mix(datasets, PRESETS[preset], seed=seed), indent=1))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m train.shapes", description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="output folder (also the image folder for training)")
+    p.add_argument("--num-train", type=int, default=2000)
+    p.add_argument("--num-test", type=int, default=200)
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--instruct", action="store_true",
+                   help="also generate the offline instruction data and its full mix (make_default_instruct)")
+    a = p.parse_args(argv)
+    kw = dict(num_train=a.num_train, num_test=a.num_test, image_size=a.image_size, seed=a.seed)
+    if a.instruct:
+        print(json.dumps(make_default_instruct(a.out, **kw)))
+    else:
+        print(json.dumps(make_shapes_dataset(a.out, **kw).__dict__))
+
+
+if __name__ == "__main__":
+    main()
