@@ -1,0 +1,94 @@
+"""Masked LM loss fused with the LM head: forward + backward, bf16, LLaVA-1.5 shapes (D=4096, V=32064).
+
+Letters: T packed tokens, Tt target rows (a fraction `frac` of T), D model width, V vocab.
+
+Implementations, each computing loss = mean CE over target rows and grads of hidden and head:
+  torch  full logits [T, V] (bf16 matmul, then fp32) + F.cross_entropy(ignore_index=-100), autograd;
+  triton ours, backend="triton";  cuda  ours, backend="cuda" (when the csrc op is built);
+  liger  Liger-Kernel's LigerFusedLinearCrossEntropyLoss (when importable).
+FLOP formula (executed work, fwd+bwd = three GEMMs of 2·rows·D·V): ours 6·Tt·D·V (logits only for target
+rows); torch and liger 6·T·D·V (they run the GEMMs on every row). `extra.useful_tflops` is 6·Tt·D·V / time
+for every implementation, the like-for-like rate. Peak memory: CUDA bytes above what was allocated
+before one fwd+bwd, with the grads of hidden and head (dropped before) counted in.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from common import Row, cuda_time_ms, peak_memory_mb, save
+
+SUITE = "masked_loss"
+D, V = 4096, 32064
+CASES = [(T, frac) for T in (4096, 8192, 16384) for frac in (0.3, 0.5, 0.6)]
+_REF_MS: dict[tuple[int, float], float] = {}
+
+
+def _inputs(T: int, frac: float):
+    g = torch.Generator(device="cuda").manual_seed(T)
+    hidden = torch.randn(T, D, device="cuda", generator=g).bfloat16().requires_grad_()
+    head = (torch.randn(V, D, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+    targets = torch.full((T,), -100, device="cuda", dtype=torch.int64)
+    n = round(frac * T)
+    rows = torch.randperm(T, device="cuda", generator=g)[:n]
+    targets[rows] = torch.randint(0, V, (n,), device="cuda", generator=g)
+    cu = torch.arange(0, T + 1, 1024, device="cuda", dtype=torch.int32)     # 1024-token sequences
+    return hidden, head, targets, cu, n
+
+
+def _step(impl: str, hidden, head, targets, cu):
+    """One fwd+bwd closure; grads are dropped first so each call allocates them like a fresh step."""
+    if impl == "torch":
+        def loss_fn():
+            return F.cross_entropy(F.linear(hidden, head).float(), targets, ignore_index=-100)
+    elif impl in ("triton", "cuda"):
+        from kernels.masked_loss import masked_lm_loss
+
+        def loss_fn():
+            return masked_lm_loss(hidden, head, targets, cu_seqlens=cu, backend=impl, check=False)
+    else:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+        liger = LigerFusedLinearCrossEntropyLoss(ignore_index=-100, reduction="mean")
+
+        def loss_fn():
+            return liger(head, hidden, targets)
+
+    def step():
+        hidden.grad = head.grad = None
+        loss_fn().backward()
+    return step
+
+
+def _skip_reason(impl: str) -> str | None:
+    if impl == "cuda":
+        from kernels.dispatch import cuda_ops_available
+        return None if cuda_ops_available("masked_loss") else "csrc extension with masked_loss is not built"
+    if impl == "liger":
+        try:
+            import liger_kernel.transformers  # noqa: F401
+        except ImportError as e:
+            return f"liger-kernel is not importable ({e})"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["torch", "triton", "cuda", "liger"])
+@pytest.mark.parametrize("T,frac", CASES, ids=[f"T{T}-tgt{int(f * 100)}" for T, f in CASES])
+def test_masked_loss_fwd_bwd(benchmark, T, frac, impl):
+    reason = _skip_reason(impl)
+    if reason:
+        pytest.skip(reason)
+    hidden, head, targets, cu, n = _inputs(T, frac)
+    if (T, frac) not in _REF_MS:
+        _REF_MS[(T, frac)] = cuda_time_ms(_step("torch", hidden, head, targets, cu))
+    step = _step(impl, hidden, head, targets, cu)
+    ms = cuda_time_ms(step)
+    hidden.grad = head.grad = None
+    peak = peak_memory_mb(step)
+    benchmark.pedantic(lambda: (step(), torch.cuda.synchronize()), rounds=3, warmup_rounds=1)
+    rows = n if impl in ("triton", "cuda") else T
+    row = Row(suite=SUITE, case=f"T={T} tgt={int(frac * 100)}% D={D} V={V} bf16 fwd+bwd", impl=impl, ms=ms,
+              work=6.0 * rows * D * V, unit="TFLOP/s", formula=f"6*{'Tt' if rows == n else 'T'}*D*V",
+              peak_mem_mb=peak, ref_ms=_REF_MS[(T, frac)],
+              extra={"target_rows": n, "useful_tflops": 6.0 * n * D * V / (ms * 1e-3) / 1e12})
+    save(SUITE, [row])

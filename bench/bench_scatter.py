@@ -1,0 +1,123 @@
+"""Image-token scatter: torch reference vs Triton (vs CUDA when built), forward and backward.
+
+Letters: T packed tokens, D model width, V vocab, M image rows (k images of 576 rows), elt bytes.
+The op is a copy, so the yardstick is the device's own copy bandwidth: a large device-to-device
+``Tensor.copy_`` timed the same way (bytes read + written). Target: forward >= 80% of it.
+
+Bytes per call (ideal traffic, the same formula for every implementation):
+  forward: T·D·elt (write) + T·D·elt (read of the copied rows) + T·8 (ids) + M·8 (positions)
+           + 2·T·4 (row map, written then read)
+  backward, stage 1 (image rows only): 2·M·D·elt + M·8
+  backward, stage 2 (+ embedding table): stage 1 + V·D·elt (every table row written once)
+           + (T−M)·D·elt (text-row grads read) + T·24 (keys, sort, permutation) + V·16 (id bounds)
+"""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+from common import Row, cuda_time_ms, peak_memory_mb, save
+
+from kernels import dispatch
+from kernels.scatter import scatter_image_tokens, scatter_image_tokens_ref
+
+SUITE = "scatter"
+V, D, ROWS_PER_IMAGE = 32064, 4096, 576
+DTYPE = torch.bfloat16
+CASES = [(T, min(k, T // ROWS_PER_IMAGE)) for T in (4096, 16384) for k in (1, 4, 16)]
+
+
+@functools.cache
+def copy_bandwidth_gbps() -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes) of a 1 GiB bf16 tensor."""
+    src = torch.randn(2**29, device="cuda", dtype=DTYPE)
+    dst = torch.empty_like(src)
+    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=10, rep=50)
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
+
+
+def make_inputs(T: int, k: int):
+    """Packed batch of k sequences, each starting with BOS then one 576-row image; 30% common ids."""
+    stride = T // k
+    pos = torch.cat([torch.arange(1 + i * stride, 1 + i * stride + ROWS_PER_IMAGE) for i in range(k)]).cuda()
+    ids = torch.randint(0, V, (T,), device="cuda")
+    hot = torch.rand(T, device="cuda") < 0.3
+    ids[hot] = torch.randint(0, 64, (T,), device="cuda")[hot]
+    ids[pos] = V  # the image token id, outside the table: must never be read
+    w = torch.randn(V, D, device="cuda", dtype=DTYPE)
+    img = torch.randn(pos.numel(), D, device="cuda", dtype=DTYPE)
+    return ids, w, img, pos
+
+
+def implementations():
+    impls = {"torch": scatter_image_tokens_ref,
+             "triton": functools.partial(scatter_image_tokens, backend="triton")}
+    if dispatch.cuda_ops_available("scatter"):
+        impls["cuda"] = functools.partial(scatter_image_tokens, backend="cuda")
+    return impls
+
+
+def _measure(benchmark, case: str, fns: dict, work: float, formula: str, extra: dict) -> None:
+    copy_bw = copy_bandwidth_gbps()
+    rows, ref_ms = [], None
+    for name, fn in fns.items():
+        ms = cuda_time_ms(fn, warmup=10, rep=50)
+        row = Row(suite=SUITE, case=case, impl=name, ms=ms, work=work, formula=formula,
+                  peak_mem_mb=peak_memory_mb(fn), ref_ms=ref_ms, extra=dict(extra))
+        row.extra.update(copy_GBps=copy_bw, fraction_of_copy=row.rate / copy_bw)
+        ref_ms = ms if name == "torch" else ref_ms
+        rows.append(row)
+    save(SUITE, rows)
+    timed = fns["triton"]
+    benchmark.pedantic(lambda: (timed(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T, k", CASES)
+def test_scatter_forward(benchmark, T, k):
+    ids, w, img, pos = make_inputs(T, k)
+    M, elt = pos.numel(), w.element_size()
+    impls = implementations()
+    expect = scatter_image_tokens_ref(ids, w, img, pos)
+    fns = {}
+    for name, op in impls.items():  # validate before timing
+        assert torch.equal(op(ids, w, img, pos), expect), name
+        fns[name] = functools.partial(op, ids, w, img, pos)
+    work = 2 * T * D * elt + T * 8 + M * 8 + 2 * T * 4
+    _measure(benchmark, f"fwd T={T} D={D} M={M}", fns, work,
+             "2*T*D*elt + 8*T + 8*M + 2*4*T", {"T": T, "D": D, "M": M, "V": V, "dtype": str(DTYPE)})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("stage", [1, 2])
+@pytest.mark.parametrize("T, k", CASES)
+def test_scatter_backward(benchmark, T, k, stage):
+    ids, w, img, pos = make_inputs(T, k)
+    M, elt = pos.numel(), w.element_size()
+    w.requires_grad_(stage == 2)
+    img.requires_grad_(True)
+    inputs = (w, img) if stage == 2 else (img,)
+    g = torch.randn(T, D, device="cuda", dtype=DTYPE)
+    fns, expect = {}, None
+    for name, op in implementations().items():
+        out = op(ids, w, img, pos)
+        got = torch.autograd.grad(out, inputs, g, retain_graph=True)
+        if expect is None:
+            expect = got
+        else:  # image grads are a gather: exact; embedding grads: a sum, order may differ from torch
+            assert torch.equal(got[-1], expect[-1]), name
+            if stage == 2:
+                assert torch.allclose(got[0].float(), expect[0].float(), rtol=2e-2, atol=2e-2), name
+        fns[name] = functools.partial(torch.autograd.grad, out, inputs, g, retain_graph=True)
+    work = 2 * M * D * elt + M * 8
+    formula = "2*M*D*elt + 8*M"
+    extra = {"T": T, "D": D, "M": M, "V": V, "dtype": str(DTYPE), "stage": stage}
+    if stage == 2:
+        text = torch.ones(T, dtype=torch.bool, device="cuda")
+        text[pos] = False
+        U = int(ids[text].unique().numel())
+        work += V * D * elt + (T - M) * D * elt + 24 * T + 16 * V
+        formula += " + V*D*elt + (T-M)*D*elt + 24*T + 16*V"
+        extra["U"] = U
+    _measure(benchmark, f"bwd{stage} T={T} D={D} M={M}", fns, work, formula, extra)
