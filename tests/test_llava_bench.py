@@ -6,50 +6,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
+from helpers import FakeJudge
 
 from evals import llava_bench as lb
-
-
-class FakeJudge:
-    """``POST /v1/chat/completions`` answered by ``reply(messages) -> str``; every request body is kept."""
-
-    def __init__(self, reply):
-        self.reply, self.requests = reply, []
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.requests.append(body)
-                data = json.dumps({"choices": [{"message": {"role": "assistant",
-                                                            "content": judge.reply(body["messages"])},
-                                                "finish_reason": "stop"}], "usage": {}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 def _jsonl(path, rows):

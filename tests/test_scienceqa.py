@@ -5,56 +5,14 @@ from __future__ import annotations
 
 import json
 import os
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from helpers import FakeJudge
 
 from evals import scienceqa as sqa
 from evals.common import answer_all
 
 # ---- a fake OpenAI-compatible judge --------------------------------------------------------------------
-
-
-class FakeJudge:
-    """``POST /v1/chat/completions`` answered by ``reply(messages) -> str | int`` (int: an HTTP error)."""
-
-    def __init__(self, reply):
-        self.reply, self.requests = reply, []
-        judge = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.requests.append(body)
-                out = judge.reply(body["messages"])
-                if isinstance(out, int):
-                    self.send_response(out)
-                    self.end_headers()
-                    return
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": out},
-                                                "finish_reason": "stop"}], "usage": {}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *a):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
 
 
 # ---- synthetic ScienceQA -------------------------------------------------------------------------------
