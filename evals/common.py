@@ -227,7 +227,6 @@ class CheckpointAnswerer:
     def answer(self, prompts: list[str], images: list | None) -> list[tuple[str, str]]:
         import torch
 
-        # Not ``engine.generate``: once the submodule is imported, that attribute is the module.
         from engine.chat import encode_chat
         from engine.generate import generate
 

@@ -1,0 +1,254 @@
+"""Generation runtime vs transformers ``generate`` on the same weights, in the same run.
+
+Cases (each for a CPU variant — ~140M parameters, fp32 — and a GPU variant — 7B-shaped, bf16):
+
+- ``decode b1``: one 64-token prompt, 64 new tokens;
+- ``decode b32``: 32 prompts of 16–512 tokens, each with its own number of new tokens (mixed
+  stop lengths; transformers gets a per-row stopping criterion, and keeps computing finished
+  rows as it does);
+- ``ttft``: one 336-px image + 64 text tokens, time to the first new token.
+
+Decode numbers exclude the prefill: ours from the end of the prefill step, transformers' from
+the first call of its logits processors (made right after its prefill forward).
+
+Bytes formula (per decode step, batch-wide): ``W + Σ_seq ctx · kvb`` where W is the decoder's
+weight bytes (every layer + final norm + LM head; the embedding table is read one row per
+token) and kvb = 2 · layers · kv_heads · head_dim · bytes per element. Achieved GB/s uses the
+useful bytes for both implementations, so the GB/s ratio is the speed ratio; it is compared
+with the measured copy bandwidth (``2 · bytes / time`` of a large ``copy_``).
+"""
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+import torch
+from common import Row, save
+from transformers import LlavaConfig as HFLlavaConfig
+from transformers import (
+    LlavaForConditionalGeneration,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
+
+from engine.config import LlavaConfig, TextConfig, VisionConfig
+from engine.generate import Runtime, RuntimeConfig, SamplingParams
+from engine.weights import HF_LLAVA, assign_state, new_model, rename
+
+SUITE = "generate"
+VOCAB, IMAGE_TOKEN = 32064, 32000
+
+VARIANTS = {
+    # ~140M parameters: LLaMA-style 12 × 768 decoder, 32k vocab, a small 336-px ViT
+    "cpu": dict(device="cpu", dtype=torch.float32, new_tokens=(4, 32), copy_mb=256,
+                text=dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
+                          num_kv_heads=12, head_dim=64),
+                vision=dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4)),
+    # LLaVA-1.5-7B shapes: Vicuna-7B decoder, CLIP ViT-L/14-336
+    "gpu": dict(device="cuda", dtype=torch.bfloat16, new_tokens=(32, 256), copy_mb=2048,
+                text=dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                          num_kv_heads=32, head_dim=128),
+                vision=dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16)),
+}
+_CACHE: dict[str, tuple] = {}
+
+
+def config(v: dict) -> LlavaConfig:
+    return LlavaConfig(vision=VisionConfig(image_size=336, patch_size=14, **v["vision"]),
+                       text=TextConfig(vocab_size=VOCAB, max_position_embeddings=4096, **v["text"]),
+                       projector_type="mlp2x_gelu", image_token_id=IMAGE_TOKEN)
+
+
+def build(name: str):
+    """(ours, hf, runtime, cfg) sharing one set of random weights, built once per variant."""
+    if name in _CACHE:
+        return _CACHE[name]
+    v = VARIANTS[name]
+    cfg = config(v)
+    torch.manual_seed(0)
+    with torch.device(v["device"]):
+        hf = LlavaForConditionalGeneration._from_config(HFLlavaConfig.from_dict(cfg.to_hf_dict()),
+                                                        dtype=v["dtype"]).eval()
+    hf.generation_config.eos_token_id = None          # never stop early: both run the asked lengths
+    hf.generation_config.pad_token_id = 0
+    # the same tensors: assign_state keeps tensors already on the right device and dtype
+    ours = assign_state(new_model(cfg), rename(hf.state_dict(), HF_LLAVA, "hf"), "hf").eval()
+    rt = Runtime(ours, RuntimeConfig(max_batch=32, max_prefill_tokens=1 << 20,
+                                     kv_cache_bytes=kv_bytes_per_token(cfg, v["dtype"]) * 32 * 1024))
+    _CACHE[name] = (ours, hf, rt, cfg)
+    return _CACHE[name]
+
+
+def kv_bytes_per_token(cfg: LlavaConfig, dtype) -> int:
+    t = cfg.text
+    return 2 * t.num_layers * t.num_kv_heads * t.head_dim * torch.empty(0, dtype=dtype).element_size()
+
+
+def weight_bytes(ours) -> int:
+    d = ours.decoder
+    params = [p for n, p in d.named_parameters() if not n.startswith("embed.")]
+    if d.lm_head is None:
+        params.append(d.embed.weight)
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def copy_bandwidth(device: str, mb: int) -> float:
+    """GB/s of a large device copy (read + write)."""
+    a = torch.ones(mb << 18, device=device)          # mb MiB of fp32
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(5):
+        sync(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / min(times) / 1e9
+
+
+def sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+class _FirstCall(LogitsProcessor):
+    """Timestamps transformers' first logits-processor call: its prefill forward has just ended."""
+
+    def __init__(self, device):
+        self.device, self.t = device, None
+
+    def __call__(self, input_ids, scores):
+        if self.t is None:
+            sync(self.device)
+            self.t = time.perf_counter()
+        return scores
+
+
+class _RowLimits(StoppingCriteria):
+    """Row i is done after limits[i] new tokens (transformers pads it from then on)."""
+
+    def __init__(self, start: int, limits: list[int]):
+        self.start, self.limits = start, torch.tensor(limits)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return (input_ids.shape[1] - self.start >= self.limits.to(input_ids.device))
+
+
+def ours_decode(rt: Runtime, prompts, limits, device):
+    """(decode seconds, requests): prefill step first, then the decode steps are timed."""
+    reqs = [rt.submit(p, params=SamplingParams(max_new_tokens=n, stop_token_ids=())) for p, n in
+            zip(prompts, limits, strict=True)]
+    rt.step()
+    assert not rt.waiting, "all prompts must prefill in one step"
+    sync(device)
+    t0 = time.perf_counter()
+    while rt.has_work:
+        rt.step()
+    sync(device)
+    return time.perf_counter() - t0, reqs
+
+
+def hf_decode(hf, prompts, limits, device):
+    width = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):       # left padding, as transformers' batched generate needs
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    first = _FirstCall(device)
+    with torch.no_grad():
+        out = hf.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                          max_new_tokens=max(limits),
+                          do_sample=False, logits_processor=LogitsProcessorList([first]),
+                          stopping_criteria=StoppingCriteriaList([_RowLimits(width, limits)]))
+    sync(device)
+    return time.perf_counter() - first.t, out[:, width:]
+
+
+def decode_case(benchmark, name: str, batch: int):
+    ours, hf, rt, cfg = build(name)
+    v = VARIANTS[name]
+    rng = random.Random(batch)
+    lengths = [64] if batch == 1 else [rng.randint(16, 512) for _ in range(batch)]
+    limits = [64] if batch == 1 else [rng.randint(*v["new_tokens"]) for _ in range(batch)]
+    prompts = [[1] + [rng.randrange(3, IMAGE_TOKEN) for _ in range(n - 1)] for n in lengths]
+    if v["device"] == "cuda":  # warm-up: the same workload captures every graph bucket it will use
+        ours_decode(rt, prompts, limits, v["device"])
+        hf_decode(hf, prompts, [2] * batch, v["device"])
+    else:
+        ours_decode(rt, prompts[:1], [4], v["device"])
+    secs, reqs = benchmark.pedantic(ours_decode, args=(rt, prompts, limits, v["device"]), rounds=1,
+                                    iterations=1)
+    assert [len(r.tokens) for r in reqs] == limits
+    hf_secs, hf_out = hf_decode(hf, prompts, limits, v["device"])
+    if v["dtype"] == torch.float32:  # greedy, same weights: same tokens (fp32 only; bf16 may tie-break)
+        assert [r.tokens for r in reqs] == [row[:n].tolist() for row, n in zip(hf_out, limits, strict=True)]
+    steps = max(limits) - 1                        # decode forwards after the prefill's first token
+    kv_tokens = sum(sum(len(p) + j for j in range(1, n)) for p, n in zip(prompts, limits, strict=True))
+    work = steps * weight_bytes(ours) + kv_tokens * kv_bytes_per_token(cfg, v["dtype"])
+    new = sum(n - 1 for n in limits)
+    copy_gbs = copy_bandwidth(v["device"], v["copy_mb"])
+    formula = "steps*W + sum_seq sum_step ctx*kvb (useful bytes, same for both)"
+    case = f"{name} decode b{batch}"
+    rows = [Row(SUITE, case, "hf", hf_secs * 1e3, work, formula=formula,
+                extra=dict(tok_s=new / hf_secs, copy_gbs=copy_gbs)),
+            Row(SUITE, case, "ours", secs * 1e3, work, formula=formula, ref_ms=hf_secs * 1e3,
+                extra=dict(tok_s=new / secs, copy_gbs=copy_gbs, frac_of_copy=work / secs / 1e9 / copy_gbs,
+                           cuda_graphs=rt.graphs is not None))]
+    save(SUITE, rows)
+    print(f"[{SUITE}] {case}: ours {new / secs:.1f} tok/s, transformers {new / hf_secs:.1f} tok/s, "
+          f"{work / secs / 1e9:.1f} GB/s of {copy_gbs:.1f} GB/s copy")
+    return secs, hf_secs
+
+
+def ttft_case(benchmark, name: str):
+    ours, hf, rt, cfg = build(name)
+    v = VARIANTS[name]
+    rng = random.Random(7)
+    prompt = [1] + [IMAGE_TOKEN] * cfg.image_seq_len + [rng.randrange(3, IMAGE_TOKEN) for _ in range(63)]
+    pixels = torch.randn(1, 3, 336, 336, device=v["device"], dtype=v["dtype"])
+
+    def ours_ttft():
+        sync(v["device"])
+        t0 = time.perf_counter()
+        req = rt.submit(prompt, pixel_values=pixels, params=SamplingParams(max_new_tokens=1))
+        while rt.has_work:
+            rt.step()
+        sync(v["device"])
+        assert len(req.tokens) == 1
+        return time.perf_counter() - t0
+
+    def hf_ttft():
+        sync(v["device"])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(input_ids=torch.tensor([prompt], device=v["device"]), pixel_values=pixels,
+                        max_new_tokens=1, do_sample=False)
+        sync(v["device"])
+        return time.perf_counter() - t0
+
+    ours_ttft(), hf_ttft()                                                  # warm-up
+    secs = min(benchmark.pedantic(lambda: [ours_ttft() for _ in range(3)], rounds=1, iterations=1))
+    hf_secs = min(hf_ttft() for _ in range(3))
+    row = Row(SUITE, f"{name} ttft 1 image + 64 tokens", "ours", secs * 1e3, ref_ms=hf_secs * 1e3,
+              extra=dict(prompt_tokens=len(prompt)))
+    save(SUITE, [Row(SUITE, row.case, "hf", hf_secs * 1e3), row])
+
+
+# the CPU variant is not marked gpu: it runs (only) with `pytest bench/ --benchmark-only`
+@pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_decode_batch1(benchmark, name):
+    decode_case(benchmark, name, 1)
+
+
+@pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_decode_batch32_mixed(benchmark, name):
+    decode_case(benchmark, name, 32)
+
+
+@pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_ttft_image(benchmark, name):
+    ttft_case(benchmark, name)

@@ -1,0 +1,566 @@
+"""KV-cached generation: packed prefill, batched decode over a paged cache, on-device sampling,
+continuous batching, CUDA graphs for the decode step.
+
+Letters: B sequences in a step, T packed prefill tokens, V vocab, S runtime slots (most
+sequences at once), nb cache blocks per sequence in a decode step.
+
+Token ids in, token ids out (no tokenizer here). The flow of one ``Runtime.step()``:
+
+- if requests are waiting and the cache has room: **prefill** — every admitted prompt goes
+  through ``Llava.forward_packed`` as one packed varlen batch (no padding) whose attention
+  context writes the paged KV cache; the last row of each prompt gives its first token;
+- otherwise **decode** — every live sequence advances one token: embed → decoder with a
+  ``DecodeAttention`` over its block table → logits → sampling, all on the device; one host
+  sync per step brings back the new tokens for the stop check. Finished sequences release
+  their slot and blocks at once and the next step runs without them; waiting requests join
+  at the next step (continuous batching).
+
+Sampling (temperature, top-k, top-p, repetition penalty; HF's order and semantics) runs on
+the device for all rows at once; the random choice is the Gumbel-max trick with noise hashed
+from (seed, position, token id), so a seeded sequence samples the same tokens whatever batch
+it is in, and nothing depends on a global generator state (which a CUDA graph could not
+advance). Temperature 0 is greedy (argmax), deterministic.
+
+On CUDA the decode forward is captured as a CUDA graph per (batch bucket, context bucket),
+buckets being powers of two; on CPU it runs eagerly.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import weakref
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import torch
+
+from engine.kv_cache import DecodeAttention, PagedKVCache, PrefillAttention
+from engine.model import Llava, pack_cu_seqlens
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """Per-request decoding settings (validated: ValueError naming the field)."""
+    max_new_tokens: int = 128
+    temperature: float = 0.0          # 0 = greedy
+    top_p: float = 1.0                # 1 = off
+    top_k: int = 0                    # 0 = off
+    repetition_penalty: float = 1.0   # 1 = off; HF semantics (divide positive logits, multiply negative)
+    stop_token_ids: tuple[int, ...] = ()
+    seed: int | None = None           # None: drawn from torch's global generator at submit
+
+    def __post_init__(self):
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    """Sizes of a runtime. ``kv_cache_bytes`` None: half the free CUDA memory, or 1 GiB on CPU; the
+    cache never exceeds what ``max_batch`` sequences of ``max_seq_len`` tokens can use."""
+    max_batch: int = 64               # S: sequences decoding at once
+    block_size: int = 16              # tokens per KV-cache block
+    kv_cache_bytes: int | None = None
+    max_seq_len: int | None = None    # default: the model's max_position_embeddings
+    max_prefill_tokens: int = 16384   # packed tokens per prefill call (one prompt may exceed it alone)
+    cuda_graphs: bool = True          # capture the decode step on CUDA
+
+    def __post_init__(self):
+        for name in ("max_batch", "block_size", "max_prefill_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RuntimeConfig.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class GenerationOutput:
+    """One prompt's result: new tokens (the stop token excluded) and why it ended."""
+    tokens: list[int]
+    finish_reason: str
+    logits: torch.Tensor | None = None  # [len(tokens) (+1 if stopped), V] raw logits when asked for
+
+
+class TokenEvent(NamedTuple):
+    """Streamed by ``generate(stream=True)``: a new token (``finish_reason`` None), or the end of
+    prompt ``index`` (``token`` None, ``finish_reason`` set) — exactly one end event per prompt."""
+    index: int
+    token: int | None
+    finish_reason: str | None
+
+
+@dataclass(eq=False)
+class Request:
+    """A sequence inside a runtime. ``tokens`` grows as it decodes; ``finish_reason`` is set at the end
+    ("stop", "length", "cancelled" or "error" with ``error`` holding the message)."""
+    prompt: list[int]
+    pixel_values: torch.Tensor | None
+    params: SamplingParams
+    keep_logits: bool = False
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    error: str | None = None
+    logits: list[torch.Tensor] = field(default_factory=list)
+    slot: int = -1
+    blocks: list[int] = field(default_factory=list)
+    cached: int = 0                   # tokens whose K/V are in the cache
+    limit: int = 0                    # most new tokens (max_new_tokens capped by the context length)
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def output(self) -> GenerationOutput:
+        logits = torch.stack(self.logits) if self.keep_logits and self.logits else None
+        return GenerationOutput(tokens=list(self.tokens), finish_reason=self.finish_reason, logits=logits)
+
+
+class StepEvent(NamedTuple):
+    """What ``Runtime.step`` reports: a new token of ``request`` or its end (token None)."""
+    request: Request
+    token: int | None
+    finish_reason: str | None
+
+
+# ----------------------------------------------------------------------------- sampling
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """An avalanche hash of int64 values in [0, 2^32) (constants < 2^31: products never overflow int64)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V] as a pure function of (seed [B], counter [B], token id)."""
+    base = _mix32(_mix32(seeds & _M32) ^ (counters & _M32))                       # (B,)
+    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
+    h = _mix32(_mix32(base[:, None] ^ ids[None, :]) ^ 0x5BD1E995)                  # (B, V)
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))                     # uniform in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+def sample_tokens(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
+                  top_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor,
+                  penalty: torch.Tensor | None = None, seen: torch.Tensor | None = None,
+                  greedy_only: bool = False, filtered: bool = True) -> torch.Tensor:
+    """Next tokens [B] (int64) from fp32 logits [B, V], all rows at once, on the logits' device.
+
+    Per row: repetition penalty on the tokens marked in ``seen`` [B, V] (HF: positive logits
+    divided, negative multiplied) → greedy argmax where temperature is 0; else logits /
+    temperature → top-k (0 = off) → top-p on what top-k kept (1 = off; the most likely token is
+    always kept) → Gumbel-max draw seeded by (seed, counter). ``greedy_only`` / ``filtered`` are
+    host-known shortcuts (no row samples / no row filters) that skip work, never change results.
+    """
+    if penalty is not None:
+        pen = penalty[:, None]
+        logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
+    greedy = logits.argmax(-1)
+    if greedy_only:
+        return greedy
+    scaled = logits / temperature.clamp_min(1e-6)[:, None]
+    if filtered:
+        sorted_l, order = scaled.sort(-1, descending=True)                          # (B, V)
+        rank = torch.arange(scaled.shape[-1], device=scaled.device)
+        k = top_k[:, None]
+        sorted_l = sorted_l.masked_fill((k > 0) & (rank[None, :] >= k), float("-inf"))
+        probs = sorted_l.softmax(-1)
+        # drop a token when the tokens ranked above it already hold top_p of the mass
+        drop = ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
+        drop[:, 0] = False
+        sorted_l = sorted_l.masked_fill(drop, float("-inf"))
+        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_l)
+    sampled = (scaled + gumbel_noise(seeds, counters, scaled.shape[-1])).argmax(-1)
+    return torch.where(temperature > 0, sampled, greedy)
+
+
+# ----------------------------------------------------------------------------- the runtime
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, n - 1).bit_length()
+
+
+class _DecodeGraphs:
+    """CUDA graphs of the decode forward, one per (batch bucket, context-block bucket), sharing one
+    memory pool. Padded rows point at the reserved block 0 with position 0."""
+
+    def __init__(self, runtime: Runtime):
+        self.rt = runtime
+        self.graphs: dict[tuple[int, int], tuple] = {}
+        self.pool = None
+
+    def run(self, ids, pos, slot_mapping, slots, nb):  # all (B,) int64 on the device
+        rt, b = self.rt, ids.shape[0]
+        bb = min(_pow2(b), rt.config.max_batch)
+        nbb = min(_pow2(nb), rt.max_blocks_per_seq)
+        key = (bb, nbb)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(bb, nbb)
+        graph, s_ids, s_pos, s_sm, s_bt, s_logits = self.graphs[key]
+        for buf, val in ((s_ids, ids), (s_pos, pos), (s_sm, slot_mapping)):
+            buf[:b].copy_(val)
+            buf[b:].zero_()
+        s_bt[:b].copy_(rt.block_table[slots, :nbb])
+        s_bt[b:].zero_()
+        graph.replay()
+        return s_logits[:b]
+
+    def _capture(self, bb: int, nbb: int):
+        dev = self.rt.device
+        ids, pos, sm = (torch.zeros(bb, dtype=torch.int64, device=dev) for _ in range(3))
+        bt = torch.zeros(bb, nbb, dtype=torch.int32, device=dev)
+        stream = torch.cuda.Stream(dev)
+        stream.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(stream):  # warm up (lazy inits, autotuning) outside the capture
+            for _ in range(2):
+                self.rt._decode_forward(ids, pos, bt, sm)
+        torch.cuda.current_stream(dev).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self.rt._decode_forward(ids, pos, bt, sm)
+        self.pool = graph.pool()
+        return graph, ids, pos, sm, bt, logits
+
+
+class Runtime:
+    """Continuous-batching generation over one model and one paged KV cache.
+
+    ``submit`` queues a request (validated at once); ``step`` runs one prefill or one decode step
+    and returns its ``StepEvent``s; ``cancel`` ends a request early. Single-threaded: the server
+    drives one runtime from one scheduler thread. The model is held by a weak reference (a
+    runtime cached per model must not keep it alive); keep the model referenced elsewhere.
+    """
+
+    def __init__(self, model: Llava, config: RuntimeConfig | None = None):
+        self.config = config = config or RuntimeConfig()
+        self._model = weakref.ref(model)
+        w = model.decoder.embed.weight
+        self.device, self.dtype = w.device, w.dtype
+        self.mcfg = model.config
+        tc = model.config.text
+        self.max_seq_len = min(config.max_seq_len or tc.max_position_embeddings, tc.max_position_embeddings)
+        bs = config.block_size
+        self.max_blocks_per_seq = math.ceil(self.max_seq_len / bs)
+        budget = config.kv_cache_bytes
+        if budget is None:
+            budget = torch.cuda.mem_get_info(self.device)[0] // 2 if self.device.type == "cuda" else 1 << 30
+        self.cache = PagedKVCache.from_budget(tc, budget_bytes=budget, block_size=bs, dtype=self.dtype,
+                                              device=self.device,
+                                              max_blocks=config.max_batch * self.max_blocks_per_seq)
+        s, dev = config.max_batch, self.device
+        self.block_table = torch.zeros(s, self.max_blocks_per_seq, dtype=torch.int32, device=dev)  # (S, nb)
+        self.temperature = torch.zeros(s, dtype=torch.float32, device=dev)
+        self.top_p = torch.ones(s, dtype=torch.float32, device=dev)
+        self.top_k = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.penalty = torch.ones(s, dtype=torch.float32, device=dev)
+        self.seeds = torch.zeros(s, dtype=torch.int64, device=dev)
+        self.seen: torch.Tensor | None = None  # (S, V) bool, allocated when a request uses a penalty
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._free_slots = list(range(s - 1, -1, -1))
+        self.graphs = _DecodeGraphs(self) if dev.type == "cuda" and config.cuda_graphs else None
+        self.peak_batch = 0  # most sequences decoded in one step so far (a continuous-batching witness)
+
+    @property
+    def model(self) -> Llava:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the runtime's model has been garbage-collected")
+        return model
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- requests -------------------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], *, pixel_values: torch.Tensor | None = None,
+               params: SamplingParams | None = None, keep_logits: bool = False) -> Request:
+        """Queue one prompt (image placeholders expanded) with its images [N, 3, H, W] (N = placeholder
+        runs, in order). ValueError when the prompt, the images or the lengths are invalid."""
+        params = params or SamplingParams()
+        cfg = self.mcfg
+        if not isinstance(prompt, (list, tuple)) or not prompt:
+            raise ValueError("a prompt must be a non-empty list of token ids")
+        vocab = cfg.text.vocab_size
+        if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+            bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab))
+            raise ValueError(f"prompt token {bad!r} is not an int in [0, {vocab})")
+        if len(prompt) >= self.max_seq_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate within the "
+                             f"context length {self.max_seq_len}")
+        n_rows = sum(t == cfg.image_token_id for t in prompt)
+        n_images = 0 if pixel_values is None else pixel_values.shape[0]
+        if n_rows != n_images * cfg.image_seq_len:
+            raise ValueError(f"prompt has {n_rows} image placeholder tokens but {n_images} images of "
+                             f"{cfg.image_seq_len} rows were given")
+        size = cfg.vision.image_size
+        if n_images and tuple(pixel_values.shape[1:]) != (cfg.vision.num_channels, size, size):
+            raise ValueError(f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]; got "
+                             f"{tuple(pixel_values.shape)}")
+        if params.seed is None:
+            params = dataclasses.replace(params, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
+        limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
+        # the last sampled token is never written to the cache: prompt + limit - 1 slots suffice
+        need = self.cache.blocks_for(len(prompt) + limit - 1)
+        if need > self.cache.num_blocks - 1:
+            raise ValueError(f"prompt of {len(prompt)} tokens + {limit} new tokens needs {need} KV-cache "
+                             f"blocks; the cache has {self.cache.num_blocks - 1}")
+        req = Request(prompt=list(prompt), pixel_values=pixel_values if n_images else None, params=params,
+                      keep_logits=keep_logits, limit=limit)
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request, reason: str = "cancelled") -> None:
+        """End ``req`` now (waiting or running); its blocks and slot are free for the next step."""
+        if req.finished:
+            return
+        if req in self.waiting:
+            self.waiting.remove(req)
+        self._finish(req, reason)
+
+    def _finish(self, req: Request, reason: str) -> None:
+        req.finish_reason = reason
+        if req in self.running:
+            self.running.remove(req)
+        if req.slot >= 0:
+            self.cache.release(req.blocks)
+            self._free_slots.append(req.slot)
+            req.blocks, req.slot = [], -1
+
+    # ---- one step -------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """One prefill (of every waiting request that fits) or, if none fits, one decode step."""
+        admitted = self._admit()
+        batch = admitted or list(self.running)
+        try:
+            if admitted:
+                return self._prefill(admitted)
+            return self._decode() if batch else []
+        except Exception as e:  # a failing batch must not take the runtime (or a server) down
+            events = []
+            for r in batch:
+                if not r.finished:
+                    r.error = f"{type(e).__name__}: {e}"
+                    self._finish(r, "error")
+                    events.append(StepEvent(r, None, "error"))
+            return events
+
+    def _admit(self) -> list[Request]:
+        admitted, tokens = [], 0
+        while self.waiting and self._free_slots:
+            r = self.waiting[0]
+            need = self.cache.blocks_for(len(r.prompt) + r.limit - 1)
+            too_many = admitted and tokens + len(r.prompt) > self.config.max_prefill_tokens
+            if need > self.cache.free_blocks or too_many:
+                break  # FIFO: later requests wait too, so a long prompt is never starved
+            self.waiting.popleft()
+            r.slot, r.blocks = self._free_slots.pop(), self.cache.allocate(need)
+            tokens += len(r.prompt)
+            admitted.append(r)
+        return admitted
+
+    def _prefill(self, reqs: list[Request]) -> list[StepEvent]:
+        dev, model = self.device, self.model
+        slots = torch.tensor([r.slot for r in reqs], device=dev)
+        for r in reqs:
+            self.block_table[r.slot, :len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32, device=dev)
+            p = r.params
+            if p.repetition_penalty != 1.0 and self.seen is None:
+                self.seen = torch.zeros(self.config.max_batch, self.mcfg.text.vocab_size, dtype=torch.bool,
+                                        device=dev)
+            if self.seen is not None:
+                self.seen[r.slot] = False
+                self.seen[r.slot, torch.tensor(r.prompt, device=dev)] = True
+        self.temperature[slots] = torch.tensor([r.params.temperature for r in reqs], device=dev)
+        self.top_p[slots] = torch.tensor([r.params.top_p for r in reqs], device=dev)
+        self.top_k[slots] = torch.tensor([r.params.top_k for r in reqs], device=dev)
+        self.penalty[slots] = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)
+        self.seeds[slots] = torch.tensor([r.params.seed for r in reqs], device=dev)
+
+        lengths = [len(r.prompt) for r in reqs]
+        ids = torch.tensor([t for r in reqs for t in r.prompt], device=dev)                  # (T,)
+        cu, pos, max_len = pack_cu_seqlens(lengths, dev)
+        slot_mapping = torch.tensor([s for r in reqs for s in self.cache.slots(r.blocks, 0, len(r.prompt))],
+                                    device=dev)
+        images = [r.pixel_values for r in reqs if r.pixel_values is not None]
+        pixels = torch.cat(images).to(dev) if images else None  # the tower casts to its own dtype
+        attn = PrefillAttention(self.cache, slot_mapping, cu, max_len, model.attention_backend)
+        hidden = model.forward_packed(ids, cu_seqlens=cu, position_ids=pos, max_seqlen=max_len,
+                                      pixel_values=pixels, attn=attn)                    # (T, D)
+        logits = model.logits(hidden[cu[1:].long() - 1]).float()                          # (B, V)
+        counters = torch.tensor(lengths, device=dev)
+        for r in reqs:
+            r.cached = len(r.prompt)
+            self.running.append(r)
+        return self._sample_and_advance(reqs, slots, counters, logits)
+
+    def _decode_forward(self, ids, pos, block_table, slot_mapping) -> torch.Tensor:
+        """(B,) ids at positions (B,) → logits [B, V]; writes their K/V. Graph-capturable."""
+        model = self.model
+        x = model.decoder.embed(ids)                                                      # (B, D)
+        hidden = model.decoder(x, pos, DecodeAttention(self.cache, block_table, pos, slot_mapping))
+        return model.logits(hidden)
+
+    def _decode(self) -> list[StepEvent]:
+        reqs, bs = list(self.running), self.cache.block_size
+        self.peak_batch = max(self.peak_batch, len(reqs))
+        pos = [r.cached for r in reqs]
+        slot_of = [r.blocks[p // bs] * bs + p % bs for r, p in zip(reqs, pos, strict=True)]
+        host = torch.tensor([[r.slot for r in reqs], pos, [r.tokens[-1] for r in reqs], slot_of])  # (4, B)
+        if self.device.type == "cuda":
+            host = host.pin_memory()
+        slots, pos_t, ids, slot_mapping = host.to(self.device, non_blocking=True).unbind(0)
+        nb = max(pos) // bs + 1
+        if self.graphs is not None:
+            logits = self.graphs.run(ids, pos_t, slot_mapping, slots, nb)
+        else:
+            logits = self._decode_forward(ids, pos_t, self.block_table[slots, :nb], slot_mapping)
+        for r in reqs:
+            r.cached += 1
+        return self._sample_and_advance(reqs, slots, pos_t + 1, logits.float())
+
+    def _sample_and_advance(self, reqs, slots, counters, logits) -> list[StepEvent]:
+        ps = [r.params for r in reqs]
+        use_penalty = self.seen is not None and any(p.repetition_penalty != 1.0 for p in ps)
+        tokens = sample_tokens(
+            logits, temperature=self.temperature[slots], top_k=self.top_k[slots], top_p=self.top_p[slots],
+            seeds=self.seeds[slots], counters=counters,
+            penalty=self.penalty[slots] if use_penalty else None,
+            seen=self.seen[slots] if use_penalty else None,
+            greedy_only=all(p.temperature == 0 for p in ps),
+            filtered=any(p.temperature > 0 and (p.top_k > 0 or p.top_p < 1) for p in ps))
+        if self.seen is not None:
+            self.seen[slots, tokens] = True
+        keep = [i for i, r in enumerate(reqs) if r.keep_logits]
+        kept = logits[keep].cpu() if keep else None
+        host_tokens = tokens.tolist()                  # the one host sync of the step
+        events = []
+        for j, i in enumerate(keep):
+            reqs[i].logits.append(kept[j])
+        for r, t in zip(reqs, host_tokens, strict=True):
+            if t in r.params.stop_token_ids:
+                self._finish(r, "stop")
+                events.append(StepEvent(r, None, "stop"))
+                continue
+            r.tokens.append(t)
+            events.append(StepEvent(r, t, None))
+            if len(r.tokens) >= r.limit:
+                self._finish(r, "length")
+                events.append(StepEvent(r, None, "length"))
+        return events
+
+
+# ----------------------------------------------------------------------------- generate()
+
+_RUNTIMES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def default_runtime(model: Llava) -> Runtime:
+    """The runtime ``generate`` uses for ``model``: built once (cache, CUDA graphs) and reused while
+    the model stays on the same device and dtype."""
+    w = model.decoder.embed.weight
+    rt = _RUNTIMES.get(model)
+    if rt is None or rt.device != w.device or rt.dtype != w.dtype:
+        rt = _RUNTIMES[model] = Runtime(model)
+    return rt
+
+
+def split_images(model: Llava, prompts: list[list[int]],
+                 images: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """Cut ``images`` [N, 3, H, W] into each prompt's images, by its count of placeholder runs."""
+    cfg = model.config
+    counts = []
+    for i, p in enumerate(prompts):
+        rows = sum(t == cfg.image_token_id for t in p)
+        if rows % cfg.image_seq_len:
+            raise ValueError(f"prompt {i} has {rows} image placeholder tokens, not a multiple of "
+                             f"image_seq_len={cfg.image_seq_len}")
+        counts.append(rows // cfg.image_seq_len)
+    total = 0 if images is None else images.shape[0]
+    if images is not None and images.dim() != 4:
+        raise ValueError(f"images must be a [N, 3, H, W] tensor; got shape {tuple(images.shape)}")
+    if sum(counts) != total:
+        raise ValueError(f"the prompts hold {sum(counts)} images' placeholders but {total} images were given")
+    out, at = [], 0
+    for n in counts:
+        out.append(images[at:at + n] if n else None)
+        at += n
+    return out
+
+
+def generate(model: Llava, prompts: list[list[int]], *, images: torch.Tensor | None = None,
+             max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             repetition_penalty: float = 1.0, stop_token_ids: list[int] | None = None,
+             seed: int | None = None, stream: bool = False, output_logits: bool = False,
+             runtime: Runtime | None = None):
+    """Generate continuations of token-id prompts.
+
+    prompts: token-id lists (ragged; image placeholders expanded to image_seq_len ids each);
+    images: [N, 3, H, W] pixels for all placeholder runs of all prompts, in order (or None);
+    stop_token_ids: None = the checkpoint's EOS; [] = never stop early. Prompt i samples with
+    seed ``seed + i`` (so its output does not depend on the rest of the batch).
+    Returns a list of ``GenerationOutput`` (``.tokens`` new tokens, stop token excluded;
+    ``.finish_reason`` "stop" | "length"; ``.logits`` [steps, V] when ``output_logits``), or with
+    ``stream=True`` an iterator of ``TokenEvent``s as tokens are produced.
+    Raises ValueError for invalid prompts, images or settings; RuntimeError if the model fails.
+    """
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise ValueError("prompts must be a non-empty list of token-id lists")
+    per_prompt = split_images(model, prompts, images)
+    if stop_token_ids is None:
+        eos = model.config.text.eos_token_id
+        stop_token_ids = [] if eos is None else [eos]
+    rt = runtime or default_runtime(model)
+    if rt.has_work:
+        raise RuntimeError("the runtime is busy (an earlier streaming generate was not exhausted or closed)")
+    reqs = []
+    try:
+        for i, (p, pix) in enumerate(zip(prompts, per_prompt, strict=True)):
+            params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
+                                    top_p=float(top_p), top_k=int(top_k),
+                                    repetition_penalty=float(repetition_penalty),
+                                    stop_token_ids=tuple(int(t) for t in stop_token_ids),
+                                    seed=None if seed is None else seed + i)
+            reqs.append(rt.submit(list(p), pixel_values=pix, params=params, keep_logits=output_logits))
+    except BaseException:
+        for r in reqs:
+            rt.cancel(r)
+        raise
+    events = _drive(rt, reqs)
+    if stream:
+        return events
+    for _ in events:
+        pass
+    return [r.output() for r in reqs]
+
+
+def _drive(rt: Runtime, reqs: list[Request]) -> Iterator[TokenEvent]:
+    index = {id(r): i for i, r in enumerate(reqs)}
+    try:
+        while any(not r.finished for r in reqs):
+            for ev in rt.step():
+                if ev.finish_reason == "error":
+                    raise RuntimeError(f"generation failed: {ev.request.error}")
+                yield TokenEvent(index[id(ev.request)], ev.token, ev.finish_reason)
+    finally:  # a closed stream frees what it still holds
+        for r in reqs:
+            rt.cancel(r)
