@@ -149,7 +149,7 @@ def varlen_attention_ref(q, k, v, cu_seqlens, causal=True, *, scale=None) -> tor
     out = torch.empty_like(q)
     rep = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
-    for s, e in zip(bounds[:-1], bounds[1:]):
+    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         if e == s:
             continue
         # 4-D inputs: CPU SDPA takes its fast flash path only with a batch dimension (~7x).

@@ -372,6 +372,7 @@ def atomic_dir(out_dir: str, write) -> None:
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
     try:
+        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the published checkpoint private
         write(tmp)
         for name in os.listdir(tmp):
             full = os.path.join(tmp, name)

@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
+from helpers import assert_close_rule
 
 from engine.attention import available_backends, resolve_backend, varlen_attention
 from engine.model import pack_cu_seqlens
-from helpers import assert_close_rule
 
 
 def dense_truth(q, k, v, lengths, causal):

@@ -60,7 +60,8 @@ def test_unsupported_text_field_is_named(field, value):
 
 
 def test_original_llava_config(tmp_path):
-    d = {**hf_dict()["text_config"], "model_type": "llava_llama", "mm_vision_tower": "openai/clip-vit-large-patch14-336",
+    d = {**hf_dict()["text_config"], "model_type": "llava_llama",
+         "mm_vision_tower": "openai/clip-vit-large-patch14-336",
          "mm_projector_type": "linear", "mm_vision_select_layer": -1, "mm_vision_select_feature": "cls_patch",
          "mm_hidden_size": 1024}
     (tmp_path / "config.json").write_text(json.dumps(d))

@@ -5,10 +5,10 @@ HF models are built from tiny random configs, saved with ``save_pretrained`` and
 """
 import pytest
 import torch
+from helpers import rel_err
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 import engine
-from helpers import rel_err
 
 VOCAB, IMAGE_TOKEN, IMG = 120, 119, 28  # image 28 px, patch 14 → 4 patches (+1 class token)
 
@@ -36,7 +36,7 @@ def prompts(seq_len: int, *, n_images=(0, 1, 2), lengths=(7, 12, 9), seed=1):
     """One sequence per entry: random text with ``n`` image placeholder runs spread inside."""
     g = torch.Generator().manual_seed(seed)
     seqs = []
-    for n, length in zip(n_images, lengths):
+    for n, length in zip(n_images, lengths, strict=True):
         ids = torch.randint(0, IMAGE_TOKEN, (length,), generator=g).tolist()
         for i in range(n):
             at = min(len(ids), 1 + i * 3)

@@ -5,12 +5,12 @@ import os
 
 import pytest
 import torch
+from helpers import rel_err
 from safetensors.torch import load_file, save_file
 from test_parity import IMAGE_TOKEN, IMG, VOCAB, hf_model, pad, prompts
 
 import engine
 from engine import weights
-from helpers import rel_err
 
 
 @pytest.fixture

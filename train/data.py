@@ -14,7 +14,7 @@ import json
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
@@ -96,6 +96,11 @@ def _validate(rec, index: int, image_folder: str | None) -> tuple[str, str | Non
     full = os.path.join(image_folder or "", image)
     if not os.path.isfile(full):
         raise BadRecord(f"record {rid}: image file {full} does not exist")
+    try:   # the header only (no decoding): catches files that are not images before training starts
+        with Image.open(full) as img:
+            img.size  # noqa: B018
+    except (OSError, ValueError) as e:
+        raise BadRecord(f"record {rid}: cannot read image {full} ({e})") from e
     return rid, full
 
 
@@ -129,7 +134,7 @@ def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, im
                 raise BadRecord(f"record {rid}: {e}") from e
         except BadRecord as e:
             if on_bad_record == "error":
-                raise
+                raise BadRecord(f"{path}: {e}") from e
             report.skipped[str(rec.get("id", f"#{i}")) if isinstance(rec, dict) else f"#{i}"] = str(e)
             continue
         ids, labels = tok.input_ids, tok.labels
@@ -247,11 +252,13 @@ def collate(samples: list[Sample], *, image_size: int, image_mode: str = "pad") 
                       max_len, torch.stack(pixels) if pixels else None, [s.id for s in samples])
 
 
-def empty_micro_batch(pad_id: int = 0) -> MicroBatch:
-    """A one-token batch with no target: keeps ranks' collective calls in step when one rank has
-    fewer micro-batches than another. It contributes nothing to loss or gradients."""
-    cu, pos, _ = pack_cu_seqlens([1])
-    return MicroBatch(torch.tensor([pad_id]), torch.tensor([IGNORE_INDEX]), cu, pos, 1, None, [])
+def padding_micro_batch(sample: Sample, *, image_size: int, image_mode: str = "pad") -> MicroBatch:
+    """``sample`` with no target and no id: keeps ranks' collective calls in step when one rank
+    has fewer micro-batches than another; it contributes nothing to loss or gradients. A real
+    sample of the step (not a one-token stub) so the rank runs the same modules as the others:
+    FSDP reduce-scatters only parameters that received a gradient (the projector needs an image)."""
+    mb = collate([sample], image_size=image_size, image_mode=image_mode)
+    return replace(mb, targets=torch.full_like(mb.targets, IGNORE_INDEX), ids=[])
 
 
 class StepDataset(torch.utils.data.Dataset):
@@ -279,7 +286,10 @@ class StepDataset(torch.utils.data.Dataset):
         most = max(len(StepDataset.micro_batch_groups(self._as_rank(r), step)) for r in range(self.world))
         mbs = [collate([self.samples[i] for i in g], image_size=self.image_size, image_mode=self.image_mode)
                for g in groups]
-        mbs += [empty_micro_batch() for _ in range(most - len(mbs))]
+        if len(mbs) < most:   # steps are single-modality, so the step's first sample matches the others
+            pad = padding_micro_batch(self.samples[self.steps[step][0]], image_size=self.image_size,
+                                      image_mode=self.image_mode)
+            mbs += [pad] * (most - len(mbs))
         return step, mbs
 
     def _as_rank(self, r):

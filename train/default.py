@@ -25,7 +25,7 @@ from PIL import Image
 
 import kernels
 from engine.config import LlavaConfig, TextConfig, VisionConfig
-from engine.conversation import get_template, generation_prompt
+from engine.conversation import generation_prompt, get_template
 from engine.image import preprocess
 from engine.model import Llava
 from train.data import load_samples
@@ -68,7 +68,8 @@ def caption_records(captions_jsonl: str, out: str) -> str:
     return out
 
 
-def mc_accuracy(model: Llava, tokenizer, records: list[dict], image_folder: str, *, batch: int = 64) -> tuple[float, float]:
+def mc_accuracy(model: Llava, tokenizer, records: list[dict], image_folder: str, *,
+                batch: int = 64) -> tuple[float, float]:
     """Greedy answers to multiple-choice records → (accuracy, chance)."""
     from engine.generate import generate
 
@@ -86,7 +87,7 @@ def mc_accuracy(model: Llava, tokenizer, records: list[dict], image_folder: str,
                 pixels.append(preprocess(img.convert("RGB"), size=size, mode="pad"))
         outs = generate(model, prompts, images=torch.stack(pixels), max_new_tokens=3,
                         stop_token_ids=[tokenizer.eos_token_id])
-        for r, out in zip(chunk, outs):
+        for r, out in zip(chunk, outs, strict=True):
             text = tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
             options = re.findall(r"^[A-D]\. ", r["conversations"][0]["value"], flags=re.M)
             chance += 1.0 / len(options)

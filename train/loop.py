@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -109,11 +110,18 @@ def setup_distributed(device: torch.device) -> None:
 
 
 def shard_model(model) -> None:
-    """FSDP2: each decoder block and vision block its own unit, the root last."""
-    from torch.distributed.fsdp import fully_shard
-    for block in list(model.decoder.layers) + list(model.vision.layers):
+    """FSDP2: each decoder block its own unit, the root (everything else) last.
+
+    The frozen vision tower stays in the root unit: a rank whose micro-batch has no image skips
+    the tower, so per-block vision units would issue all-gathers the other ranks do not match.
+    The loop calls ``model.forward_packed``, not ``model()``: it is registered so the root unit
+    is gathered for it as it would be for ``forward``.
+    """
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for block in model.decoder.layers:
         fully_shard(block)
     fully_shard(model)
+    register_fsdp_forward_method(model, "forward_packed")
 
 
 def rng_state() -> dict:
@@ -128,6 +136,14 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def remove_stale_temporaries(output: str) -> None:
+    """Delete the temporary directories of checkpoint writes that a killed run left behind
+    (``atomic_dir`` names them ``.NAME.tmp-*``); they never hold a complete checkpoint."""
+    for pattern in (os.path.join("checkpoints", ".step-*.tmp-*"), ".final.tmp-*"):
+        for path in glob.glob(os.path.join(output, pattern)):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_checkpoint(output: str) -> str | None:
@@ -190,7 +206,7 @@ def evaluate(model, dataset: StepDataset, cfg: LoopConfig, autocast, device) -> 
             _, mbs = dataset[k]
             for mb in mbs:
                 n = mb.num_targets
-                if n == 0:
+                if n == 0 and not dist.is_initialized():   # ranks must run the same collectives
                     continue
                 _, s = micro_loss(model, mb.to(device), n, cfg, autocast)
                 total, count = total + float(s), count + n
@@ -228,6 +244,8 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, total, cfg.warmup_ratio))
 
     os.makedirs(cfg.output, exist_ok=True)
+    if rank == 0:
+        remove_stale_temporaries(cfg.output)
     metrics_path = os.path.join(cfg.output, "metrics.jsonl")
     first = 0
     ckpt = latest_checkpoint(cfg.output) if resume else None
@@ -238,7 +256,8 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
         os.remove(metrics_path)
     if rank == 0:
         effective = {"run": run_config or {}, "loop": dataclasses.asdict(cfg), "world_size": world,
-                     "device": str(device), "kernels": kernels.dispatch.describe(device, None if cfg.fused else "torch"),
+                     "device": str(device),
+                     "kernels": kernels.dispatch.describe(device, None if cfg.fused else "torch"),
                      "total_steps": total, "resumed_from": ckpt}
         print(json.dumps({"effective_config": effective}, default=str), flush=True)
 
@@ -254,7 +273,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     progress = Progress(total, cfg.progress)
     last_loss, interrupted, step = None, False, first - 1
     with StopFlag() as stop:
-        for epoch, (start, plan) in enumerate(zip(_epoch_starts(plans), plans)):
+        for epoch, (start, plan) in enumerate(zip(_epoch_starts(plans), plans, strict=True)):
             if start + len(plan) <= first or start >= total:
                 continue
             ds = StepDataset(samples, plan, max_tokens=cfg.max_tokens_per_batch, image_size=image_size,
@@ -317,12 +336,15 @@ def _train_step(model, opt, sched, params, mbs, num_targets: int, cfg: LoopConfi
     model.train()
     loss_sum = torch.zeros((), dtype=torch.float64)
     tokens = 0
+    # FSDP2 averages gradients over ranks, but each rank's loss is already its share of the
+    # global mean (normalised by the global target count): undo the average so they add up.
+    grad_scale = rank_world()[1]
     for mb in mbs:
         mb = mb.to(device)
         loss, _ = micro_loss(model, mb, num_targets, cfg, autocast)
-        loss.backward()
+        (loss * grad_scale if grad_scale > 1 else loss).backward()
         loss_sum += loss.detach().double().cpu()
-        tokens += int(mb.input_ids.numel())
+        tokens += int(mb.input_ids.numel()) if mb.ids else 0   # padding micro-batches are not data
     with nvtx_range("optimizer", cfg.nvtx):
         grad_norm = _clip(params, cfg.max_grad_norm)
         lr = sched.get_last_lr()[0]
