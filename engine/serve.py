@@ -443,14 +443,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default="vicuna_v1")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
-    p.add_argument("--max-tokens-limit", type=int, default=2048)
+    p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
+    p.add_argument("--default-max-tokens", type=int, default=None,
+                   help="max_tokens when a request gives none (default: min(256, --max-tokens-limit))")
     p.add_argument("--max-images", type=int, default=4)
     p.add_argument("--max-body-bytes", type=int, default=32 << 20)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--image-root", default=None, help="only read local images under this directory")
     args = p.parse_args(argv)
-    cfg = ServerConfig(**{k: v for k, v in vars(args).items()})
+    if args.default_max_tokens is None:
+        args.default_max_tokens = min(256, args.max_tokens_limit)
+    try:
+        cfg = ServerConfig(**vars(args))
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log.info("config %s", json.dumps(dataclasses.asdict(cfg)))
     server = build_server(cfg)
