@@ -63,6 +63,10 @@ class VisionTower(nn.Module):
         self.pre_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)
         self.layers = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.num_layers))
         self.post_norm = nn.LayerNorm(d, eps=cfg.layer_norm_eps)  # kept for export; LLaVA never uses it
+        # CLIP's initialisation (std 0.02): nn.Embedding's N(0, 1) position rows would drown the patch
+        # content of a randomly initialised tower (the embedded default trains with one, frozen).
+        nn.init.normal_(self.patch_embed.weight, std=0.02)
+        nn.init.normal_(self.pos_embed.weight, std=0.02)
 
     def forward(self, pixel_values: torch.Tensor, feature_layers: tuple[int, ...], strategy: str) -> torch.Tensor:
         """``pixel_values`` [N, 3, H, W] → features [N, P or P+1, Dv × len(feature_layers)].

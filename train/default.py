@@ -40,6 +40,8 @@ class DefaultSizes:
     image_size: int = 32
     stage1_steps: int = 40
     stage2_epochs: int = 3
+    mc_per_image: int = 3
+    stage2_lr: float = 1e-3
     global_batch: int = 32
     max_tokens_per_batch: int = 4096
 
@@ -112,7 +114,7 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
               f"kernels on this device: {kernels.dispatch.describe(dev)}", flush=True)
     data_dir, tok_dir = os.path.join(output, "data"), os.path.join(output, "tokenizer")
     data = make_default_instruct(data_dir, num_train=sizes.num_train, num_test=sizes.num_test,
-                                 image_size=sizes.image_size, seed=seed)
+                                 image_size=sizes.image_size, seed=seed, mc_per_image=sizes.mc_per_image)
     stage1_data = caption_records(os.path.join(data_dir, "captions.jsonl"), os.path.join(data_dir, "stage1.json"))
     stage2_data = os.path.join(data_dir, "stage2.json")
     with open(data["instruct"]) as f, open(data["train_mc"]) as g:
@@ -130,7 +132,7 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
     summary = {}
     for stage, path, template, lr, epochs, steps in (
             (1, stage1_data, "plain", 1e-3, 1, sizes.stage1_steps),
-            (2, stage2_data, "vicuna_v1", 1e-3, sizes.stage2_epochs, None)):
+            (2, stage2_data, "vicuna_v1", sizes.stage2_lr, sizes.stage2_epochs, None)):
         samples, report = load_samples(path, tokenizer, template=template, **kw)
         freeze_for_stage(model, stage)
         loop = LoopConfig(output=os.path.join(output, f"stage{stage}"), lr=lr, global_batch=sizes.global_batch,

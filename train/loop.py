@@ -283,9 +283,9 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                                                  persistent_workers=False)
             t0 = time.time()
             for index, mbs in loader:
-                step = start + index
-                if step >= total:
+                if start + index >= total:
                     break
+                step = start + index
                 m = _train_step(model, opt, sched, params, mbs, count_targets(samples, plan[index]), cfg,
                                 autocast, device)
                 m.update(step=step + 1, epoch=epoch, time_s=time.time() - t0)

@@ -167,7 +167,7 @@ def _atomic_write(path: str, text: str) -> None:
 
 
 def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
-                        seed: int = 0, max_objects: int = 3) -> ShapesPaths:
+                        seed: int = 0, max_objects: int = 3, mc_per_image: int = 1) -> ShapesPaths:
     """Write the shapes dataset under ``out_dir`` (created if needed) and return its paths.
 
     Deterministic in (``num_train``, ``num_test``, ``image_size``, ``seed``, ``max_objects``):
@@ -178,6 +178,8 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
         raise ValueError(f"num_train and num_test must be >= 0, got {num_train}, {num_test}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
+    if mc_per_image < 1:
+        raise ValueError(f"mc_per_image must be >= 1, got {mc_per_image}")
     if not 1 <= max_objects <= 3:
         raise ValueError(f"max_objects must be in 1..3 (options of the count question), got {max_objects}")
     for split in ("train", "test"):
@@ -185,6 +187,7 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
     records, train_mc, test_mc = [], [], []
     for split, count, out in (("train", num_train, train_mc), ("test", num_test, test_mc)):
         rng = random.Random(f"shapes:{seed}:{split}")
+        extra = random.Random(f"shapes:{seed}:{split}:extra-questions")
         for i in range(count):
             scene = make_scene(rng, size=image_size, max_objects=max_objects)
             image = f"{split}/{i:06d}.png"
@@ -192,6 +195,10 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
             sample_id = f"shapes-{split}-{i:06d}"
             question, options, answer = multiple_choice(scene, rng)
             out.append(_mc_record(sample_id, image, question, options, answer))
+            if split == "train":  # extra training questions come from their own stream: scenes stay the same
+                for j in range(1, mc_per_image):
+                    question, options, answer = multiple_choice(scene, extra)
+                    out.append(_mc_record(f"{sample_id}-q{j}", image, question, options, answer))
             if split == "train":
                 records.append({"id": sample_id, "image": image, "width": image_size, "height": image_size,
                                 "captions": scene_captions(scene),
@@ -207,7 +214,7 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
 
 
 def make_default_instruct(out_dir: str, *, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
-                          seed: int = 0, preset: str = "full") -> dict[str, str]:
+                          seed: int = 0, preset: str = "full", mc_per_image: int = 1) -> dict[str, str]:
     """The embedded default's data in one call: shapes → offline teacher (3 kinds) → mixed LLaVA JSON.
 
     Returns ``{"image_folder", "instruct", "train_mc", "test_mc", "conversation", "detail", "complex"}``
@@ -220,7 +227,7 @@ def make_default_instruct(out_dir: str, *, num_train: int = 2000, num_test: int 
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     paths = make_shapes_dataset(out_dir, num_train=num_train, num_test=num_test, image_size=image_size,
-                                seed=seed)
+                                seed=seed, mc_per_image=mc_per_image)
     out = {"image_folder": out_dir, "train_mc": paths.train_mc, "test_mc": paths.test_mc}
     datasets = {}
     for kind in KINDS:
