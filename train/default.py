@@ -39,7 +39,7 @@ class DefaultSizes:
     num_test: int = 200
     image_size: int = 32
     stage1_steps: int = 40
-    stage2_epochs: int = 3
+    stage2_epochs: int = 6
     mc_per_image: int = 3
     stage2_lr: float = 1e-3
     global_batch: int = 32
@@ -103,7 +103,7 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
     from transformers import AutoTokenizer
 
     from engine.tokenizer import build_tiny_tokenizer
-    from train.shapes import make_default_instruct
+    from train.shapes import image_blind_accuracy, make_default_instruct
     from train.stage import freeze_for_stage
 
     sizes = sizes or DefaultSizes()
@@ -148,10 +148,12 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
         test = json.load(f)
     model.eval()
     acc, chance = mc_accuracy(model, tokenizer, test, data_dir)
-    summary.update(accuracy=acc, chance=chance, test_questions=len(test), seconds=round(time.time() - t0, 1),
-                   model=os.path.join(output, "stage2", "final"))
-    print(f"held-out multiple-choice accuracy: {acc:.1%} on {len(test)} questions (chance {chance:.1%}); "
-          f"{summary['seconds']} s", flush=True)
+    with open(data["train_mc"]) as f:
+        blind = image_blind_accuracy(json.load(f), test)
+    summary.update(accuracy=acc, chance=chance, image_blind_best=blind, test_questions=len(test),
+                   seconds=round(time.time() - t0, 1), model=os.path.join(output, "stage2", "final"))
+    print(f"held-out multiple-choice accuracy: {acc:.1%} on {len(test)} questions (chance {chance:.1%}; "
+          f"best answer per question without the image {blind:.1%}); {summary['seconds']} s", flush=True)
     with open(os.path.join(output, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
     return summary

@@ -21,12 +21,13 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections import Counter
 from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
 __all__ = ["COLORS", "SHAPES", "BACKGROUNDS", "ShapesPaths", "Scene", "Shape", "make_scene", "render_scene",
-           "scene_captions", "multiple_choice", "make_shapes_dataset", "make_default_instruct"]
+           "scene_captions", "multiple_choice", "image_blind_accuracy", "make_shapes_dataset", "make_default_instruct"]
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -144,9 +145,29 @@ def multiple_choice(scene: Scene, rng: random.Random) -> tuple[str, list[str], i
             kind = "count"
     if kind == "count":
         question, answer, pool = "How many shapes are in the image?", str(len(scene.shapes)), list("1234")
+    # Options keep one fixed order per question kind (as ScienceQA's do): the embedded default's tiny
+    # decoder then has to read the answer from the image, not also learn to search a shuffled list,
+    # which it cannot in its CPU budget. ``image_blind_accuracy`` measures what answering without the image gets.
     options = list(pool)
-    rng.shuffle(options)
     return question, options, options.index(answer)
+
+
+def image_blind_accuracy(train: list[dict], test: list[dict]) -> float:
+    """Accuracy on ``test`` of the best policy that never looks at the image: for each question text,
+    the answer letter most common for it in ``train`` (the overall most common letter for texts
+    ``train`` lacks)."""
+    by_question: dict[str, Counter] = {}
+    overall: Counter = Counter()
+    for r in train:
+        answer = r["conversations"][1]["value"]
+        by_question.setdefault(r["conversations"][0]["value"], Counter())[answer] += 1
+        overall[answer] += 1
+    fallback = overall.most_common(1)[0][0] if overall else "A"
+    hits = 0
+    for r in test:
+        counts = by_question.get(r["conversations"][0]["value"])
+        hits += (counts.most_common(1)[0][0] if counts else fallback) == r["conversations"][1]["value"]
+    return hits / max(len(test), 1)
 
 
 def _mc_record(sample_id: str, image: str, question: str, options: list[str], answer: int) -> dict:
