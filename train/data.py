@@ -11,7 +11,6 @@ Resuming at step k therefore only needs k.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from dataclasses import dataclass, field, replace
@@ -301,7 +300,3 @@ class StepDataset(torch.utils.data.Dataset):
 def count_targets(samples: list[Sample], indices: list[int]) -> int:
     """Target tokens of a step over all ranks (the loss normaliser), without collectives."""
     return sum(sum(1 for x in samples[i].labels[1:] if x != IGNORE_INDEX) for i in indices)
-
-
-def steps_per_epoch(n_samples: int, global_batch: int) -> int:
-    return math.ceil(n_samples / global_batch)
