@@ -306,9 +306,18 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None or not length.isdigit():
             raise BadRequest("a Content-Length header is required", 411)
-        if int(length) > self.server.cfg.max_body_bytes:
-            raise BadRequest(f"request body of {length} bytes exceeds the limit of "
-                             f"{self.server.cfg.max_body_bytes}", 413)
+        limit = self.server.cfg.max_body_bytes
+        if int(length) > limit:
+            # Read and drop a moderately oversized body before answering: closing the socket with
+            # unread data makes the client's send fail (EPIPE/reset) before it can read the 413.
+            left = int(length) if int(length) <= 4 * limit else 0
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+            self.close_connection = True
+            raise BadRequest(f"request body of {length} bytes exceeds the limit of {limit}", 413)
         raw = self.rfile.read(int(length))
         try:
             body = json.loads(raw)
