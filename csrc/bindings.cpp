@@ -295,10 +295,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_lm_loss_cuda(
     const Tensor h_c = hidden.index_select(0, rows);  // [R, D] target rows only
     const Tensor tg_c = tg.index_select(0, rows);
     const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(R, kLogitsChunkBytes / (V * hidden.element_size())));
-    const int64_t nchunks = (R + chunk - 1) / chunk;
-    // Several chunks add into dW: in bf16/fp16 accumulate them in fp32 so the sum is rounded once.
-    const bool acc32 = need_dw && nchunks > 1 && dt != at::kFloat;
-    Tensor d_head32 = acc32 ? at::zeros({V, D}, f32) : Tensor();
+    // Several chunks add into dW with addmm_ in the element type: cuBLAS adds each chunk's fp32 product to
+    // the running sum and rounds once per chunk. (An fp32 side buffer fed by at::mm in bf16 - the earlier
+    // version - rounded each chunk's product to bf16 first, then the sum again: one rounding more, and
+    // V*D*6 bytes more memory.)
     for (int64_t r0 = 0; r0 < R; r0 += chunk) {
       const int64_t nr = std::min(chunk, R - r0);
       const Tensor hc = h_c.narrow(0, r0, nr);
@@ -310,15 +310,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_lm_loss_cuda(
                                    nr, V, code, /*write_grad=*/need_dh || need_dw, stream));
       // logits now hold d loss / d logits for these rows
       if (need_dh) d_hidden.index_copy_(0, rows_c, at::mm(logits, W));
-      if (need_dw) {
-        if (acc32) {
-          d_head32.add_(at::mm(logits.t(), hc));
-        } else {
-          d_head.addmm_(logits.t(), hc);
-        }
-      }
+      if (need_dw) d_head.addmm_(logits.t(), hc);
     }
-    if (acc32) d_head.copy_(d_head32);
   }
   Tensor loss = at::empty({}, f32);
   Tensor seq_sum = at::empty({B}, f32);

@@ -249,9 +249,11 @@ using namespace llava;
 extern "C" cudaError_t llava_gemm_bias_act(const void* A, const void* B, const void* bias, void* C, void* Cpre,
                                            int64_t M, int64_t N, int64_t K, int dtype, int act,
                                            cudaStream_t stream) {
-  if (M < 0 || N < 0 || K <= 0 || A == nullptr || B == nullptr || C == nullptr || (act != 0 && act != 1))
-    return cudaErrorInvalidValue;
+  // Sizes first, pointers after the empty-output return: torch gives numel-0 tensors a null data_ptr, so
+  // an N = 0 projector call (no image rows) must succeed with null pointers.
+  if (M < 0 || N < 0 || K <= 0 || (act != 0 && act != 1)) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
+  if (A == nullptr || B == nullptr || C == nullptr) return cudaErrorInvalidValue;
   if (ceil_div(M, BM) > 65535 || ceil_div(N, BN) > INT_MAX) return cudaErrorInvalidValue;
   switch (dtype) {
     case LLAVA_F16: return launch_gemm<__half>(A, B, bias, C, Cpre, M, N, K, act, stream);
@@ -261,8 +263,9 @@ extern "C" cudaError_t llava_gemm_bias_act(const void* A, const void* B, const v
 }
 
 extern "C" cudaError_t llava_gelu_fwd(const void* h, void* a, int64_t n, int dtype, cudaStream_t stream) {
-  if (n < 0 || h == nullptr || a == nullptr) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
+  if (n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;  // before the pointer check: empty tensors have null data pointers
+  if (h == nullptr || a == nullptr) return cudaErrorInvalidValue;
   LLAVA_DISPATCH(dtype, {
     const bool vec = n % Vec<scalar_t>::N == 0 && aligned16(h) && aligned16(a);
     const auto* hp = static_cast<const scalar_t*>(h);
@@ -279,8 +282,9 @@ extern "C" cudaError_t llava_gelu_fwd(const void* h, void* a, int64_t n, int dty
 
 extern "C" cudaError_t llava_gelu_bwd(const void* h, void* grad, void* a_out, int64_t n, int dtype,
                                       cudaStream_t stream) {
-  if (n < 0 || h == nullptr || grad == nullptr) return cudaErrorInvalidValue;
-  if (n == 0) return cudaSuccess;
+  if (n < 0) return cudaErrorInvalidValue;
+  if (n == 0) return cudaSuccess;  // before the pointer check: empty tensors have null data pointers
+  if (h == nullptr || grad == nullptr) return cudaErrorInvalidValue;
   LLAVA_DISPATCH(dtype, {
     const bool vec = n % Vec<scalar_t>::N == 0 && aligned16(h) && aligned16(grad) &&
                      (a_out == nullptr || aligned16(a_out));

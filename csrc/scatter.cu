@@ -137,9 +137,11 @@ using namespace llava;
 
 extern "C" cudaError_t llava_mark_image_rows(const int64_t* positions, int64_t M, int32_t* img_idx, int64_t T,
                                              cudaStream_t stream) {
-  if (M < 0 || T < 0 || M > INT_MAX || (M > 0 && (positions == nullptr || img_idx == nullptr)))
-    return cudaErrorInvalidValue;
+  // Pointers are checked after the empty-size return in every launcher here: torch gives numel-0
+  // tensors a null data_ptr (e.g. T = 0, or D = 0), and those calls must be no-ops, not errors.
+  if (M < 0 || T < 0 || M > INT_MAX) return cudaErrorInvalidValue;
   if (M == 0 || T == 0) return cudaSuccess;
+  if (positions == nullptr || img_idx == nullptr) return cudaErrorInvalidValue;
   mark_image_rows_kernel<<<ew_grid(M), EW_THREADS, 0, stream>>>(positions, M, img_idx, T);
   return cudaGetLastError();
 }
@@ -147,9 +149,11 @@ extern "C" cudaError_t llava_mark_image_rows(const int64_t* positions, int64_t M
 extern "C" cudaError_t llava_scatter_rows(const int64_t* ids, const void* embed, const void* image_rows,
                                           const int32_t* img_idx, void* out, int64_t T, int64_t D, int64_t V,
                                           int dtype, cudaStream_t stream) {
-  if (T < 0 || D < 0 || V < 0 || ids == nullptr || embed == nullptr || img_idx == nullptr || out == nullptr)
-    return cudaErrorInvalidValue;
+  if (T < 0 || D < 0 || V < 0) return cudaErrorInvalidValue;
   if (T == 0 || D == 0) return cudaSuccess;
+  // embed may be null only for an empty table (V = 0: every text row is then a NaN row)
+  if (ids == nullptr || (V > 0 && embed == nullptr) || img_idx == nullptr || out == nullptr)
+    return cudaErrorInvalidValue;
   LLAVA_DISPATCH(dtype, {
     const auto* e = static_cast<const scalar_t*>(embed);
     const auto* im = static_cast<const scalar_t*>(image_rows);
@@ -167,9 +171,9 @@ extern "C" cudaError_t llava_scatter_rows(const int64_t* ids, const void* embed,
 
 extern "C" cudaError_t llava_gather_rows(const void* src, const int64_t* idx, void* dst, int64_t M, int64_t D,
                                          int64_t nsrc, int dtype, cudaStream_t stream) {
-  if (M < 0 || D < 0 || nsrc < 0 || (M > 0 && (idx == nullptr || dst == nullptr)) || (nsrc > 0 && src == nullptr))
-    return cudaErrorInvalidValue;
+  if (M < 0 || D < 0 || nsrc < 0) return cudaErrorInvalidValue;
   if (M == 0 || D == 0) return cudaSuccess;
+  if (idx == nullptr || dst == nullptr || (nsrc > 0 && src == nullptr)) return cudaErrorInvalidValue;
   LLAVA_DISPATCH(dtype, {
     const auto* s = static_cast<const scalar_t*>(src);
     auto* d = static_cast<scalar_t*>(dst);
@@ -185,9 +189,9 @@ extern "C" cudaError_t llava_gather_rows(const void* src, const int64_t* idx, vo
 
 extern "C" cudaError_t llava_embed_grad_keys(const int64_t* ids, const int32_t* img_idx, int64_t* keys, int64_t T,
                                              int64_t V, cudaStream_t stream) {
-  if (T < 0 || V < 0 || (T > 0 && (ids == nullptr || img_idx == nullptr || keys == nullptr)))
-    return cudaErrorInvalidValue;
+  if (T < 0 || V < 0) return cudaErrorInvalidValue;
   if (T == 0) return cudaSuccess;
+  if (ids == nullptr || img_idx == nullptr || keys == nullptr) return cudaErrorInvalidValue;
   embed_grad_keys_kernel<<<ew_grid(T), EW_THREADS, 0, stream>>>(ids, img_idx, keys, T, V);
   return cudaGetLastError();
 }
@@ -195,10 +199,9 @@ extern "C" cudaError_t llava_embed_grad_keys(const int64_t* ids, const int32_t* 
 extern "C" cudaError_t llava_segment_sum_rows(const void* grad, const int64_t* sorted_keys, const int64_t* perm,
                                               void* out, int64_t T, int64_t D, int64_t V, int dtype,
                                               cudaStream_t stream) {
-  if (T < 0 || D < 0 || V < 0 ||
-      (T > 0 && (grad == nullptr || sorted_keys == nullptr || perm == nullptr || out == nullptr)))
-    return cudaErrorInvalidValue;
-  if (T == 0 || D == 0) return cudaSuccess;
+  if (T < 0 || D < 0 || V < 0) return cudaErrorInvalidValue;
+  if (T == 0 || D == 0 || V == 0) return cudaSuccess;  // V = 0: every key is the skipped sentinel
+  if (grad == nullptr || sorted_keys == nullptr || perm == nullptr || out == nullptr) return cudaErrorInvalidValue;
   LLAVA_DISPATCH(dtype, {
     const auto* g = static_cast<const scalar_t*>(grad);
     auto* o = static_cast<scalar_t*>(out);
