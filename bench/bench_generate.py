@@ -19,6 +19,7 @@ with the measured copy bandwidth (``2 · bytes / time`` of a large ``copy_``).
 """
 from __future__ import annotations
 
+import gc
 import random
 import time
 
@@ -74,12 +75,25 @@ def build(name: str):
                                                         dtype=v["dtype"]).eval()
     hf.generation_config.eos_token_id = None          # never stop early: both run the asked lengths
     hf.generation_config.pad_token_id = 0
-    # the same tensors: assign_state keeps tensors already on the right device and dtype
-    ours = assign_state(new_model(cfg), rename(hf.state_dict(), HF_LLAVA, "hf"), "hf").eval()
+    # the same tensors: assign_state's .to(device, dtype) returns a tensor already there unchanged (without
+    # device= it would move everything to the CPU: a 7B model decoding on the host)
+    ours = assign_state(new_model(cfg), rename(hf.state_dict(), HF_LLAVA, "hf"), "hf", dtype=v["dtype"],
+                        device=v["device"]).eval()
+    assert ours.decoder.embed.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
     rt = Runtime(ours, RuntimeConfig(max_batch=32, max_prefill_tokens=1 << 20,
                                      kv_cache_bytes=kv_bytes_per_token(cfg, v["dtype"]) * 32 * 1024))
     _CACHE[name] = (ours, hf, rt, cfg)
     return _CACHE[name]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _free_models():
+    """The 7B-shaped pair, its 16 GiB KV cache and graph pool must not stay resident for later suites."""
+    yield
+    _CACHE.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def kv_bytes_per_token(cfg: LlavaConfig, dtype) -> int:

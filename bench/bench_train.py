@@ -256,7 +256,8 @@ def test_stage2_step_llava15_1b(benchmark, tmp_path):
             extra={**common, "tokens_per_s": tokens / (ms * 1e-3), "mfu": mfu(ms),
                    "abs_peak_mem_mb": abs_peak, "mem_vs_transformers": peak / hf_peak if hf_peak else None,
                    "loss_check": mine,
-                   "kernels": kernels.dispatch.describe(dev), "attention": resolve_backend(dev, None),
+                   "kernels": kernels.dispatch.describe(dev),
+                   "attention": resolve_backend(dev, None, torch.bfloat16, cfg.text.head_dim),
                    "seconds_total": round(time.time() - t_start, 1)}),
     ]
     save(SUITE, rows)

@@ -10,7 +10,10 @@ sequence only. Backends, in the order ``auto`` tries them:
 3. ``xformers``     — ``BlockDiagonalCausalMask`` (CUDA, when importable);
 4. ``sdpa``         — per-sequence ``scaled_dot_product_attention``: the reference and the CPU path.
 
-The choice can be forced with ``backend=`` or ``LLAVA_ATTENTION_BACKEND``.
+The choice can be forced with ``backend=`` or ``LLAVA_ATTENTION_BACKEND``. ``auto`` skips the two
+FlashAttention backends for inputs they cannot take (float32, head dims that are not a multiple of 8
+or above 256). Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as autocast
+does for ``scaled_dot_product_attention`` (q/k may arrive in float32 after RoPE while v is bf16).
 """
 from __future__ import annotations
 
@@ -51,27 +54,43 @@ def _xformers():
     return fmha
 
 
-def available_backends(device: torch.device) -> list[str]:
-    """Backends that can run on ``device``, in preference order."""
+# The FlashAttention kernels (flash_attn and torch's varlen_attn, which calls aten's copy of FA2) take
+# only half precision and head dims that are multiples of 8 up to 256.
+_FLASH = ("flash_attn", "torch_varlen")
+
+
+def _flash_can_take(dtype: torch.dtype | None, head_dim: int | None) -> bool:
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return head_dim is None or (head_dim % 8 == 0 and head_dim <= 256)
+
+
+def available_backends(device: torch.device, dtype: torch.dtype | None = None,
+                       head_dim: int | None = None) -> list[str]:
+    """Backends that can run on ``device`` (and, when given, ``dtype`` / ``head_dim``), in preference order."""
     found = []
     if device.type == "cuda":
         for name, probe in (("flash_attn", _flash_attn), ("torch_varlen", _torch_varlen),
                             ("xformers", _xformers)):
-            if probe() is not None:
+            if probe() is not None and (name not in _FLASH or _flash_can_take(dtype, head_dim)):
                 found.append(name)
     found.append("sdpa")
     return found
 
 
-def resolve_backend(device: torch.device, backend: str | None = None) -> str:
+def resolve_backend(device: torch.device, backend: str | None = None, dtype: torch.dtype | None = None,
+                    head_dim: int | None = None) -> str:
+    """The backend ``varlen_attention`` runs; ValueError for an unknown or unusable explicit choice."""
     choice = backend or os.environ.get("LLAVA_ATTENTION_BACKEND") or "auto"
-    found = available_backends(device)
+    found = available_backends(device, dtype, head_dim)
     if choice == "auto":
         return found[0]
     if choice not in BACKENDS:
         raise ValueError(f"unknown attention backend {choice!r}; expected one of {BACKENDS} or 'auto'")
     if choice not in found:
-        raise ValueError(f"attention backend {choice!r} is not available on {device} (available: {found})")
+        what = f"{device}" + (f" with {dtype}" if dtype is not None else "") + (
+            f", head dim {head_dim}" if head_dim is not None else "")
+        raise ValueError(f"attention backend {choice!r} is not available on {what} (available: {found})")
     return choice
 
 
@@ -97,7 +116,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     ``[T, H, Dh]`` in q's dtype. Nothing is mutated.
     """
     _check(q, k, v, cu_seqlens)
-    name = resolve_backend(q.device, backend)
+    if torch.is_autocast_enabled(q.device.type):
+        dt = torch.get_autocast_dtype(q.device.type)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
+    elif not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"q, k, v must share one dtype outside autocast; got {q.dtype}, {k.dtype}, {v.dtype}")
+    name = resolve_backend(q.device, backend, q.dtype, q.shape[2])
     if name == "flash_attn":
         return _flash_attn()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
                              softmax_scale=scale)
@@ -114,19 +138,32 @@ def _torch_varlen_params() -> frozenset[str]:
 
 
 def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+    """torch's varlen_attn across versions (it has autograd: dq, dk, dv through aten's FA2 backward).
+
+    2.10: ``(…, max_q, max_k, is_causal=False, return_aux=None)``, no ``scale``;
+    2.11: keyword-only ``return_aux, scale, window_size`` — causal is ``window_size=(-1, 0)`` and must be
+    that exact tuple (varlen_attn tests ``window_size == (-1, 0)``; a list would silently run non-causal);
+    2.12+: adds ``enable_gqa`` (and paged-cache arguments).
+    """
     params = _torch_varlen_params()
-    kwargs = {"scale": scale}
-    # torch 2.10 takes ``is_causal``; 2.11 replaced it with ``window_size`` ((-1, 0) = causal).
+    kwargs = {}
     if "is_causal" in params:
         kwargs["is_causal"] = causal
     else:
         kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    if scale is not None:
+        if "scale" in params:
+            kwargs["scale"] = scale
+        else:  # the kernel applies 1/sqrt(Dh): fold the rest of the requested scale into q
+            q = q * (scale * q.shape[-1] ** 0.5)
     if q.shape[1] != k.shape[1]:
         if "enable_gqa" in params:
             kwargs["enable_gqa"] = True
-        else:
+        else:  # 2.10/2.11 check no head counts; repeat K/V so every version gets a plain MHA call
             rep = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    # FA2 needs the head dim contiguous (q, k, v arrive as views of the projections)
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
@@ -196,9 +197,21 @@ def _pow2(n: int) -> int:
     return 1 << max(0, n - 1).bit_length()
 
 
+class GraphCaptureError(RuntimeError):
+    """The decode step could not be captured as a CUDA graph (the runtime then decodes eagerly)."""
+
+
 class _DecodeGraphs:
     """CUDA graphs of the decode forward, one per (batch bucket, context-block bucket), sharing one
-    memory pool. Padded rows point at the reserved block 0 with position 0."""
+    memory pool. Padded rows point at the reserved block 0 with position 0.
+
+    Each graph reads only its static buffers (ids, positions, slot mapping, block table: copied in
+    before every replay) and the runtime's preallocated KV cache, whose storage never moves; its
+    logits buffer is overwritten by the next replay of the same graph, so callers consume it (the
+    step samples and copies kept logits to the host) before the next step. Graphs share one pool:
+    safe because they are replayed one at a time on one stream and a step's logits are consumed
+    before the next replay of any graph.
+    """
 
     def __init__(self, runtime: Runtime):
         self.rt = runtime
@@ -232,8 +245,11 @@ class _DecodeGraphs:
                 self.rt._decode_forward(ids, pos, bt, sm)
         torch.cuda.current_stream(dev).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self.rt._decode_forward(ids, pos, bt, sm)
+        try:
+            with torch.cuda.graph(graph, pool=self.pool):
+                logits = self.rt._decode_forward(ids, pos, bt, sm)
+        except RuntimeError as e:  # e.g. an op that syncs with the host or is not capturable
+            raise GraphCaptureError(f"capturing the decode step (batch {bb}, {nbb} blocks) failed: {e}") from e
         self.pool = graph.pool()
         return graph, ids, pos, sm, bt, logits
 
@@ -430,9 +446,14 @@ class Runtime:
             host = host.pin_memory()
         slots, pos_t, ids, slot_mapping = host.to(self.device, non_blocking=True).unbind(0)
         nb = max(pos) // bs + 1
+        logits = None
         if self.graphs is not None:
-            logits = self.graphs.run(ids, pos_t, slot_mapping, slots, nb)
-        else:
+            try:
+                logits = self.graphs.run(ids, pos_t, slot_mapping, slots, nb)
+            except GraphCaptureError as e:  # keep serving: the eager step computes the same thing
+                warnings.warn(f"{e}; decoding without CUDA graphs from now on", RuntimeWarning, stacklevel=2)
+                self.graphs = None
+        if logits is None:
             logits = self._decode_forward(ids, pos_t, self.block_table[slots, :nb], slot_mapping)
         for r in reqs:
             r.cached += 1

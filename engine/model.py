@@ -69,6 +69,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [T, heads, Dh]; rotate-half convention of the HF LLaMA weights."""
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
+    # cos/sin follow x's dtype: under autocast the residual stream is fp32 but q/k are bf16.
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 

@@ -211,7 +211,7 @@ def assign_state(model: Llava, state: dict[str, torch.Tensor], where: str, *, dt
                              f"config implies {tuple(ref.shape)}")
     if dtype is None:
         dtype = state["decoder.embed.weight"].dtype
-    fixed = {k: v.to(device=device or "cpu", dtype=dtype if v.is_floating_point() else v.dtype)
+    fixed = {k: v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)  # device None: stay put
              for k, v in state.items()}
     model.load_state_dict(fixed, strict=True, assign=True)
     return model

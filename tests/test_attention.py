@@ -65,3 +65,96 @@ def test_gpu_backends_match_reference(backend):
     ref_lowp = varlen_attention(q, k, v, cu, max_len, backend="sdpa")
     out = varlen_attention(q, k, v, cu, max_len, backend=backend)
     assert_close_rule(out, truth, ref_lowp, floor=1e-3, what=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen", "xformers"])
+def test_gpu_backends_backward_under_autocast(backend):
+    """The training path: fp32 q/k (RoPE promotes them) and bf16 v under bf16 autocast, GQA, then
+    dq/dk/dv (summed over each KV group) against the fp64 truth, within 2× the SDPA path's error."""
+    dev = torch.device("cuda")
+    if backend not in available_backends(dev, torch.bfloat16, 128):
+        pytest.skip(f"{backend} is not installed on this GPU machine")
+    _check_backward_under_autocast(backend, dev)
+
+
+def _check_backward_under_autocast(backend, dev):
+    lengths = [3, 577, 200]
+    q, k, v, cu, max_len = make(lengths, h=8, hkv=2, dh=128, device=dev)
+    dy = torch.randn_like(q)
+
+    def grads(fn, device, low=False):
+        leaves = [t.detach().to(device).requires_grad_() for t in (q, k, v)]
+        qq, kk, vv = leaves
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=low):
+            out = fn(qq, kk, vv.bfloat16() if low else vv)
+        (out.double() * dy.to(device).double()).sum().backward()
+        return [out] + [t.grad for t in leaves]
+
+    truth = grads(lambda a, b, c: dense_truth(a, b, c, lengths, True), "cpu")
+    ref = grads(lambda a, b, c: varlen_attention(a, b, c, cu, max_len, backend="sdpa"), dev, low=True)
+    got = grads(lambda a, b, c: varlen_attention(a, b, c, cu, max_len, backend=backend), dev, low=True)
+    assert got[0].dtype == torch.bfloat16
+    for name, g, r, t in zip(("out", "dq", "dk", "dv"), got, ref, truth, strict=True):
+        assert_close_rule(g, t, r, floor=1e-3, what=f"{backend} {name}")
+
+
+def test_auto_skips_flash_backends_for_inputs_they_cannot_take():
+    """FA2-based backends take only fp16/bf16 and head dims multiple of 8 up to 256: ``auto`` must fall
+    back (the fp32 GPU runtime test and odd tiny models) and an explicit choice must say why."""
+    cuda = torch.device("cuda")  # only the probes run: no device is touched
+    if not any(b in available_backends(cuda) for b in ("flash_attn", "torch_varlen")):
+        pytest.skip("neither flash_attn nor torch.nn.attention.varlen is importable")
+    assert available_backends(cuda, torch.float32)[0] in ("xformers", "sdpa")
+    assert available_backends(cuda, torch.bfloat16, 4)[0] in ("xformers", "sdpa")
+    assert available_backends(cuda, torch.bfloat16, 128)[0] in ("flash_attn", "torch_varlen")
+    with pytest.raises(ValueError, match="float32"):
+        resolve_backend(cuda, available_backends(cuda)[0], torch.float32, 128)
+
+
+@pytest.mark.parametrize("version", ["2.10", "2.11", "2.12"])
+def test_torch_varlen_call_per_signature(monkeypatch, version):
+    """The varlen_attn shim: causal as ``is_causal`` (2.10) or the exact tuple ``window_size=(-1, 0)``
+    (2.11+), scale folded into q where there is no ``scale``, GQA repeated unless ``enable_gqa``."""
+    import engine.attention as A
+
+    seen = {}
+
+    def fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, **kw):
+        seen.update(kw, k=key)
+        if not kw.get("enable_gqa"):
+            assert key.shape[1] == query.shape[1], "2.10/2.11 need K/V repeated to H heads"
+        causal = kw["is_causal"] if version == "2.10" else kw["window_size"] == (-1, 0)
+        return A.varlen_attention_ref(query, key, value, cu_seq_q, causal, scale=kw.get("scale"))
+
+    sigs = {"2.10": "is_causal=False, return_aux=None",
+            "2.11": "*, return_aux=None, scale=None, window_size=(-1, -1)",
+            "2.12": "*, return_aux=None, scale=None, window_size=(-1, -1), enable_gqa=False"}
+    ns = {}
+    exec(f"def sig(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, {sigs[version]}): pass", ns)
+    fake.__signature__ = __import__("inspect").signature(ns["sig"])
+    monkeypatch.setattr(A, "_torch_varlen", lambda: fake)
+    A._torch_varlen_params.cache_clear()
+    try:
+        q, k, v, cu, max_len = make([5, 1, 9], h=4, hkv=2, dh=16)
+        for causal in (True, False):
+            out = A._torch_varlen_call(q, k, v, cu, max_len, causal, 0.3)
+            truth = dense_truth(q * (0.3 * 16 ** 0.5), k, v, [5, 1, 9], causal)
+            assert_close_rule(out, truth, what=f"{version} causal={causal}")
+            assert seen["k"].shape[1] == (2 if version == "2.12" else 4)
+            assert ("scale" in seen) == (version != "2.10")
+    finally:
+        A._torch_varlen_params.cache_clear()
+
+
+def test_autocast_casts_mixed_dtypes_and_mismatch_raises():
+    """q/k leave RoPE in fp32 under autocast while v is bf16: attention runs in the autocast dtype;
+    outside autocast mixed dtypes are an error, not a silent promotion."""
+    q, k, v, cu, max_len = make([3, 4])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v.bfloat16(), cu, max_len)
+    assert out.dtype == torch.bfloat16
+    want = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, max_len)
+    assert torch.equal(out, want)
+    with pytest.raises(ValueError, match="one dtype"):
+        varlen_attention(q, k, v.bfloat16(), cu, max_len)

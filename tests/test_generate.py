@@ -19,7 +19,7 @@ from transformers import (
 )
 
 import engine
-from engine.generate import Runtime, RuntimeConfig, SamplingParams, generate, sample_tokens
+from engine.generate import GraphCaptureError, Runtime, RuntimeConfig, SamplingParams, generate, sample_tokens
 from engine.kv_cache import PagedKVCache
 from engine.model import PackedAttention, pack_cu_seqlens
 
@@ -261,17 +261,43 @@ def test_invalid_inputs_raise(model):
     assert reqs[0].tokens == reqs[1].tokens == reqs[2].tokens
 
 
+def test_graph_capture_failure_falls_back_to_eager(model):
+    """A decode step whose CUDA-graph capture fails is run eagerly (same tokens), with a warning, and
+    the runtime stops trying to capture."""
+    ours, _ = model
+    rt = Runtime(ours, RuntimeConfig(kv_cache_bytes=1 << 22))
+
+    class FailingGraphs:
+        def run(self, *args):
+            raise GraphCaptureError("capture refused")
+
+    rt.graphs = FailingGraphs()
+    with pytest.warns(RuntimeWarning, match="without CUDA graphs"):
+        out = generate(ours, [[1, 5, 6, 7]], max_new_tokens=5, stop_token_ids=[], runtime=rt)
+    assert rt.graphs is None
+    assert out[0].tokens == generate(ours, [[1, 5, 6, 7]], max_new_tokens=5, stop_token_ids=[])[0].tokens
+
+
 @pytest.mark.gpu
 def test_cuda_graph_decode_matches_eager(model):
+    """Graph replay (padded batch and context buckets, continuous batching shrinking the batch) gives
+    the eager step's logits and tokens; a failed capture would fall back to eager: asserted not to."""
     ours, _ = model
     gpu = ours.to("cuda")
     try:
         seqs, pixels = mixed_prompts(gpu.config.image_seq_len, n_images=(0, 1, 2), lengths=(5, 40, 9), seed=2)
-        eager = Runtime(gpu, RuntimeConfig(cuda_graphs=False, kv_cache_bytes=1 << 24))
-        graphs = Runtime(gpu, RuntimeConfig(cuda_graphs=True, kv_cache_bytes=1 << 24))
-        a = generate(gpu, seqs, images=pixels, max_new_tokens=24, stop_token_ids=[], runtime=eager)
-        b = generate(gpu, seqs, images=pixels, max_new_tokens=24, stop_token_ids=[], runtime=graphs)
-        assert [o.tokens for o in a] == [o.tokens for o in b]
-        assert graphs.graphs.graphs  # at least one graph was captured and replayed
+        cfg = dict(kv_cache_bytes=1 << 24, block_size=4)  # small blocks: several context buckets
+        eager = Runtime(gpu, RuntimeConfig(cuda_graphs=False, **cfg))
+        graphs = Runtime(gpu, RuntimeConfig(cuda_graphs=True, **cfg))
+        for limit in (24, 7):  # 7: a second round reuses the captured graphs
+            a = generate(gpu, seqs, images=pixels, max_new_tokens=limit, stop_token_ids=[], runtime=eager,
+                         output_logits=True)
+            b = generate(gpu, seqs, images=pixels, max_new_tokens=limit, stop_token_ids=[], runtime=graphs,
+                         output_logits=True)
+            for x, y in zip(a, b, strict=True):
+                torch.testing.assert_close(y.logits, x.logits, rtol=1e-4, atol=1e-4)
+            assert [o.tokens for o in a] == [o.tokens for o in b]
+        assert graphs.graphs is not None, "CUDA graph capture failed and the runtime fell back to eager"
+        assert len(graphs.graphs.graphs) >= 2  # at least two buckets captured and replayed
     finally:
         ours.to("cpu")

@@ -160,7 +160,10 @@ def test_unusable_backend_raises():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("n", [576, 1025, 576 * 4])
+# 576 rows (one image) and 1025 (odd: masked M tails, its own Triton specialization). Four images (2304
+# rows) are left to bench_projector.py, which validates N = 576·{1, 4, 16} before timing: another M
+# bucket here costs a full autotune round of every kernel variant in the time-boxed device run.
+@pytest.mark.parametrize("n", [576, 1025])
 def test_gpu_llava15_shape_bf16(n):
     master = make(n, 1024, 4096, 4096, device="cuda")
     check(master, torch.bfloat16, grad_x=True)

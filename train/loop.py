@@ -104,9 +104,11 @@ def rank_world() -> tuple[int, int]:
 def setup_distributed(device: torch.device) -> None:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if device.type == "cuda":
+            # before the process group: NCCL binds each rank's communicator to the current device, and
+            # every later ``.to("cuda")`` (model, micro-batches, all-reduce buffers) means this GPU
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
 def shard_model(model) -> None:
@@ -190,8 +192,14 @@ def micro_loss(model, mb, num_targets: int, cfg: LoopConfig, autocast):
         with nvtx_range("vision+projector+decoder", cfg.nvtx):
             hidden = model.forward_packed(mb.input_ids, cu_seqlens=mb.cu_seqlens, position_ids=mb.position_ids,
                                           max_seqlen=mb.max_seqlen, pixel_values=mb.pixel_values)
+        kind = hidden.device.type
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
     with nvtx_range("loss", cfg.nvtx):
-        head = model.head_weight.to(hidden.dtype)
+        # Under autocast the residual stream, hence the final norm's output, stays fp32 (the master
+        # weights' dtype): run the loss GEMMs in the autocast dtype, as an autocast F.linear would, with
+        # a low-precision copy of the fp32 head (its grad flows back to the master weight).
+        hidden = hidden.to(dtype)
+        head = model.head_weight.to(dtype)
         loss, seq_sum, _ = kernels.masked_lm_loss(hidden, head, mb.targets, cu_seqlens=mb.cu_seqlens,
                                                   num_targets=max(num_targets, 1), return_per_sequence=True,
                                                   backend=None if cfg.fused else "torch")
