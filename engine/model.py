@@ -14,6 +14,7 @@ through their public functions in ``kernels``; ``kernel_backend`` picks their im
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Protocol
 
 import torch
@@ -41,6 +42,19 @@ class PackedAttention:
 
     def __call__(self, layer, q, k, v):
         return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, causal=True, backend=self.backend)
+
+
+@contextlib.contextmanager
+def nvtx_range(name: str, enabled: bool):
+    """An NVTX range for profilers (``--nvtx``); free when disabled or without CUDA."""
+    if enabled and torch.cuda.is_available():
+        torch.cuda.nvtx.range_push(name)
+        try:
+            yield
+        finally:
+            torch.cuda.nvtx.range_pop()
+    else:
+        yield
 
 
 class RMSNorm(nn.Module):
@@ -172,6 +186,7 @@ class Llava(nn.Module):
         self.config = config
         self.kernel_backend = kernel_backend
         self.attention_backend = attention_backend
+        self.nvtx = False  # NVTX ranges around vision, projector, scatter and decoder (profiling)
         self.vision = VisionTower(config.vision)
         self.projector = Projector(config)
         self.decoder = Decoder(config.text)
@@ -187,10 +202,11 @@ class Llava(nn.Module):
         never keeps activations.
         """
         train_tower = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
-        with torch.set_grad_enabled(train_tower):
+        with torch.set_grad_enabled(train_tower), nvtx_range("vision", self.nvtx):
             feats = self.vision(pixel_values, self.config.vision_feature_layer,
                                 self.config.vision_feature_select_strategy)  # (N, S, Dv·layers)
-        rows = self.projector(feats.flatten(0, 1).to(self.projector.linear_1.weight.dtype), self.kernel_backend)
+        with nvtx_range("projector", self.nvtx):
+            rows = self.projector(feats.flatten(0, 1).to(self.projector.linear_1.weight.dtype), self.kernel_backend)
         return rows.to(self.decoder.embed.weight.dtype)
 
     def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
@@ -204,7 +220,8 @@ class Llava(nn.Module):
                              f"{self.config.image_seq_len} rows) but {n_images} images were given")
         w = self.decoder.embed.weight
         rows = self.encode_images(pixel_values) if n_images else w.new_empty(0, w.shape[1])
-        return kernels.scatter_image_tokens(input_ids, w, rows, positions, backend=self.kernel_backend)
+        with nvtx_range("scatter", self.nvtx):
+            return kernels.scatter_image_tokens(input_ids, w, rows, positions, backend=self.kernel_backend)
 
     def forward_packed(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
                        max_seqlen: int, pixel_values: torch.Tensor | None = None,
@@ -219,7 +236,8 @@ class Llava(nn.Module):
                              f"and {tuple(position_ids.shape)}")
         x = self.embed(input_ids, pixel_values)
         attn = attn or PackedAttention(cu_seqlens, max_seqlen, self.attention_backend)
-        return self.decoder(x, position_ids, attn)
+        with nvtx_range("decoder", self.nvtx):
+            return self.decoder(x, position_ids, attn)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] → [..., V] (full logits: generation and tests; training uses the masked loss)."""

@@ -26,6 +26,8 @@ import torch
 import torch.distributed as dist
 
 import kernels
+from engine.attention import resolve_backend
+from engine.model import nvtx_range
 from engine.weights import write_hf_checkpoint
 from train.data import StepDataset, count_targets, plan_steps
 
@@ -63,18 +65,6 @@ def cosine_lr(step: int, total: int, warmup_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-@contextlib.contextmanager
-def nvtx_range(name: str, enabled: bool):
-    if enabled and torch.cuda.is_available():
-        torch.cuda.nvtx.range_push(name)
-        try:
-            yield
-        finally:
-            torch.cuda.nvtx.range_pop()
-    else:
-        yield
 
 
 class StopFlag:
@@ -189,9 +179,8 @@ class TrainResult:
 def micro_loss(model, mb, num_targets: int, cfg: LoopConfig, autocast):
     """Forward + masked loss of one micro-batch; returns (loss, loss-sum over its targets)."""
     with autocast:
-        with nvtx_range("vision+projector+decoder", cfg.nvtx):
-            hidden = model.forward_packed(mb.input_ids, cu_seqlens=mb.cu_seqlens, position_ids=mb.position_ids,
-                                          max_seqlen=mb.max_seqlen, pixel_values=mb.pixel_values)
+        hidden = model.forward_packed(mb.input_ids, cu_seqlens=mb.cu_seqlens, position_ids=mb.position_ids,
+                                      max_seqlen=mb.max_seqlen, pixel_values=mb.pixel_values)
         kind = hidden.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
     with nvtx_range("loss", cfg.nvtx):
@@ -237,6 +226,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     random.seed(cfg.seed)
     image_size = image_size or model.config.vision.image_size
     model.decoder.gradient_checkpointing = cfg.grad_checkpointing
+    model.nvtx = cfg.nvtx
     if not cfg.fused:
         model.kernel_backend = "torch"
         model.attention_backend = "sdpa"
@@ -266,6 +256,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
         effective = {"run": run_config or {}, "loop": dataclasses.asdict(cfg), "world_size": world,
                      "device": str(device),
                      "kernels": kernels.dispatch.describe(device, None if cfg.fused else "torch"),
+                     "attention": resolve_backend(device, model.attention_backend),
                      "total_steps": total, "resumed_from": ckpt}
         print(json.dumps({"effective_config": effective}, default=str), flush=True)
 
@@ -290,7 +281,13 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
             loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
                                                  persistent_workers=False)
             t0 = time.time()
-            for index, mbs in loader:
+            batches = iter(loader)
+            while True:
+                with nvtx_range("data", cfg.nvtx):
+                    item = next(batches, None)
+                if item is None:
+                    break
+                index, mbs = item
                 if start + index >= total:
                     break
                 step = start + index
@@ -312,7 +309,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
                     save_checkpoint(model, opt, sched, step + 1, cfg, tokenizer_dir, run_config)
                 t0 = time.time()
-            del loader
+            del batches, loader
             if interrupted:
                 break
     progress.close()
