@@ -36,3 +36,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A random tiny LLaVA with a tiny BPE tokenizer, written in the HF llava layout."""
+    from transformers import AutoTokenizer
+
+    import engine
+    from engine.tokenizer import build_tiny_tokenizer
+    from engine.weights import write_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_ckpt")
+    tok_dir = build_tiny_tokenizer(str(root / "tok"), vocab_size=400)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    cfg = engine.tiny_config(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    write_hf_checkpoint(engine.Llava(cfg).state_dict(), cfg, str(root / "ckpt"), tokenizer_dir=tok_dir)
+    return str(root / "ckpt")

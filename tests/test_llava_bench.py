@@ -213,25 +213,6 @@ def test_review_rejects_bad_answers(bench, tmp_path):
 
 # ---- answer (tiny random checkpoint, CPU) → review (fake judge over HTTP) → summarize ---------------------
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    """A random tiny LLaVA with a tiny BPE tokenizer, written in the HF llava layout."""
-    import torch
-    from transformers import AutoTokenizer
-
-    import engine
-    from engine.tokenizer import build_tiny_tokenizer
-    from engine.weights import write_hf_checkpoint
-
-    root = tmp_path_factory.mktemp("tiny_ckpt")
-    tok_dir = build_tiny_tokenizer(str(root / "tok"), vocab_size=400)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    cfg = engine.tiny_config(vocab_size=len(tok), image_token_id=tok.convert_tokens_to_ids("<image>"))
-    torch.manual_seed(0)
-    write_hf_checkpoint(engine.Llava(cfg).state_dict(), cfg, str(root / "ckpt"), tokenizer_dir=tok_dir)
-    return str(root / "ckpt")
-
-
 def test_answer_review_summarize_end_to_end(bench, tiny_checkpoint, tmp_path):
     from PIL import Image
     images = tmp_path / "images"
