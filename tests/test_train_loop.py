@@ -263,3 +263,29 @@ def test_latest_checkpoint_sees_only_complete_directories(tmp_path):
     assert sorted(os.listdir(ck)) == ["step-000002", "step-000004", "step-000006"]
     assert not (tmp_path / ".final.tmp-xyz").exists()
     assert latest_checkpoint(str(tmp_path / "nothing")) is None
+
+
+# --------------------------------------------------------------------------- --fused vs the reference path
+
+
+def test_fused_kernels_give_the_reference_loss_curve(assets, samples, tmp_path, monkeypatch):
+    """--fused runs the Triton projector, scatter and masked loss (the interpreter here) in the same
+    loop; three optimizer steps follow the reference path's loss curve and end at the same weights."""
+    monkeypatch.setenv("LLAVA_KERNEL_BACKEND", "triton")   # what --fused picks on a GPU, forced on CPU
+    from kernels import dispatch
+    assert set(dispatch.describe(torch.device("cpu")).values()) == {"triton"}
+    image_samples = [s for s in samples if s.image is not None][:6]
+    curves, weights = {}, {}
+    for fused in (False, True):
+        model = ours_for_training(assets.model_dir)
+        model.kernel_backend = None                     # the loop sets "torch" itself when not fused
+        cfg = loop_cfg(tmp_path / str(fused), max_steps=3, fused=fused, global_batch=2)
+        train(model, image_samples, cfg, device=torch.device("cpu"), tokenizer_dir=assets.tok_dir)
+        with open(tmp_path / str(fused) / "metrics.jsonl") as f:
+            curves[fused] = [json.loads(line)["loss"] for line in f]
+        weights[fused] = {k: p.detach().clone() for k, p in model.named_parameters()}
+    assert len(curves[True]) == len(curves[False]) == 3
+    for a, b in zip(curves[True], curves[False], strict=True):
+        assert abs(a - b) <= 1e-5 * abs(b), (curves[True], curves[False])
+    for k, w in weights[False].items():
+        assert rel_err(weights[True][k], w) <= 1e-5, k
