@@ -29,6 +29,7 @@ from engine.image import ImageSpec
 from engine.model import Llava
 
 _ROLES = {"user": "human", "assistant": "gpt"}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
 
 
 def to_conversation(messages) -> tuple[str | None, list[dict]]:
@@ -51,7 +52,7 @@ def to_conversation(messages) -> tuple[str | None, list[dict]]:
             turns.append({"from": _ROLES[role], "value": m["content"]})
         else:
             raise ValueError(f"messages[{i}]: unknown role {role!r} (expected system, user or assistant)")
-    if not turns:
+    if not any(t["from"] == "human" for t in turns):
         raise ValueError("messages hold no user message")
     return system, turns
 
@@ -169,6 +170,15 @@ def chat(model: Llava, messages, images: list | None = None, *, tokenizer,
     return decoder.text
 
 
+def load_model(path: str, *, device: str | None = None, dtype: str | None = None) -> Llava:
+    """``engine.load`` for the command lines, in eval mode: ``dtype`` is a name in ``DTYPES`` (None keeps
+    the checkpoint's). ValueError naming an unknown dtype; engine.load's errors for the checkpoint."""
+    if dtype is not None and dtype not in DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    import engine
+    return engine.load(path, device=device, dtype=DTYPES[dtype] if dtype else None).eval()
+
+
 def load_tokenizer(path: str):
     """The checkpoint directory's own HF tokenizer (FileNotFoundError when it has none)."""
     if not any(os.path.isfile(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer.model")):
@@ -196,20 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     args = p.parse_args(argv)
     print(json.dumps({"config": vars(args)}), file=sys.stderr)
 
     from PIL import Image
 
-    import engine
     images = []
     for f in args.image:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"--image {f}: no such file")
         images.append(Image.open(f).convert("RGB"))
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    model = engine.load(args.model, device=args.device, dtype=dtype).eval()
+    model = load_model(args.model, device=args.device, dtype=args.dtype)
     text = chat(model, [{"role": "user", "content": args.question}], images,
                 tokenizer=load_tokenizer(args.model), template=args.template,
                 image_spec=image_spec_for(args.model, model), max_new_tokens=args.max_new_tokens,

@@ -40,8 +40,6 @@ import torch
 from engine.kv_cache import DecodeAttention, PagedKVCache, PrefillAttention
 from engine.model import Llava, pack_cu_seqlens
 
-FINISH_REASONS = ("stop", "length")
-
 
 @dataclass(frozen=True, kw_only=True)
 class SamplingParams:
@@ -399,8 +397,7 @@ class Runtime:
         slots = torch.tensor([r.slot for r in reqs], device=dev)
         for r in reqs:
             self.block_table[r.slot, :len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32, device=dev)
-            p = r.params
-            if p.repetition_penalty != 1.0 and self.seen is None:
+            if r.params.repetition_penalty != 1.0 and self.seen is None:
                 self.seen = torch.zeros(self.config.max_batch, self.mcfg.text.vocab_size, dtype=torch.bool,
                                         device=dev)
             if self.seen is not None:
@@ -440,7 +437,7 @@ class Runtime:
         reqs, bs = list(self.running), self.cache.block_size
         self.peak_batch = max(self.peak_batch, len(reqs))
         pos = [r.cached for r in reqs]
-        slot_of = [r.blocks[p // bs] * bs + p % bs for r, p in zip(reqs, pos, strict=True)]
+        slot_of = [self.cache.slot(r.blocks, p) for r, p in zip(reqs, pos, strict=True)]
         host = torch.tensor([[r.slot for r in reqs], pos, [r.tokens[-1] for r in reqs], slot_of])  # (4, B)
         if self.device.type == "cuda":
             host = host.pin_memory()
@@ -509,6 +506,8 @@ def split_images(model: Llava, prompts: list[list[int]],
                  images: torch.Tensor | None) -> list[torch.Tensor | None]:
     """Cut ``images`` [N, 3, H, W] into each prompt's images, by its count of placeholder runs."""
     cfg = model.config
+    if images is not None and images.dim() != 4:
+        raise ValueError(f"images must be a [N, 3, H, W] tensor; got shape {tuple(images.shape)}")
     counts = []
     for i, p in enumerate(prompts):
         rows = sum(t == cfg.image_token_id for t in p)
@@ -517,8 +516,6 @@ def split_images(model: Llava, prompts: list[list[int]],
                              f"image_seq_len={cfg.image_seq_len}")
         counts.append(rows // cfg.image_seq_len)
     total = 0 if images is None else images.shape[0]
-    if images is not None and images.dim() != 4:
-        raise ValueError(f"images must be a [N, 3, H, W] tensor; got shape {tuple(images.shape)}")
     if sum(counts) != total:
         raise ValueError(f"the prompts hold {sum(counts)} images' placeholders but {total} images were given")
     out, at = [], 0

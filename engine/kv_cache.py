@@ -77,10 +77,13 @@ class PagedKVCache:
     def release(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
 
+    def slot(self, table: list[int], pos: int) -> int:
+        """Cache slot of token position ``pos`` of a sequence with block table ``table``."""
+        return table[pos // self.block_size] * self.block_size + pos % self.block_size
+
     def slots(self, table: list[int], start: int, end: int) -> list[int]:
         """Cache slots of token positions [start, end) of a sequence with block table ``table``."""
-        bs = self.block_size
-        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+        return [self.slot(table, p) for p in range(start, end)]
 
 
 def _write(cache: PagedKVCache, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
@@ -142,15 +145,3 @@ def _gather(cache_layer: torch.Tensor, block_table: torch.Tensor) -> torch.Tenso
     blocks = cache_layer.index_select(0, block_table.reshape(-1))  # (B·nb, Bs, Hkv, Dh)
     return blocks.view(b, nb * bs, hkv, dh).transpose(1, 2)
 
-
-def decode_attention_ref(q: torch.Tensor, keys: list[torch.Tensor],
-                         values: list[torch.Tensor]) -> torch.Tensor:
-    """Reference: q [B, H, Dh], per-sequence contiguous keys/values [Lb, Hkv, Dh] → [B, H, Dh]."""
-    outs = []
-    for i, (kk, vv) in enumerate(zip(keys, values, strict=True)):
-        rep = q.shape[1] // kk.shape[1]
-        qs = q[i][:, None, :]                                        # (H, 1, Dh)
-        ks = kk.transpose(0, 1).repeat_interleave(rep, 0)            # (H, Lb, Dh)
-        vs = vv.transpose(0, 1).repeat_interleave(rep, 0)
-        outs.append(F.scaled_dot_product_attention(qs, ks, vs)[:, 0])
-    return torch.stack(outs)

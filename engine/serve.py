@@ -37,7 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from engine.chat import TextDecoder, encode_chat, image_spec_for, load_tokenizer, stop_token_ids
+from engine.chat import DTYPES, TextDecoder, encode_chat, image_spec_for, load_model, load_tokenizer, stop_token_ids
 from engine.conversation import IMAGE_TOKEN, Template, get_template, stop_strings
 from engine.generate import Request, Runtime, RuntimeConfig, SamplingParams, StepEvent
 from engine.image import ImageSpec
@@ -332,11 +332,10 @@ class Handler(BaseHTTPRequestHandler):
         if "messages" not in body:
             raise BadRequest("'messages' is required")
         messages, images = parse_messages(body["messages"], cfg)
-        max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
-        max_tokens = _number({"max_tokens": max_tokens}, "max_tokens", cfg.default_max_tokens, int, 1,
-                             cfg.max_tokens_limit)
-        if _number(body, "n", 1, int, 1, 1) != 1:
-            raise BadRequest("only n=1 is supported")
+        # the newer name wins; errors name the field the client actually sent
+        key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _number(body, key, cfg.default_max_tokens, int, 1, cfg.max_tokens_limit)
+        _number(body, "n", 1, int, 1, 1)  # only n=1 is supported: other values are out of range
         stop = body.get("stop") or []
         stop = [stop] if isinstance(stop, str) else stop
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
@@ -435,9 +434,7 @@ class Handler(BaseHTTPRequestHandler):
 def build_server(cfg: ServerConfig, *, model: Llava | None = None, tokenizer=None) -> LlavaServer:
     """Load the checkpoint (unless given) and bind; call ``serve_forever()`` on the result."""
     if model is None:
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
-        import engine
-        model = engine.load(cfg.model, device=cfg.device, dtype=dtype).eval()
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     spec = image_spec_for(cfg.model, model)
     return LlavaServer(cfg, model, tokenizer, get_template(cfg.template), spec)
@@ -451,7 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model-name", default=None)
     p.add_argument("--template", default="vicuna_v1")
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="max_tokens when a request gives none (default: min(256, --max-tokens-limit))")

@@ -124,15 +124,14 @@ class JsonlAppender:
         self.close()
 
 
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON to ``path`` via a temporary file in the same directory, fsync and rename."""
+def _write_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` via a temporary file in the same directory, fsync and rename."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=parent)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-            f.write("\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -140,6 +139,16 @@ def write_json_atomic(path: str, obj) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write ``obj`` as indented JSON to ``path`` atomically (a reader sees the old file or the new one)."""
+    _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
+    """Write ``rows`` as JSONL to ``path`` atomically (for outputs rebuilt whole, unlike ``JsonlAppender``)."""
+    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 class Progress:
@@ -196,7 +205,7 @@ def add_answer_args(p) -> None:
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--seed", type=int, default=None, help="sampling seed (prompt i of a batch uses seed + i)")
     g.add_argument("--device", default=None)
-    g.add_argument("--dtype", default=None, choices=[None, "float32", "bfloat16", "float16"])
+    g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))  # engine.chat.DTYPES
 
 
 class CheckpointAnswerer:
@@ -209,25 +218,21 @@ class CheckpointAnswerer:
     """
 
     def __init__(self, args):
-        import torch
-
-        import engine
-        from engine.chat import image_spec_for, load_tokenizer, stop_token_ids
+        from engine.chat import image_spec_for, load_model, load_tokenizer, stop_token_ids
         from engine.conversation import get_template, stop_strings
 
-        dtype = getattr(torch, args.dtype) if args.dtype else None
-        self.model = engine.load(args.model, device=args.device, dtype=dtype).eval()
+        self.model = load_model(args.model, device=args.device, dtype=args.dtype)
         self.tokenizer = load_tokenizer(args.model)
         self.template = get_template(args.template)
         self.spec = image_spec_for(args.model, self.model)
         self.stop_ids = stop_token_ids(self.tokenizer, self.model)
-        self.stop_strings = tuple(s for s in stop_strings(self.template) if s)
+        self.stop_strings = stop_strings(self.template)
         self.max_new_tokens, self.temperature, self.seed = args.max_new_tokens, args.temperature, args.seed
 
     def answer(self, prompts: list[str], images: list | None) -> list[tuple[str, str]]:
         import torch
 
-        from engine.chat import encode_chat
+        from engine.chat import TextDecoder, encode_chat
         from engine.generate import generate
 
         if images is not None and len(images) != len(prompts):
@@ -244,11 +249,15 @@ class CheckpointAnswerer:
                         stop_token_ids=self.stop_ids, seed=self.seed)
         answers = []
         for o in outs:
-            text = self.tokenizer.decode(o.tokens, skip_special_tokens=True)
-            cuts = [i for i in (text.find(s) for s in self.stop_strings) if i >= 0]
-            # A template whose stop is a string ("###" for llava_v0) ends the answer there, like engine.chat.
-            answers.append((text[:min(cuts)].strip() if cuts else text.strip(),
-                            "stop" if cuts else o.finish_reason))
+            # engine.chat's decoder: a template whose stop is a string ("###" for llava_v0) ends the answer
+            # there, and the text is the one engine.chat / engine.serve give for the same tokens.
+            decoder = TextDecoder(self.tokenizer, self.stop_strings)
+            for t in o.tokens:
+                decoder.push(t)
+                if decoder.stopped:
+                    break
+            decoder.finish()
+            answers.append((decoder.text.strip(), "stop" if decoder.stopped else o.finish_reason))
         return answers
 
 

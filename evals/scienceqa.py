@@ -40,6 +40,7 @@ from evals.common import (
     read_json,
     read_jsonl,
     write_json_atomic,
+    write_jsonl_atomic,
 )
 
 LETTERS = ("A", "B", "C", "D", "E")  # upstream's options; a tuple, as "" and "AB" are substrings of "ABCDE"
@@ -407,8 +408,7 @@ def ensemble(args) -> dict:
     def row(key, res):
         return {"question_id": key[0], "stage": key[1], "reply": res.text, "finish_reason": res.finish_reason}
 
-    client = cfg.client()
-    usage = {}
+    client = cfg.client()  # one client for both stages: its usage counters add up over them
     with JsonlAppender(log_path) as log:
         done = done_keys(log_path, lambda r: (str(r["question_id"]), r["stage"]))
         jobs = [((qid, "answer"), judge_answer_messages(q, captions.get(qid)))
@@ -431,7 +431,7 @@ def ensemble(args) -> dict:
         final[qid], sources[qid] = ensemble_decide(args.mode, ours[qid], judge_idx[qid], chosen_idx)
         text = f"The answer is {LETTERS[final[qid]]}." if final[qid] >= 0 else ours_text(qid)
         rows.append({"question_id": qid, "text": text, "source": sources[qid]})
-    _write_jsonl_atomic(args.out, rows)
+    write_jsonl_atomic(args.out, rows)
     n_disagree = sum(ours[q] >= 0 and judge_idx[q] >= 0 and ours[q] != judge_idx[q] for q in questions)
     stats = {"mode": args.mode, "judge_unparsable": sum(i < 0 for i in judge_idx.values()),
              "disagreements": n_disagree, "from_judge": sum(s != "ours" for s in sources.values()),
@@ -445,16 +445,6 @@ def ensemble(args) -> dict:
 def _judge_replies(path: str) -> dict[tuple[str, str], str]:
     rows, _ = read_jsonl(path, required=("question_id", "stage", "reply"))
     return {(str(r["question_id"]), r["stage"]): r["reply"] for r in rows}
-
-
-def _write_jsonl_atomic(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # ---- answer --------------------------------------------------------------------------------------------
