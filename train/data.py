@@ -138,8 +138,7 @@ def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, im
             continue
         ids, labels = tok.input_ids, tok.labels
         if len(ids) > max_length:
-            cut_inside_image = ids[max_length - 1] == image_token_id and max_length < len(ids) and \
-                ids[max_length] == image_token_id
+            cut_inside_image = ids[max_length - 1] == image_token_id == ids[max_length]
             if not truncate or cut_inside_image or all(x == IGNORE_INDEX for x in labels[1:max_length]):
                 report.too_long.append(rid)
                 continue
@@ -273,16 +272,18 @@ class StepDataset(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.steps) - self.first
 
-    def micro_batch_groups(self, step: int) -> list[list[int]]:
-        mine = shard_step(self.steps[step], self.rank, self.world)
+    def micro_batch_groups(self, step: int, rank: int) -> list[list[int]]:
+        """Sample indices of each of ``rank``'s micro-batches in ``step``."""
+        mine = shard_step(self.steps[step], rank, self.world)
         bins = pack_micro_batches([self.samples[i].length for i in mine], self.max_tokens)
         return [[mine[j] for j in b] for b in bins]
 
     def __getitem__(self, k):
         step = self.first + k
-        groups = self.micro_batch_groups(step)
+        per_rank = [self.micro_batch_groups(step, r) for r in range(self.world)]
+        groups = per_rank[self.rank]
         # Every rank runs as many micro-batches as the busiest one (collectives stay matched).
-        most = max(len(StepDataset.micro_batch_groups(self._as_rank(r), step)) for r in range(self.world))
+        most = max(map(len, per_rank))
         mbs = [collate([self.samples[i] for i in g], image_size=self.image_size, image_mode=self.image_mode)
                for g in groups]
         if len(mbs) < most:   # steps are single-modality, so the step's first sample matches the others
@@ -290,11 +291,6 @@ class StepDataset(torch.utils.data.Dataset):
                                       image_mode=self.image_mode)
             mbs += [pad] * (most - len(mbs))
         return step, mbs
-
-    def _as_rank(self, r):
-        other = object.__new__(StepDataset)
-        other.__dict__ = {**self.__dict__, "rank": r}
-        return other
 
 
 def count_targets(samples: list[Sample], indices: list[int]) -> int:

@@ -115,7 +115,7 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
     data_dir, tok_dir = os.path.join(output, "data"), os.path.join(output, "tokenizer")
     data = make_default_instruct(data_dir, num_train=sizes.num_train, num_test=sizes.num_test,
                                  image_size=sizes.image_size, seed=seed, mc_per_image=sizes.mc_per_image)
-    stage1_data = caption_records(os.path.join(data_dir, "captions.jsonl"), os.path.join(data_dir, "stage1.json"))
+    stage1_data = caption_records(data["captions"], os.path.join(data_dir, "stage1.json"))
     stage2_data = os.path.join(data_dir, "stage2.json")
     with open(data["instruct"]) as f, open(data["train_mc"]) as g:
         mixed = json.load(f) + json.load(g)
@@ -135,10 +135,10 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
             (2, stage2_data, "vicuna_v1", sizes.stage2_lr, sizes.stage2_epochs, None)):
         samples, report = load_samples(path, tokenizer, template=template, **kw)
         freeze_for_stage(model, stage)
+        limits = [x for x in (steps, max_steps) if x]   # the stage's own cap and the CLI's, if any
         loop = LoopConfig(output=os.path.join(output, f"stage{stage}"), lr=lr, global_batch=sizes.global_batch,
                           max_tokens_per_batch=sizes.max_tokens_per_batch, epochs=epochs,
-                          max_steps=min(x for x in (steps, max_steps) if x) if (steps or max_steps) else None,
-                          seed=seed, fused=fused, num_workers=0)
+                          max_steps=min(limits) if limits else None, seed=seed, fused=fused, num_workers=0)
         print(f"stage {stage}: {len(samples)} samples ({report.summary()})", flush=True)
         result = train(model, samples, loop, device=dev, tokenizer_dir=tok_dir,
                        run_config={"embedded_default": True, "stage": stage, "sizes": dataclasses.asdict(sizes)})

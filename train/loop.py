@@ -230,10 +230,9 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     if not cfg.fused:
         model.kernel_backend = "torch"
         model.attention_backend = "sdpa"
-    params = [p for p in model.parameters() if p.requires_grad]
     if world > 1:
         shard_model(model)
-        params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for p in model.parameters() if p.requires_grad]   # after sharding: FSDP2 swaps in DTensors
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
     plans = [plan_steps(samples, global_batch=cfg.global_batch, seed=cfg.seed, epoch=e) for e in range(cfg.epochs)]
@@ -339,7 +338,9 @@ def _epoch_starts(plans) -> list[int]:
 def _train_step(model, opt, sched, params, mbs, num_targets: int, cfg: LoopConfig, autocast, device) -> dict:
     """Accumulate the micro-batches of one step, then clip and step; returns its metrics."""
     model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64)
+    # Summed on the device: a .cpu() per micro-batch would make the host wait for each backward
+    # before it can launch the next micro-batch; the one sync is float(loss_sum) at the end.
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
     # FSDP2 averages gradients over ranks, but each rank's loss is already its share of the
     # global mean (normalised by the global target count): undo the average so they add up.
@@ -348,7 +349,7 @@ def _train_step(model, opt, sched, params, mbs, num_targets: int, cfg: LoopConfi
         mb = mb.to(device)
         loss, _ = micro_loss(model, mb, num_targets, cfg, autocast)
         (loss * grad_scale if grad_scale > 1 else loss).backward()
-        loss_sum += loss.detach().double().cpu()
+        loss_sum += loss.detach().double()
         tokens += int(mb.input_ids.numel()) if mb.ids else 0   # padding micro-batches are not data
     with nvtx_range("optimizer", cfg.nvtx):
         grad_norm = _clip(params, cfg.max_grad_norm)
@@ -357,9 +358,9 @@ def _train_step(model, opt, sched, params, mbs, num_targets: int, cfg: LoopConfi
         sched.step()
         opt.zero_grad(set_to_none=True)
     if dist.is_initialized():
-        t = torch.tensor([float(loss_sum), tokens], dtype=torch.float64, device=device)
+        t = torch.stack([loss_sum, torch.tensor(float(tokens), dtype=torch.float64, device=device)])
         dist.all_reduce(t)
-        loss_sum, tokens = t[0].cpu(), int(t[1])
+        loss_sum, tokens = t[0], int(t[1])
     return {"loss": float(loss_sum), "lr": lr, "tokens": tokens, "target_tokens": num_targets,
             "grad_norm": grad_norm}
 

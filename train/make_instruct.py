@@ -52,7 +52,7 @@ from engine.client import ChatClient, ChatError, ChatResult
 
 __all__ = ["KINDS", "DETAIL_INSTRUCTIONS", "Record", "PromptSet", "InstructConfig", "ParseError",
            "read_records", "format_box", "render_context", "load_prompts", "build_messages", "parse_output",
-           "offline_response", "run", "main"]
+           "offline_response", "write_text_atomic", "run", "main"]
 
 KINDS = ("conversation", "detail", "complex")
 DEFAULT_PROMPTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts")
@@ -443,12 +443,13 @@ def _append(f, obj: dict, durable: bool) -> None:
         os.fsync(f.fileno())
 
 
-def _write_final(path: str, samples: list[dict]) -> None:
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` via a sibling temporary file, fsync'd and renamed: a reader
+    (or a killed run) sees the old file or the new one, never a torn one."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(samples, f, ensure_ascii=False, indent=1)
-        f.write("\n")
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -530,7 +531,7 @@ def run(config: InstructConfig) -> dict:
             sample = json.loads(line)
             by_id[str(sample["id"])] = sample
     final = [by_id[r.id] for r in records if r.id in by_id]
-    _write_final(config.output, final)
+    write_text_atomic(config.output, json.dumps(final, ensure_ascii=False, indent=1) + "\n")
     summary = {"kind": config.kind, "output": config.output, "samples": len(final), "new_accepted": accepted,
                "new_rejected": sum(reasons.values()), "reject_reasons": dict(reasons),
                "seconds": round(time.monotonic() - start, 2)}

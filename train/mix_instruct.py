@@ -19,9 +19,10 @@ import os
 import random
 import sys
 
+from train.make_instruct import KINDS, write_text_atomic
+
 __all__ = ["PRESETS", "mix", "main"]
 
-KINDS = ("conversation", "detail", "complex")
 PRESETS = {
     "full": {"conversation": 1.0, "detail": 1.0, "complex": 1.0},
     "detail_complex": {"conversation": 0.0, "detail": 1.0, "complex": 1.0},
@@ -90,12 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
     fractions = _parse_fractions(a.fractions) if a.fractions else PRESETS[a.preset]
     datasets = {kind: _load(getattr(a, kind)) for kind in KINDS if getattr(a, kind)}
     mixed = mix(datasets, fractions, seed=a.seed)
-    tmp = f"{a.output}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(mixed, f, ensure_ascii=False, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, a.output)
+    write_text_atomic(a.output, json.dumps(mixed, ensure_ascii=False, indent=1))
     summary = {"output": a.output, "fractions": fractions, "samples": len(mixed),
                "per_kind": {k: sum(s["kind"] == k for s in mixed) for k in KINDS}}
     print(json.dumps(summary), file=sys.stderr)

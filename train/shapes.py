@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from train.make_instruct import KINDS, InstructConfig, run, write_text_atomic
+from train.mix_instruct import PRESETS, mix
+
 __all__ = ["COLORS", "SHAPES", "BACKGROUNDS", "ShapesPaths", "Scene", "Shape", "make_scene", "render_scene",
            "scene_captions", "multiple_choice", "image_blind_accuracy", "make_shapes_dataset", "make_default_instruct"]
 
@@ -178,22 +181,14 @@ def _mc_record(sample_id: str, image: str, question: str, options: list[str], an
     ]}
 
 
-def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
                         seed: int = 0, max_objects: int = 3, mc_per_image: int = 1) -> ShapesPaths:
     """Write the shapes dataset under ``out_dir`` (created if needed) and return its paths.
 
-    Deterministic in (``num_train``, ``num_test``, ``image_size``, ``seed``, ``max_objects``):
-    train and test scenes come from separate RNG streams, so ``num_train`` never changes the test set.
-    Raises ValueError for counts < 0, ``image_size`` < 16, or ``max_objects`` outside 1..3.
+    Deterministic in its arguments: train and test scenes come from separate RNG streams, so
+    ``num_train`` (and ``mc_per_image``, which adds training questions only) never changes the test set.
+    Raises ValueError for counts < 0, ``image_size`` < 16, ``mc_per_image`` < 1, or ``max_objects``
+    outside 1..3.
     """
     if num_train < 0 or num_test < 0:
         raise ValueError(f"num_train and num_test must be >= 0, got {num_train}, {num_test}")
@@ -220,7 +215,6 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
                 for j in range(1, mc_per_image):
                     question, options, answer = multiple_choice(scene, extra)
                     out.append(_mc_record(f"{sample_id}-q{j}", image, question, options, answer))
-            if split == "train":
                 records.append({"id": sample_id, "image": image, "width": image_size, "height": image_size,
                                 "captions": scene_captions(scene),
                                 "boxes": [{"category": s.category, "bbox": list(s.bbox)}
@@ -228,9 +222,9 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
     paths = ShapesPaths(root=out_dir, captions=os.path.join(out_dir, "captions.jsonl"),
                         train_mc=os.path.join(out_dir, "train_mc.json"),
                         test_mc=os.path.join(out_dir, "test_mc.json"))
-    _atomic_write(paths.captions, "".join(json.dumps(r) + "\n" for r in records))
-    _atomic_write(paths.train_mc, json.dumps(train_mc, indent=1))
-    _atomic_write(paths.test_mc, json.dumps(test_mc, indent=1))
+    write_text_atomic(paths.captions, "".join(json.dumps(r) + "\n" for r in records))
+    write_text_atomic(paths.train_mc, json.dumps(train_mc, indent=1))
+    write_text_atomic(paths.test_mc, json.dumps(test_mc, indent=1))
     return paths
 
 
@@ -238,28 +232,30 @@ def make_default_instruct(out_dir: str, *, num_train: int = 2000, num_test: int 
                           seed: int = 0, preset: str = "full", mc_per_image: int = 1) -> dict[str, str]:
     """The embedded default's data in one call: shapes → offline teacher (3 kinds) → mixed LLaVA JSON.
 
-    Returns ``{"image_folder", "instruct", "train_mc", "test_mc", "conversation", "detail", "complex"}``
-    (paths). Idempotent: a second call with the same arguments rewrites the same files.
+    Returns the paths ``{"image_folder", "captions", "instruct", "train_mc", "test_mc", "conversation",
+    "detail", "complex"}``. Idempotent: a second call with the same arguments rewrites the same files.
     ``preset`` is a ``train.mix_instruct.PRESETS`` name.
     """
-    from train.make_instruct import KINDS, InstructConfig, run
-    from train.mix_instruct import PRESETS, mix
-
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     paths = make_shapes_dataset(out_dir, num_train=num_train, num_test=num_test, image_size=image_size,
                                 seed=seed, mc_per_image=mc_per_image)
-    out = {"image_folder": out_dir, "train_mc": paths.train_mc, "test_mc": paths.test_mc}
+    out = {"image_folder": out_dir, "captions": paths.captions, "train_mc": paths.train_mc,
+           "test_mc": paths.test_mc}
     datasets = {}
     for kind in KINDS:
         out[kind] = os.path.join(out_dir, f"instruct_{kind}.json")
-        # resume=True makes a re-run reuse (and cross-check) what an earlier call generated.
-        run(InstructConfig(input=paths.captions, kind=kind, output=out[kind], offline=True, seed=seed,
-                           resume=True))
+        config = InstructConfig(input=paths.captions, kind=kind, output=out[kind], offline=True, seed=seed)
+        # Regenerate rather than resume: ids are the same for every seed and image size, so resuming
+        # would keep an earlier call's text about different images. The offline teacher is cheap.
+        for stale in (config.samples_path, config.rejects_path):
+            if os.path.exists(stale):
+                os.remove(stale)
+        run(config)
         with open(out[kind], encoding="utf-8") as f:
             datasets[kind] = json.load(f)
     out["instruct"] = os.path.join(out_dir, "instruct.json")
-    _atomic_write(out["instruct"], json.dumps(mix(datasets, PRESETS[preset], seed=seed), indent=1))
+    write_text_atomic(out["instruct"], json.dumps(mix(datasets, PRESETS[preset], seed=seed), indent=1))
     return out
 
 

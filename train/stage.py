@@ -160,10 +160,10 @@ def run_stage(cfg: StageConfig):
     """Load, freeze, read data, train. Returns the loop's TrainResult."""
     from transformers import AutoTokenizer
 
-    device = torch.device(cfg.device)
-    setup_distributed(device)
     if not cfg.data:
         raise ValueError("--data is required (the embedded default runs only with no --model/--data at all)")
+    device = torch.device(cfg.device)
+    setup_distributed(device)
     model, tok_dir = build_model(cfg)
     freeze_for_stage(model, cfg.stage)
     model.to(device)
