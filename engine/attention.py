@@ -113,7 +113,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
     q ``[T, H, Dh]``, k/v ``[T, Hkv, Dh]`` (H a multiple of Hkv: GQA), ``cu_seqlens`` int32
     ``[B+1]`` with ``cu_seqlens[-1] == T``, ``max_seqlen`` the longest sequence. Returns
-    ``[T, H, Dh]`` in q's dtype. Nothing is mutated.
+    ``[T, H, Dh]`` in q's dtype (the autocast dtype under ``torch.autocast``). Nothing is mutated.
+    Raises ValueError for mismatched shapes or dtypes and for an unknown or unusable ``backend``.
     """
     _check(q, k, v, cu_seqlens)
     if torch.is_autocast_enabled(q.device.type):
@@ -186,6 +187,8 @@ def varlen_attention_ref(q, k, v, cu_seqlens, causal=True, *, scale=None) -> tor
     out = torch.empty_like(q)
     rep = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
+    if not bounds or bounds[0] != 0 or bounds[-1] != q.shape[0]:  # rows outside [0, T) would stay unwritten
+        raise ValueError(f"cu_seqlens must run from 0 to T={q.shape[0]}; got {bounds[:1]} ... {bounds[-1:]}")
     for s, e in zip(bounds[:-1], bounds[1:], strict=True):
         if e == s:
             continue

@@ -27,7 +27,6 @@ import http.client
 import json
 import os
 import random
-import socket
 import threading
 import time
 import urllib.error
@@ -38,7 +37,7 @@ from dataclasses import dataclass, field
 
 __all__ = ["ChatClient", "ChatError", "ChatResult", "ChatUsage"]
 
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504}) | frozenset(range(505, 600))
+RETRY_STATUS = frozenset({429, *range(500, 600)})
 _MAX_RETRY_AFTER = 300.0  # seconds; a server asking for longer is treated as asking for this
 _BODY_SNIPPET = 200  # characters of an error body kept in a ChatError reason
 
@@ -145,10 +144,10 @@ class ChatClient:
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
         if not model:
             raise ValueError("model must be a non-empty string")
-        for name, value in (("timeout", timeout), ("backoff", backoff), ("max_backoff", max_backoff)):
-            if value < 0 or (name == "timeout" and value == 0):
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name, value in (("max_retries", max_retries), ("malformed_retries", malformed_retries)):
+        if timeout <= 0:
+            raise ValueError(f"timeout must be positive, got {timeout}")
+        for name, value in (("backoff", backoff), ("max_backoff", max_backoff), ("max_retries", max_retries),
+                            ("malformed_retries", malformed_retries)):
             if value < 0:
                 raise ValueError(f"{name} must be >= 0, got {value}")
         if concurrency < 1:
@@ -262,14 +261,14 @@ class ChatClient:
             raise ChatError(f"HTTP {e.code} from {self.url}: {snippet}", status=e.code) from None
         except http.client.IncompleteRead as e:
             raise _Retryable(f"truncated body ({len(e.partial)} bytes read)") from None
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:  # socket.timeout is an alias of it since Python 3.10
             raise _Retryable(f"timed out after {self.timeout:g}s") from None
         except urllib.error.URLError as e:
             reason = e.reason
-            if isinstance(reason, (TimeoutError, socket.timeout)):
+            if isinstance(reason, TimeoutError):
                 raise _Retryable(f"timed out after {self.timeout:g}s") from None
             raise _Retryable(f"connection error: {self._scrub(str(reason))}") from None
-        except (ConnectionError, http.client.HTTPException, OSError) as e:
+        except (http.client.HTTPException, OSError) as e:  # ConnectionError is an OSError
             raise _Retryable(f"connection error: {type(e).__name__}: {self._scrub(str(e))}") from None
         return self._parse(raw)
 

@@ -263,8 +263,7 @@ def _from_original_llava(d: dict, where: str, vision: VisionConfig | None) -> Ll
     tower = _require(d, "mm_vision_tower", where)
     if vision is None:
         if os.path.isfile(os.path.join(str(tower), "config.json")):
-            with open(os.path.join(str(tower), "config.json")) as f:
-                vision = vision_config_from_dict(json.load(f), f"{tower}/config.json")
+            vision = vision_config_from_dir(str(tower))
         elif tower in KNOWN_CLIP_TOWERS:
             vision = VisionConfig(**_CLIP_L14, **KNOWN_CLIP_TOWERS[tower])
         else:
@@ -291,7 +290,7 @@ def _from_original_llava(d: dict, where: str, vision: VisionConfig | None) -> Ll
 
 def config_from_dict(d: dict, where: str = "config.json", *, vision: VisionConfig | None = None) -> LlavaConfig:
     """Either layout of LLaVA config dict → LlavaConfig (see module docstring)."""
-    if "mm_vision_tower" in d or "mm_projector_type" in d:
+    if is_original_llava(d):
         return _from_original_llava(d, where, vision)
     if d.get("model_type") == "llava":
         return _from_hf_llava(d, where)
@@ -299,16 +298,35 @@ def config_from_dict(d: dict, where: str = "config.json", *, vision: VisionConfi
                      "nor an original LLaVA config (no mm_vision_tower)")
 
 
-def from_hf(path: str, *, vision: VisionConfig | None = None) -> LlavaConfig:
-    """Read ``path/config.json`` (or ``path`` itself when it is a file)."""
+def is_original_llava(d: dict) -> bool:
+    """Whether a config dict is an original LLaVA one (a LLaMA config with ``mm_*`` keys)."""
+    return "mm_vision_tower" in d or "mm_projector_type" in d
+
+
+def read_config_json(path: str) -> tuple[str, dict]:
+    """``(file, dict)`` of ``path/config.json`` (or of ``path`` itself when it is a file).
+
+    Raises FileNotFoundError when there is no such file, ValueError when it is not valid JSON.
+    """
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no config.json at {path}")
     try:
         with open(file) as f:
-            d = json.load(f)
+            return file, json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from e
+
+
+def vision_config_from_dir(path: str) -> VisionConfig:
+    """A CLIP directory's (or ``config.json`` file's) vision config (see ``read_config_json``)."""
+    file, d = read_config_json(path)
+    return vision_config_from_dict(d, file)
+
+
+def from_hf(path: str, *, vision: VisionConfig | None = None) -> LlavaConfig:
+    """Read ``path/config.json`` (or ``path`` itself when it is a file)."""
+    file, d = read_config_json(path)
     return config_from_dict(d, file, vision=vision)
 
 

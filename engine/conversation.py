@@ -244,7 +244,7 @@ def tokenize_conversation(tokenizer, template: Template, conversations, *, image
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets, seq_ids = enc["input_ids"], enc["offset_mapping"], enc.sequence_ids(0)
     # Label spans: each answer + stop, extended left over the whitespace the model generates first.
-    answers = [(s - (len(text[:s]) - len(text[:s].rstrip())), e) for s, e in answers]
+    answers = [(len(text[:s].rstrip()), e) for s, e in answers]
 
     ans_starts, img_starts = [s for s, _ in answers], [s for s, _ in images]
     input_ids: list[int] = []

@@ -91,9 +91,9 @@ def default_corpus(n_sentences: int = 3000, seed: int = 0) -> list[str]:
     return lines
 
 
-def _pre_tokenizer(prepend_scheme: str) -> pre_tokenizers.PreTokenizer:
+def _pre_tokenizer() -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.Sequence([
-        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=prepend_scheme, split=True),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
         pre_tokenizers.Digits(individual_digits=True),
         # Everything that is neither a word character nor the space marker stands alone.
         pre_tokenizers.Split(Regex(r"[^\w▁]"), behavior="isolated"),
@@ -122,7 +122,7 @@ def build_tiny_tokenizer(out_dir: str, corpus: Iterable[str] | None = None, voca
 
     # 1) learn pieces and merges on Metaspace-split words (merges never cross a space).
     learner = Tokenizer(models.BPE(unk_token=UNK))
-    learner.pre_tokenizer = _pre_tokenizer("first")
+    learner.pre_tokenizer = _pre_tokenizer()
     learner.train_from_iterator(lines, trainers.BpeTrainer(
         vocab_size=vocab_size - _N_HEAD - _N_TAIL, show_progress=False, special_tokens=[]))
     learned = json.loads(learner.to_str())["model"]
@@ -137,7 +137,7 @@ def build_tiny_tokenizer(out_dir: str, corpus: Iterable[str] | None = None, voca
             vocab[piece] = len(vocab)
     merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in learned["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token=UNK, byte_fallback=True, fuse_unk=True))
-    tok.pre_tokenizer = _pre_tokenizer("first")
+    tok.pre_tokenizer = _pre_tokenizer()
     tok.decoder = decoders.Sequence([
         decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0),
     ])

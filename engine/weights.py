@@ -14,6 +14,7 @@ marks keys we drop on purpose. Unknown or missing keys are an error that lists t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +25,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from engine.config import LlavaConfig, VisionConfig, from_hf, text_config_from_dict, vision_config_from_dict
+from engine.config import (
+    LlavaConfig,
+    config_from_dict,
+    is_original_llava,
+    read_config_json,
+    text_config_from_dict,
+    vision_config_from_dir,
+)
 from engine.model import Llava
 
 # --------------------------------------------------------------------------- key tables
@@ -222,6 +230,16 @@ def new_model(config: LlavaConfig, **kw) -> Llava:
         return Llava(config, **kw)
 
 
+def _build(state: dict, config: LlavaConfig, where: str, *, dtype, device, kernel_backend) -> Llava:
+    """A model holding ``state`` (our names, complete but for what tying and LLaVA's unused
+    post-layernorm make optional)."""
+    if config.text.tie_word_embeddings:
+        state.pop("decoder.lm_head.weight", None)
+    model = new_model(config, kernel_backend=kernel_backend)
+    _identity_post_norm(state, model)
+    return assign_state(model, state, where, dtype=dtype, device=device)
+
+
 def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: str | None = None,
          kernel_backend: str | None = "torch") -> Llava:
     """Load a LLaVA checkpoint directory (HF llava or original LLaVA layout).
@@ -231,13 +249,11 @@ def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: st
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    vision_cfg = _clip_config(vision) if vision else None
-    config = from_hf(path, vision=vision_cfg)  # raises FileNotFoundError / ValueError naming the field
-    with open(os.path.join(path, "config.json")) as f:
-        raw = json.load(f)
-    original = "mm_vision_tower" in raw or "mm_projector_type" in raw
+    vision_cfg = vision_config_from_dir(vision) if vision else None
+    file, raw = read_config_json(path)  # raises FileNotFoundError / ValueError naming the file
+    config = config_from_dict(raw, file, vision=vision_cfg)
     state = read_safetensors_dir(path)
-    if original:
+    if is_original_llava(raw):
         state = rename(state, ORIGINAL_LLAVA, path)
         if not any(k.startswith("vision.") for k in state):
             if not vision:
@@ -249,16 +265,7 @@ def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: st
         state = rename(state, HF_LLAVA, path)
         if config.projector_type == "linear":
             state = _fold_identity_projector(state, config)
-    if config.text.tie_word_embeddings:
-        state.pop("decoder.lm_head.weight", None)
-    model = new_model(config, kernel_backend=kernel_backend)
-    _identity_post_norm(state, model)
-    return assign_state(model, state, path, dtype=dtype, device=device)
-
-
-def _clip_config(path: str) -> VisionConfig:
-    with open(os.path.join(path, "config.json")) as f:
-        return vision_config_from_dict(json.load(f), f"{path}/config.json")
+    return _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
 
 
 def _add_image_token_row(state: dict, config: LlavaConfig) -> tuple[dict, LlavaConfig]:
@@ -272,8 +279,7 @@ def _add_image_token_row(state: dict, config: LlavaConfig) -> tuple[dict, LlavaC
         if key in state:
             w = state[key]
             state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(grow, -1)], dim=0)
-    text = config.text.__class__(**{**config.text.__dict__, "vocab_size": v + grow})
-    return state, config.replace(text=text)
+    return state, config.replace(text=dataclasses.replace(config.text, vocab_size=v + grow))
 
 
 def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu", image_token_id: int | None = None,
@@ -285,9 +291,9 @@ def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu"
     placeholder gets id ``image_token_id`` (default: the first id past the vocabulary, with a
     new embedding row).
     """
-    with open(os.path.join(llama_dir, "config.json")) as f:
-        text = text_config_from_dict(json.load(f), f"{llama_dir}/config.json")
-    config = LlavaConfig(vision=_clip_config(clip_dir), text=text, projector_type=projector_type,
+    llama_file, llama_raw = read_config_json(llama_dir)
+    text = text_config_from_dict(llama_raw, llama_file)
+    config = LlavaConfig(vision=vision_config_from_dir(clip_dir), text=text, projector_type=projector_type,
                          image_token_id=text.vocab_size if image_token_id is None else image_token_id,
                          vision_feature_layer=(vision_feature_layer,))
     state = rename(read_safetensors_dir(clip_dir), CLIP_DIR, clip_dir)
@@ -296,11 +302,8 @@ def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu"
     fresh = Llava(config).projector.state_dict()
     state.update({f"projector.{k}": v for k, v in fresh.items()})
     state, config = _add_image_token_row(state, config)
-    if config.text.tie_word_embeddings:
-        state.pop("decoder.lm_head.weight", None)
-    model = new_model(config, kernel_backend=kernel_backend)
-    _identity_post_norm(state, model)
-    return assign_state(model, state, f"{clip_dir} + {llama_dir}", dtype=dtype, device=device)
+    return _build(state, config, f"{clip_dir} + {llama_dir}", dtype=dtype, device=device,
+                  kernel_backend=kernel_backend)
 
 
 def load_projector(model: Llava, source: str) -> None:
@@ -309,9 +312,7 @@ def load_projector(model: Llava, source: str) -> None:
     file = os.path.join(source, "mm_projector.bin") if os.path.isdir(source) else source
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no mm_projector.bin at {source}")
-    state = read_projector_bin(file)
-    state = {k[len("model.mm_projector."):] if k.startswith("model.mm_projector.") else k: v for k, v in state.items()}
-    state = rename(state, ORIGINAL_PROJECTOR_TABLE, file)
+    state = rename(read_projector_bin(file), _prefixed(("", "model.mm_projector."), ORIGINAL_PROJECTOR_TABLE), file)
     own = model.projector.state_dict()
     state = {k[len("projector."):]: v for k, v in state.items()}
     if set(state) != set(own):
@@ -337,16 +338,7 @@ def to_hf_state(state: dict[str, torch.Tensor], config: LlavaConfig) -> dict[str
             if dst is not None:
                 inverse[dst] = prefix + src
     inverse["decoder.lm_head.weight"] = "language_model.lm_head.weight"
-    compiled = _compile(inverse)
-    out = {}
-    for key, tensor in state.items():
-        for pat, dst in compiled:
-            m = pat.match(key)
-            if m:
-                out[dst.replace("{}", m.group(1)) if "{}" in dst else dst] = tensor.detach().contiguous()
-                break
-        else:
-            raise AssertionError(f"no export name for {key}")
+    out = {k: v.detach().contiguous() for k, v in rename(state, inverse, "export").items()}
     if config.projector_type == "linear":
         w = state["projector.linear_1.weight"]
         d = w.shape[0]
