@@ -15,7 +15,9 @@ Bytes formula (per decode step, batch-wide): ``W + Σ_seq ctx · kvb`` where W i
 weight bytes (every layer + final norm + LM head; the embedding table is read one row per
 token) and kvb = 2 · layers · kv_heads · head_dim · bytes per element. Achieved GB/s uses the
 useful bytes for both implementations, so the GB/s ratio is the speed ratio; it is compared
-with the measured copy bandwidth (``2 · bytes / time`` of a large ``copy_``).
+with the measured copy bandwidth (``common.copy_bandwidth_gbps``: ``2 · bytes / time`` of a large
+``copy_``). Peak memory (GPU): CUDA bytes above what was resident before the timed calls; our
+preallocated KV cache is resident, so its size is reported beside it (``resident_kv_cache_mb``).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import time
 
 import pytest
 import torch
-from common import Row, save
+from common import Row, copy_bandwidth_gbps, save, track_peak_memory
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import (
     LlavaForConditionalGeneration,
@@ -81,7 +83,7 @@ def build(name: str):
                         device=v["device"]).eval()
     assert ours.decoder.embed.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
     rt = Runtime(ours, RuntimeConfig(max_batch=32, max_prefill_tokens=1 << 20,
-                                     kv_cache_bytes=kv_bytes_per_token(cfg, v["dtype"]) * 32 * 1024))
+                                     kv_cache_bytes=kv_cache_bytes(cfg, v)))
     _CACHE[name] = (ours, hf, rt, cfg)
     return _CACHE[name]
 
@@ -101,26 +103,18 @@ def kv_bytes_per_token(cfg: LlavaConfig, dtype) -> int:
     return 2 * t.num_layers * t.num_kv_heads * t.head_dim * torch.empty(0, dtype=dtype).element_size()
 
 
+def kv_cache_bytes(cfg: LlavaConfig, v: dict) -> int:
+    """Our runtime's preallocated KV cache (32 sequences × 1024 tokens): resident before any timed
+    call, so not in our peak memory, while transformers' cache grows inside its own."""
+    return kv_bytes_per_token(cfg, v["dtype"]) * 32 * 1024
+
+
 def weight_bytes(ours) -> int:
     d = ours.decoder
     params = [p for n, p in d.named_parameters() if not n.startswith("embed.")]
     if d.lm_head is None:
         params.append(d.embed.weight)
     return sum(p.numel() * p.element_size() for p in params)
-
-
-def copy_bandwidth(device: str, mb: int) -> float:
-    """GB/s of a large device copy (read + write)."""
-    a = torch.ones(mb << 18, device=device)          # mb MiB of fp32
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(5):
-        sync(device)
-        t0 = time.perf_counter()
-        b.copy_(a)
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 2 * a.numel() * 4 / min(times) / 1e9
 
 
 def sync(device):
@@ -194,24 +188,28 @@ def decode_case(benchmark, name: str, batch: int):
         hf_decode(hf, prompts, [2] * batch, v["device"])
     else:
         ours_decode(rt, prompts[:1], [4], v["device"])
-    secs, reqs = benchmark.pedantic(ours_decode, args=(rt, prompts, limits, v["device"]), rounds=1,
-                                    iterations=1)
+    with track_peak_memory() as ours_peak:
+        secs, reqs = benchmark.pedantic(ours_decode, args=(rt, prompts, limits, v["device"]), rounds=1,
+                                        iterations=1)
     assert [len(r.tokens) for r in reqs] == limits
-    hf_secs, hf_out = hf_decode(hf, prompts, limits, v["device"])
+    with track_peak_memory() as hf_peak:
+        hf_secs, hf_out = hf_decode(hf, prompts, limits, v["device"])
     if v["dtype"] == torch.float32:  # greedy, same weights: same tokens (fp32 only; bf16 may tie-break)
         assert [r.tokens for r in reqs] == [row[:n].tolist() for row, n in zip(hf_out, limits, strict=True)]
     steps = max(limits) - 1                        # decode forwards after the prefill's first token
     kv_tokens = sum(sum(len(p) + j for j in range(1, n)) for p, n in zip(prompts, limits, strict=True))
     work = steps * weight_bytes(ours) + kv_tokens * kv_bytes_per_token(cfg, v["dtype"])
     new = sum(n - 1 for n in limits)
-    copy_gbs = copy_bandwidth(v["device"], v["copy_mb"])
+    copy_gbs = copy_bandwidth_gbps(v["device"], v["copy_mb"])
     formula = "steps*W + sum_seq sum_step ctx*kvb (useful bytes, same for both)"
     case = f"{name} decode b{batch}"
-    rows = [Row(SUITE, case, "hf", hf_secs * 1e3, work, formula=formula,
+    rows = [Row(SUITE, case, "hf", hf_secs * 1e3, work, formula=formula, peak_mem_mb=hf_peak["mb"],
                 extra=dict(tok_s=new / hf_secs, copy_gbs=copy_gbs)),
             Row(SUITE, case, "ours", secs * 1e3, work, formula=formula, ref_ms=hf_secs * 1e3,
+                peak_mem_mb=ours_peak["mb"],
                 extra=dict(tok_s=new / secs, copy_gbs=copy_gbs, frac_of_copy=work / secs / 1e9 / copy_gbs,
-                           cuda_graphs=rt.graphs is not None))]
+                           cuda_graphs=rt.graphs is not None, resident_kv_cache_mb=kv_cache_bytes(cfg, v) / 2**20)),
+            ]
     save(SUITE, rows)
     print(f"[{SUITE}] {case}: ours {new / secs:.1f} tok/s, transformers {new / hf_secs:.1f} tok/s, "
           f"{work / secs / 1e9:.1f} GB/s of {copy_gbs:.1f} GB/s copy")
@@ -245,11 +243,14 @@ def ttft_case(benchmark, name: str):
         return time.perf_counter() - t0
 
     ours_ttft(), hf_ttft()                                                  # warm-up
-    secs = min(benchmark.pedantic(lambda: [ours_ttft() for _ in range(3)], rounds=1, iterations=1))
-    hf_secs = min(hf_ttft() for _ in range(3))
-    row = Row(SUITE, f"{name} ttft 1 image + 64 tokens", "ours", secs * 1e3, ref_ms=hf_secs * 1e3,
-              extra=dict(prompt_tokens=len(prompt)))
-    save(SUITE, [Row(SUITE, row.case, "hf", hf_secs * 1e3), row])
+    with track_peak_memory() as ours_peak:
+        secs = min(benchmark.pedantic(lambda: [ours_ttft() for _ in range(3)], rounds=1, iterations=1))
+    with track_peak_memory() as hf_peak:
+        hf_secs = min(hf_ttft() for _ in range(3))
+    case = f"{name} ttft 1 image + 64 tokens"
+    save(SUITE, [Row(SUITE, case, "hf", hf_secs * 1e3, peak_mem_mb=hf_peak["mb"]),
+                 Row(SUITE, case, "ours", secs * 1e3, ref_ms=hf_secs * 1e3, peak_mem_mb=ours_peak["mb"],
+                     extra=dict(prompt_tokens=len(prompt), resident_kv_cache_mb=kv_cache_bytes(cfg, v) / 2**20))])
 
 
 # the CPU variant is not marked gpu: it runs (only) with `pytest bench/ --benchmark-only`

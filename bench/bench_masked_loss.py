@@ -8,7 +8,8 @@ Implementations, each computing loss = mean CE over target rows and grads of hid
   liger  Liger-Kernel's LigerFusedLinearCrossEntropyLoss (when importable).
 FLOP formula (executed work, fwd+bwd = three GEMMs of 2·rows·D·V): ours 6·Tt·D·V (logits only for target
 rows); torch and liger 6·T·D·V (they run the GEMMs on every row). `extra.useful_tflops` is 6·Tt·D·V / time
-for every implementation, the like-for-like rate. Peak memory: CUDA bytes above what was allocated
+for every implementation, the like-for-like rate. Each implementation's loss is checked against torch's
+before it is timed. Peak memory: CUDA bytes above what was allocated
 before one fwd+bwd, with the grads of hidden and head (dropped before) counted in.
 """
 from __future__ import annotations
@@ -36,8 +37,8 @@ def _inputs(T: int, frac: float):
     return hidden, head, targets, cu, n
 
 
-def _step(impl: str, hidden, head, targets, cu):
-    """One fwd+bwd closure; grads are dropped first so each call allocates them like a fresh step."""
+def _loss_fn(impl: str, hidden, head, targets, cu):
+    """A closure computing ``impl``'s scalar loss."""
     if impl == "torch":
         def loss_fn():
             return F.cross_entropy(F.linear(hidden, head).float(), targets, ignore_index=-100)
@@ -52,6 +53,12 @@ def _step(impl: str, hidden, head, targets, cu):
 
         def loss_fn():
             return liger(head, hidden, targets)
+    return loss_fn
+
+
+def _step(impl: str, hidden, head, targets, cu):
+    """One fwd+bwd closure; grads are dropped first so each call allocates them like a fresh step."""
+    loss_fn = _loss_fn(impl, hidden, head, targets, cu)
 
     def step():
         hidden.grad = head.grad = None
@@ -79,6 +86,11 @@ def test_masked_loss_fwd_bwd(benchmark, T, frac, impl):
     if reason:
         pytest.skip(reason)
     hidden, head, targets, cu, n = _inputs(T, frac)
+    with torch.no_grad():  # validated before timed (a sanity bound: tests/ hold the tolerance rule)
+        want = _loss_fn("torch", hidden, head, targets, cu)().item()
+        got = _loss_fn(impl, hidden, head, targets, cu)().item()
+    # The mean over >= 1228 rows of ~11-nat losses: bf16 rounding moves it by ~1e-5 relative.
+    assert abs(got - want) <= 1e-3 * abs(want), f"{impl}: loss {got} vs torch {want}"
     if (T, frac) not in _REF_MS:
         _REF_MS[(T, frac)] = cuda_time_ms(_step("torch", hidden, head, targets, cu))
     step = _step(impl, hidden, head, targets, cu)

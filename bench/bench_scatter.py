@@ -1,8 +1,9 @@
 """Image-token scatter: torch reference vs Triton (vs CUDA when built), forward and backward.
 
 Letters: T packed tokens, D model width, V vocab, M image rows (k images of 576 rows), elt bytes.
-The op is a copy, so the yardstick is the device's own copy bandwidth: a large device-to-device
-``Tensor.copy_`` timed the same way (bytes read + written). Target: forward >= 80% of it.
+The op is a copy, so the yardstick is the device's own copy bandwidth: a 1 GiB device-to-device
+``Tensor.copy_`` timed the same way (``common.copy_bandwidth_gbps``, bytes read + written).
+Target: forward >= 80% of it.
 
 Bytes per call (ideal traffic, the same formula for every implementation):
   forward: T·D·elt (write) + T·D·elt (read of the copied rows) + T·8 (ids) + M·8 (positions)
@@ -17,7 +18,7 @@ import functools
 
 import pytest
 import torch
-from common import Row, cuda_time_ms, peak_memory_mb, save
+from common import Row, copy_bandwidth_gbps, cuda_time_ms, peak_memory_mb, save
 
 from kernels import dispatch
 from kernels.scatter import scatter_image_tokens, scatter_image_tokens_ref
@@ -26,15 +27,6 @@ SUITE = "scatter"
 V, D, ROWS_PER_IMAGE = 32064, 4096, 576
 DTYPE = torch.bfloat16
 CASES = [(T, min(k, T // ROWS_PER_IMAGE)) for T in (4096, 16384) for k in (1, 4, 16)]
-
-
-@functools.cache
-def copy_bandwidth_gbps() -> float:
-    """Measured device-to-device copy bandwidth (read + write bytes) of a 1 GiB bf16 tensor."""
-    src = torch.randn(2**29, device="cuda", dtype=DTYPE)
-    dst = torch.empty_like(src)
-    ms = cuda_time_ms(lambda: dst.copy_(src), warmup=10, rep=50)
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3) / 1e9
 
 
 def make_inputs(T: int, k: int):

@@ -6,6 +6,8 @@ JSON document per suite, and printed as a table line.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
 import platform
@@ -102,13 +104,42 @@ def cuda_time_ms(fn, *, warmup: int = 5, rep: int = 20) -> float:
     return times[len(times) // 2]
 
 
-def peak_memory_mb(fn) -> float | None:
-    """Peak CUDA memory allocated during one ``fn()`` above what was allocated before."""
+@contextlib.contextmanager
+def track_peak_memory():
+    """``with track_peak_memory() as peak:`` → ``peak["mb"]``: peak CUDA memory allocated inside the
+    block above what was allocated before it (None without CUDA). For timed calls that cannot be
+    repeated just to measure memory."""
+    peak = {"mb": None}
     if not torch.cuda.is_available():
-        return None
+        yield peak
+        return
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    fn()
+    yield peak
     torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**20
+    peak["mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def peak_memory_mb(fn) -> float | None:
+    """Peak CUDA memory allocated during one ``fn()`` above what was allocated before."""
+    with track_peak_memory() as peak:
+        fn()
+    return peak["mb"]
+
+
+@functools.cache
+def copy_bandwidth_gbps(device: str = "cuda", mib: int = 1024) -> float:
+    """Achieved GB/s of copying ``mib`` MiB on ``device``, counting bytes read + written: the yardstick
+    for memory-bound ops. CUDA: median of CUDA-event timings; CPU: the best of 5 wall-clock copies."""
+    src = torch.ones(mib << 18, device=device)        # fp32: 4 bytes × 2**18 per MiB
+    dst = torch.empty_like(src)
+    nbytes = 2 * src.numel() * src.element_size()
+    if src.is_cuda:
+        return nbytes / (cuda_time_ms(lambda: dst.copy_(src), warmup=10, rep=50) * 1e-3) / 1e9
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return nbytes / best / 1e9

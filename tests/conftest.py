@@ -54,3 +54,19 @@ def tiny_checkpoint(tmp_path_factory):
     torch.manual_seed(0)
     write_hf_checkpoint(engine.Llava(cfg).state_dict(), cfg, str(root / "ckpt"), tokenizer_dir=tok_dir)
     return str(root / "ckpt")
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """The tiny training assets (helpers.build_tiny_assets), built once; tests only read them."""
+    from helpers import build_tiny_assets
+
+    return build_tiny_assets(str(tmp_path_factory.mktemp("assets")))
+
+
+@pytest.fixture(scope="session")
+def samples(assets):
+    """``assets.mixed_data`` loaded with the vicuna_v1 template: image samples, then text-only ones."""
+    from helpers import load_tiny
+
+    return load_tiny(assets, assets.mixed_data)[0]

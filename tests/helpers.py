@@ -1,14 +1,23 @@
-"""Shared test helpers: the tolerance rule and output poisoning (CONVENTIONS.md, habit 6), and a
-fake OpenAI-compatible judge server on 127.0.0.1.
+"""Shared test helpers, one copy each (test modules import from here, never from each other):
 
-Rule: compare against a float64 truth. In float32 the error must be tiny (``fp32_tol``);
-in bf16/fp16 the kernel's error may be at most ``factor`` × the error of the reference
-implementation run in that same precision, plus a small floor.
+- the tolerance rule and output poisoning (CONVENTIONS.md, habit 6). Rule: compare against a float64
+  truth. In float32 the error must be tiny (``fp32_tol``); in bf16/fp16 the kernel's error may be at
+  most ``factor`` × the error of the reference implementation run in that same precision, plus a
+  small floor;
+- fake OpenAI-compatible servers on 127.0.0.1 (``FakeServer``, ``FakeJudge``) and the API-key leak check;
+- a tiny random transformers LLaVA (``hf_model``) with prompts for logit parity;
+- the tiny training assets (``build_tiny_assets``; conftest's session fixture ``assets`` builds them
+  once) and the helpers for running the training CLIs as subprocesses.
 """
 from __future__ import annotations
 
+import glob
 import json
+import os
+import subprocess
 import threading
+import time
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
@@ -44,42 +53,304 @@ def poison_(t: torch.Tensor) -> torch.Tensor:
     return t.fill_(-(2**30))
 
 
-class FakeJudge:
-    """``POST /v1/chat/completions`` answered by ``reply(messages) -> str | int`` (int: an HTTP error)."""
+# ---- fake OpenAI-compatible servers -----------------------------------------------------------------------
 
-    def __init__(self, reply):
-        self.reply, self.requests = reply, []
-        judge = self
+SECRET = "sk-test-DO-NOT-LEAK-8f3a91"   # the API key the fakes expect; it must never reach output or files
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes | dict | None = None      # dict → JSON; None → a chat completion of ``text``
+    text: str = "hello"
+    finish_reason: str = "stop"
+    headers: dict = field(default_factory=dict)
+    delay: float = 0.0                     # seconds before answering
+    truncate: bool = False                 # announce more bytes than are sent, then close
+
+
+def completion(text: str, finish_reason: str = "stop") -> dict:
+    return {"id": "x", "object": "chat.completion", "model": "fake",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                         "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
+
+
+class FakeServer:
+    """Scripted OpenAI-compatible server: ``script(request_json, headers, n) -> Reply`` (n: 0-based call count
+    for this request's messages, so a script can fail the first k tries of one prompt)."""
+
+    def __init__(self, script, *, lifetime: float = 60.0):
+        self.script = script
+        self.requests: list[dict] = []
+        self.headers: list[dict] = []
+        self.in_flight = self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {}
+        outer = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                judge.requests.append(body)
-                out = judge.reply(body["messages"])
-                if isinstance(out, int):
-                    self.send_response(out)
-                    self.end_headers()
-                    return
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": out},
-                                                "finish_reason": "stop"}], "usage": {}}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+            protocol_version = "HTTP/1.1"
 
-            def log_message(self, *a):
+            def log_message(self, *args):  # keep test output clean
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+            def do_POST(self):
+                length = int(self.headers.get("Content-Length", 0))
+                request = json.loads(self.rfile.read(length))
+                key = json.dumps(request.get("messages"))
+                with outer._lock:
+                    n = outer._counts.get(key, 0)
+                    outer._counts[key] = n + 1
+                    outer.requests.append(request)
+                    outer.headers.append(dict(self.headers))
+                    outer.in_flight += 1
+                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
+                try:
+                    reply = outer.script(request, dict(self.headers), n)
+                    if reply.delay:
+                        time.sleep(reply.delay)
+                    body = reply.body
+                    if body is None:
+                        body = completion(reply.text, reply.finish_reason)
+                    raw = json.dumps(body).encode() if isinstance(body, dict) else body
+                    self.send_response(reply.status)
+                    self.send_header("Content-Type", "application/json")
+                    for k, v in reply.headers.items():
+                        self.send_header(k, v)
+                    if reply.truncate:
+                        self.send_header("Content-Length", str(len(raw) + 100))
+                        self.send_header("Connection", "close")
+                        self.end_headers()
+                        self.wfile.write(raw[: len(raw) // 2])
+                        self.close_connection = True
+                    else:
+                        self.send_header("Content-Length", str(len(raw)))
+                        self.end_headers()
+                        self.wfile.write(raw)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (timeout) before we answered
+                finally:
+                    with outer._lock:
+                        outer.in_flight -= 1
+
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request, client_address):
+                pass
+
+        self.httpd = Server(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
+                                        daemon=True)
+        self._timer = threading.Timer(lifetime, self.stop)
+        self._timer.daemon = True
 
     def __enter__(self):
-        self.thread.start()
+        self._thread.start()
+        self._timer.start()
         return self
 
     def __exit__(self, *exc):
-        self.server.shutdown()
-        self.server.server_close()
-        self.thread.join(timeout=5)
+        self.stop()
+
+    def stop(self):
+        self._timer.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+class FakeJudge(FakeServer):
+    """``POST /v1/chat/completions`` answered by ``reply(messages) -> str | int`` (int: that HTTP status
+    with an empty body)."""
+
+    def __init__(self, reply, *, lifetime: float = 60.0):
+        def script(request, headers, n):
+            out = reply(request["messages"])
+            return Reply(status=out, body=b"") if isinstance(out, int) else Reply(text=out)
+        super().__init__(script, lifetime=lifetime)
+
+
+def assert_no_secret(texts, *roots: str) -> None:
+    """``SECRET`` appears in none of ``texts`` and in no file under ``roots``."""
+    for text in texts:
+        assert SECRET not in text
+    for root in roots:
+        for dirpath, _, files in os.walk(root):
+            for name in files:
+                path = os.path.join(dirpath, name)
+                with open(path, "rb") as f:
+                    assert SECRET.encode() not in f.read(), path
+
+
+# ---- a tiny transformers LLaVA for parity ---------------------------------------------------------------
+
+VOCAB, IMAGE_TOKEN, IMAGE_SIZE = 120, 119, 28  # image 28 px, patch 14 → 4 patches (+1 class token)
+
+
+def hf_model(*, act="gelu", layer=-2, strategy="default", kv_heads=2, tie=False, bias=True, seed=0,
+             vocab=VOCAB, image_token=IMAGE_TOKEN):
+    """A random tiny ``LlavaForConditionalGeneration`` (eval mode) whose norms, biases and class
+    embedding are perturbed from their default initialisation so every weight matters."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=IMAGE_SIZE, patch_size=14, hidden_act="quick_gelu")
+    tc = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=kv_heads, rope_theta=500.0,
+                     rms_norm_eps=1e-5, tie_word_embeddings=tie)
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=image_token, projector_hidden_act=act,
+                      vision_feature_layer=layer, vision_feature_select_strategy=strategy,
+                      multimodal_projector_bias=bias, tie_word_embeddings=tie)
+    cfg.image_seq_length = 4 + (strategy == "full")
+    model = LlavaForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "class_embedding" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def prompts(seq_len: int, *, n_images=(0, 1, 2), lengths=(7, 12, 9), seed=1):
+    """One sequence per entry: random text with ``n`` image placeholder runs spread inside."""
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for n, length in zip(n_images, lengths, strict=True):
+        ids = torch.randint(0, IMAGE_TOKEN, (length,), generator=g).tolist()
+        for i in range(n):
+            at = min(len(ids), 1 + i * 3)
+            ids[at:at] = [IMAGE_TOKEN] * seq_len
+        seqs.append(ids)
+    pixels = torch.randn(sum(n_images), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    return seqs, pixels
+
+
+def pad(seqs, side):
+    """(ids, attention_mask), both [B, longest], padded with 0 on ``side`` ("left" or "right")."""
+    width = max(map(len, seqs))
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s)
+        mask[i, sl] = 1
+    return ids, mask
+
+
+# ---- tiny training assets --------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TinyAssets:
+    tok_dir: str        # HF tokenizer directory
+    model_dir: str      # HF llava checkpoint (with the tokenizer files)
+    image_folder: str
+    image_data: str     # LLaVA JSON: multiple-choice questions, one image each
+    mixed_data: str     # image records + text-only records
+    image_token_id: int
+    image_seq_len: int
+
+
+TEXT_ONLY = [("What colour is a banana?", "A banana is yellow."), ("How many sides has a square?", "Four."),
+             ("Name a shape with three corners.", "A triangle has three corners."),
+             ("Is the sky green?", "No, the sky is blue.")]
+
+
+def build_tiny_assets(root: str, *, num_images: int = 12) -> TinyAssets:
+    """Write under ``root`` (deterministic): a locally built tokenizer, a random tiny LLaVA exported in
+    the HF layout, ``num_images`` procedural shapes images (28 px, patch 14 → 4 rows per image) with
+    multiple-choice questions, and a mixed file that adds the ``TEXT_ONLY`` records."""
+    from transformers import AutoTokenizer
+
+    from engine.config import tiny_config
+    from engine.model import Llava
+    from engine.tokenizer import build_tiny_tokenizer
+    from engine.weights import export_hf
+    from train.shapes import make_shapes_dataset
+
+    tok_dir = build_tiny_tokenizer(os.path.join(root, "tokenizer"), vocab_size=400)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    image_token_id = tok.convert_tokens_to_ids("<image>")
+    cfg = tiny_config(vocab_size=len(tok), image_token_id=image_token_id, image_size=IMAGE_SIZE,
+                      patch_size=14)
+    torch.manual_seed(0)
+    model_dir = os.path.join(root, "model")
+    export_hf(Llava(cfg), model_dir, tokenizer_dir=tok_dir)
+    paths = make_shapes_dataset(os.path.join(root, "shapes"), num_train=num_images, num_test=0,
+                                image_size=IMAGE_SIZE)
+    with open(paths.train_mc) as f:
+        records = json.load(f)
+    text = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+            for i, (q, a) in enumerate(TEXT_ONLY)]
+    mixed = os.path.join(root, "mixed.json")
+    with open(mixed, "w") as f:
+        json.dump(records + text, f)
+    return TinyAssets(tok_dir=tok_dir, model_dir=model_dir, image_folder=paths.root,
+                      image_data=paths.train_mc, mixed_data=mixed, image_token_id=image_token_id,
+                      image_seq_len=cfg.image_seq_len)
+
+
+def load_tiny(assets: TinyAssets, path: str, **kw):
+    """``train.data.load_samples`` of ``path`` with the assets' tokenizer and images (vicuna_v1 template
+    unless ``template`` is given): (samples, report)."""
+    from transformers import AutoTokenizer
+
+    from train.data import load_samples
+
+    tok = AutoTokenizer.from_pretrained(assets.tok_dir)
+    kw.setdefault("template", "vicuna_v1")
+    kw.setdefault("image_folder", assets.image_folder)
+    return load_samples(path, tok, image_token_id=assets.image_token_id, image_seq_len=assets.image_seq_len,
+                        **kw)
+
+
+def write_bad_data(assets: TinyAssets, root: str) -> tuple[str, dict[str, str]]:
+    """A data file with good records and one of each kind of bad record; returns (path, {id: file
+    the error must name})."""
+    with open(assets.image_data) as f:
+        good = json.load(f)[:3]
+    garbage = os.path.join(root, "garbage.png")
+    with open(garbage, "wb") as f:
+        f.write(b"this is not a PNG file at all")
+    q = good[0]["conversations"]
+    data = os.path.join(root, "bad.json")
+    bad = [
+        {"id": "bad-missing", "image": "train/does-not-exist.png", "conversations": q},
+        {"id": "bad-unreadable", "image": garbage, "conversations": q},
+        {"id": "bad-no-answer", "image": good[0]["image"], "conversations": q[:1]},
+        {"id": "bad-two-markers", "image": good[0]["image"],
+         "conversations": [{"from": "human", "value": "<image>\n<image>\nTwo pictures?"}, q[1]]},
+    ]
+    with open(data, "w") as f:
+        json.dump(good[:2] + bad + good[2:], f)
+    names = {"bad-missing": os.path.join(assets.image_folder, "train/does-not-exist.png"),
+             "bad-unreadable": garbage, "bad-no-answer": data, "bad-two-markers": data}
+    return data, names
+
+
+# ---- the training CLIs as subprocesses -------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# One thread: the runs compared bitwise must reduce in the same order, and 2 cores are shared.
+ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
+
+
+def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    """``p`` if it exited 0; else fail showing the ends of its stdout and stderr."""
+    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}"
+    return p
+
+
+def metrics(out: str) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def weights(path: str) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's ``*.safetensors`` files."""
+    from safetensors.torch import load_file
+
+    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    return {k: v for f in files for k, v in load_file(f).items()}

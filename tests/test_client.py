@@ -1,126 +1,15 @@
 """engine.client.ChatClient against a scripted HTTP server on 127.0.0.1 (429, 5xx, garbage, truncation, slow).
 
-``FakeServer`` is also used by tests/test_make_instruct.py. It runs in a daemon thread, stops
-itself after ``lifetime`` seconds whatever happens, and records every request.
+``FakeServer`` (tests/helpers.py) runs in a daemon thread, stops itself after ``lifetime`` seconds
+whatever happens, and records every request.
 """
 from __future__ import annotations
 
-import json
-import threading
-import time
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
+from helpers import SECRET, FakeServer, Reply
 
 import engine.client as client_mod
 from engine.client import ChatClient, ChatError, ChatResult
-
-SECRET = "sk-test-DO-NOT-LEAK-8f3a91"
-
-
-@dataclass
-class Reply:
-    status: int = 200
-    body: bytes | dict | None = None      # dict → JSON; None → a chat completion of ``text``
-    text: str = "hello"
-    finish_reason: str = "stop"
-    headers: dict = field(default_factory=dict)
-    delay: float = 0.0                     # seconds before answering
-    truncate: bool = False                 # announce more bytes than are sent, then close
-
-
-def completion(text: str, finish_reason: str = "stop") -> dict:
-    return {"id": "x", "object": "chat.completion", "model": "fake",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                         "finish_reason": finish_reason}],
-            "usage": {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}}
-
-
-class FakeServer:
-    """Scripted OpenAI-compatible server: ``script(request_json, headers, n) -> Reply`` (n: 0-based call count
-    for this request's messages, so a script can fail the first k tries of one prompt)."""
-
-    def __init__(self, script, *, lifetime: float = 60.0):
-        self.script = script
-        self.requests: list[dict] = []
-        self.headers: list[dict] = []
-        self.in_flight = self.max_in_flight = 0
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {}
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):  # keep test output clean
-                pass
-
-            def do_POST(self):
-                length = int(self.headers.get("Content-Length", 0))
-                request = json.loads(self.rfile.read(length))
-                key = json.dumps(request.get("messages"))
-                with outer._lock:
-                    n = outer._counts.get(key, 0)
-                    outer._counts[key] = n + 1
-                    outer.requests.append(request)
-                    outer.headers.append(dict(self.headers))
-                    outer.in_flight += 1
-                    outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
-                try:
-                    reply = outer.script(request, dict(self.headers), n)
-                    if reply.delay:
-                        time.sleep(reply.delay)
-                    body = reply.body
-                    if body is None:
-                        body = completion(reply.text, reply.finish_reason)
-                    raw = json.dumps(body).encode() if isinstance(body, dict) else body
-                    self.send_response(reply.status)
-                    self.send_header("Content-Type", "application/json")
-                    for k, v in reply.headers.items():
-                        self.send_header(k, v)
-                    if reply.truncate:
-                        self.send_header("Content-Length", str(len(raw) + 100))
-                        self.send_header("Connection", "close")
-                        self.end_headers()
-                        self.wfile.write(raw[: len(raw) // 2])
-                        self.close_connection = True
-                    else:
-                        self.send_header("Content-Length", str(len(raw)))
-                        self.end_headers()
-                        self.wfile.write(raw)
-                except (BrokenPipeError, ConnectionResetError):
-                    pass  # the client gave up (timeout) before we answered
-                finally:
-                    with outer._lock:
-                        outer.in_flight -= 1
-
-        class Server(ThreadingHTTPServer):
-            daemon_threads = True
-
-            def handle_error(self, request, client_address):
-                pass
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
-        self._timer = threading.Timer(lifetime, self.stop)
-        self._timer.daemon = True
-
-    def __enter__(self):
-        self._thread.start()
-        self._timer.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    def stop(self):
-        self._timer.cancel()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
 
 MSG = [{"role": "user", "content": "hi"}]
 

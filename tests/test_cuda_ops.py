@@ -51,7 +51,7 @@ def _fwd_bwd(fn, tensors, needs, upstream):
 
 def _check(got, truth, ref, dtype, what, floor=1e-6):
     if dtype == torch.float32:
-        assert_close_rule(got, truth, fp32_tol=2e-5, what=what)
+        assert_close_rule(got, truth, what=what)  # the rule's 1e-5: fp32 GEMMs go to cuBLAS, no TF32
     else:
         assert_close_rule(got, truth, ref, floor=floor, what=what)
 

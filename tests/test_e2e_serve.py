@@ -25,10 +25,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import REPO, SECRET, assert_no_secret
 from PIL import Image, ImageDraw
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECRET = "sk-test-secret-e2e-5f1c9a0b7d3e"
 ENV = {**os.environ, "OPENAI_API_KEY": SECRET}
 MAX_TOKENS = 16      # teacher/judge reply length: every request stays tiny and fast on the CPU
 CLI_TIMEOUT = 120    # seconds any one CLI may take before the test fails (normally a few seconds)
@@ -163,16 +162,6 @@ def cli(logs: list[str], module: str, *args) -> str:
     """Run a CLI to completion (bounded); its stdout and stderr are kept in ``logs`` for the key check."""
     p = subprocess.run(_cmd(module, *args), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=CLI_TIMEOUT)
     return _check(p, p.stdout, p.stderr, logs)
-
-
-def assert_no_secret(logs: list[str], *roots: str) -> None:
-    for text in logs:
-        assert SECRET not in text
-    for root in roots:
-        for dirpath, _, files in os.walk(root):
-            for name in files:
-                with open(os.path.join(dirpath, name), "rb") as f:
-                    assert SECRET.encode() not in f.read(), os.path.join(dirpath, name)
 
 
 def _upstream_letter(text: str) -> str | None:

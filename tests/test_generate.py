@@ -9,7 +9,7 @@
 """
 import pytest
 import torch
-from test_parity import IMAGE_TOKEN, IMG, hf_model, pad
+from helpers import IMAGE_SIZE, IMAGE_TOKEN, hf_model, pad
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -45,7 +45,7 @@ def mixed_prompts(seq_len, n_images, lengths, seed=0):
             at = min(len(ids), 1 + 4 * i)
             ids[at:at] = [IMAGE_TOKEN] * seq_len
         seqs.append([1] + ids)
-    pixels = torch.randn(sum(n_images), 3, IMG, IMG, generator=g)
+    pixels = torch.randn(sum(n_images), 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
     return seqs, pixels
 
 

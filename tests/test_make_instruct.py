@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from test_client import SECRET, FakeServer, Reply
+from helpers import REPO, SECRET, FakeServer, Reply, assert_no_secret
 
 from train.make_instruct import (
     DEFAULT_PROMPTS,
@@ -32,7 +32,6 @@ from train.make_instruct import (
 from train.mix_instruct import PRESETS, mix
 from train.shapes import make_shapes_dataset
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPSTREAM_KIND = {"conversation": "conversation", "detail_description": "detail",
                  "complex_reasoning": "complex"}
 BOX_LINE = re.compile(r"^(?P<cat>[^:\n]+): \[(?P<v>(?:0|1)\.\d{1,3}(?:, (?:0|1)\.\d{1,3}){3})\]$")
@@ -288,15 +287,6 @@ def faulty_teacher(request, headers, n):
     return Reply(text=teacher_text(rid))
 
 
-def assert_no_secret(root, *texts):
-    for text in texts:
-        assert SECRET not in text
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                assert SECRET.encode() not in f.read(), name
-
-
 def test_fault_handling_every_id_ends_in_output_or_rejects(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OPENAI_API_KEY", SECRET)
     ids = write_records(tmp_path / "in.jsonl", 14)
@@ -323,7 +313,7 @@ def test_fault_handling_every_id_ends_in_output_or_rejects(tmp_path, monkeypatch
     s = samples[0]
     assert s["conversations"][0]["value"] == "<image>\nWhat is in picture r00?" and s["image"] == "r00.jpg"
     assert summary["new_accepted"] == len(want_out) and summary["teacher_usage"]["failures"] == 3
-    assert_no_secret(tmp_path, *capsys.readouterr())
+    assert_no_secret(capsys.readouterr(), tmp_path)
 
 
 def slow_teacher(request, headers, n):
@@ -384,7 +374,7 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, monkeypatch):
     rejects = sorted(json.loads(x)["id"] for x in read(out + ".rejects.jsonl").splitlines())
     assert rejects == sorted(json.loads(x)["id"] for x in read(ref + ".rejects.jsonl").splitlines())
     assert rejects == [f"r{i:02d}" for i in range(n) if i % 7 == 3]
-    assert_no_secret(tmp_path, stdout1, stderr1, stdout2, stderr2)
+    assert_no_secret([stdout1, stderr1, stdout2, stderr2], tmp_path)
 
 
 # ---- mixing -----------------------------------------------------------------------------------------------

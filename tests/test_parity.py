@@ -5,56 +5,10 @@ HF models are built from tiny random configs, saved with ``save_pretrained`` and
 """
 import pytest
 import torch
-from helpers import rel_err
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from helpers import IMAGE_TOKEN, VOCAB, hf_model, pad, prompts, rel_err
+from transformers import LlavaForConditionalGeneration
 
 import engine
-
-VOCAB, IMAGE_TOKEN, IMG = 120, 119, 28  # image 28 px, patch 14 → 4 patches (+1 class token)
-
-
-def hf_model(*, act="gelu", layer=-2, strategy="default", kv_heads=2, tie=False, bias=True, seed=0):
-    torch.manual_seed(seed)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=IMG, patch_size=14, hidden_act="quick_gelu")
-    tc = LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=kv_heads, rope_theta=500.0,
-                     rms_norm_eps=1e-5, tie_word_embeddings=tie)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=IMAGE_TOKEN, projector_hidden_act=act,
-                      vision_feature_layer=layer, vision_feature_select_strategy=strategy,
-                      multimodal_projector_bias=bias, tie_word_embeddings=tie)
-    cfg.image_seq_length = 4 + (strategy == "full")
-    model = LlavaForConditionalGeneration(cfg).eval()
-    with torch.no_grad():  # random (not default-initialised) norms and biases so every weight matters
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias") or "class_embedding" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return model
-
-
-def prompts(seq_len: int, *, n_images=(0, 1, 2), lengths=(7, 12, 9), seed=1):
-    """One sequence per entry: random text with ``n`` image placeholder runs spread inside."""
-    g = torch.Generator().manual_seed(seed)
-    seqs = []
-    for n, length in zip(n_images, lengths, strict=True):
-        ids = torch.randint(0, IMAGE_TOKEN, (length,), generator=g).tolist()
-        for i in range(n):
-            at = min(len(ids), 1 + i * 3)
-            ids[at:at] = [IMAGE_TOKEN] * seq_len
-        seqs.append(ids)
-    pixels = torch.randn(sum(n_images), 3, IMG, IMG, generator=g)
-    return seqs, pixels
-
-
-def pad(seqs, side):
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        sl = slice(width - len(s), width) if side == "left" else slice(0, len(s))
-        ids[i, sl] = torch.tensor(s)
-        mask[i, sl] = 1
-    return ids, mask
 
 
 def compare(hf, ours, seqs, pixels, side="right"):
@@ -64,7 +18,8 @@ def compare(hf, ours, seqs, pixels, side="right"):
         got = ours(ids, pixels if len(pixels) else None, attention_mask=mask)
     keep = mask.bool()
     err = rel_err(got[keep], ref[keep])
-    assert err <= 1e-4, f"logits relative error {err:.2e}"
+    # Both sides are fp32 within ~3e-7 of an fp64 run of the same model: the fp32 rule's 1e-5 holds.
+    assert err <= 1e-5, f"logits relative error {err:.2e}"
     return got, keep
 
 

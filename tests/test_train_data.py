@@ -1,18 +1,17 @@
 """Training data (train/data.py): validation, packing, step plans, rank shards, bad records.
 
-Also home of ``build_tiny_assets``, the tiny run every training test starts from (the other
-train test files import it): a locally built tokenizer, a random tiny LLaVA exported in the HF
-layout, and a few procedural shapes images (28 px, patch 14 → 4 rows per image).
+On the tiny assets every training test starts from (tests/helpers.py ``build_tiny_assets``, built once
+per session by conftest's ``assets`` fixture; ``samples`` is its mixed file loaded).
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-from dataclasses import dataclass
 
 import pytest
 import torch
+from helpers import IMAGE_SIZE, TEXT_ONLY, load_tiny, write_bad_data
 from PIL import Image
 
 from engine.conversation import IGNORE_INDEX
@@ -23,83 +22,17 @@ from train.data import (
     StepDataset,
     collate,
     count_targets,
-    load_samples,
     pack_micro_batches,
     plan_steps,
     shifted_targets,
 )
 
-IMAGE_SIZE = 28
 
-
-@dataclass(frozen=True)
-class TinyAssets:
-    tok_dir: str        # HF tokenizer directory
-    model_dir: str      # HF llava checkpoint (with the tokenizer files)
-    image_folder: str
-    image_data: str     # LLaVA JSON: multiple-choice questions, one image each
-    mixed_data: str     # image records + text-only records
-    image_token_id: int
-    image_seq_len: int
-
-
-TEXT_ONLY = [("What colour is a banana?", "A banana is yellow."), ("How many sides has a square?", "Four."),
-             ("Name a shape with three corners.", "A triangle has three corners."),
-             ("Is the sky green?", "No, the sky is blue.")]
-
-
-def build_tiny_assets(root: str, *, num_images: int = 12) -> TinyAssets:
-    """Write the tiny tokenizer, model and data under ``root`` (deterministic)."""
-    from transformers import AutoTokenizer
-
-    from engine.config import tiny_config
-    from engine.model import Llava
-    from engine.tokenizer import build_tiny_tokenizer
-    from engine.weights import export_hf
-    from train.shapes import make_shapes_dataset
-
-    tok_dir = build_tiny_tokenizer(os.path.join(root, "tokenizer"), vocab_size=400)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    image_token_id = tok.convert_tokens_to_ids("<image>")
-    cfg = tiny_config(vocab_size=len(tok), image_token_id=image_token_id, image_size=IMAGE_SIZE,
-                      patch_size=14)
-    torch.manual_seed(0)
-    model_dir = os.path.join(root, "model")
-    export_hf(Llava(cfg), model_dir, tokenizer_dir=tok_dir)
-    paths = make_shapes_dataset(os.path.join(root, "shapes"), num_train=num_images, num_test=0,
-                                image_size=IMAGE_SIZE)
-    with open(paths.train_mc) as f:
-        records = json.load(f)
-    text = [{"id": f"text-{i}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
-            for i, (q, a) in enumerate(TEXT_ONLY)]
-    mixed = os.path.join(root, "mixed.json")
-    with open(mixed, "w") as f:
-        json.dump(records + text, f)
-    return TinyAssets(tok_dir=tok_dir, model_dir=model_dir, image_folder=paths.root,
-                      image_data=paths.train_mc, mixed_data=mixed, image_token_id=image_token_id,
-                      image_seq_len=cfg.image_seq_len)
-
-
-def load(assets: TinyAssets, path: str, **kw):
-    from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(assets.tok_dir)
-    kw.setdefault("template", "vicuna_v1")
-    kw.setdefault("image_folder", assets.image_folder)
-    return load_samples(path, tok, image_token_id=assets.image_token_id, image_seq_len=assets.image_seq_len,
-                        **kw)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_tiny_assets(str(tmp_path_factory.mktemp("assets")))
-
-
-@pytest.fixture(scope="module")
-def samples(assets):
-    samples, report = load(assets, assets.mixed_data)
+def test_mixed_data_loads_cleanly(assets, samples):
+    """conftest's ``samples``: every record of the mixed file, none skipped, dropped or truncated."""
+    _, report = load_tiny(assets, assets.mixed_data)
     assert len(samples) == 12 + len(TEXT_ONLY)
     assert report.summary() == "0 bad records skipped, 0 over-long samples dropped, 0 truncated"
-    return samples
 
 
 # --------------------------------------------------------------------------- packing a micro-batch
@@ -197,42 +130,18 @@ def test_over_long_samples_are_dropped_or_truncated_outside_the_image(assets, sa
     first = samples[0]
     image_at = first.input_ids.index(assets.image_token_id)
     inside = image_at + 2                                           # would split the image rows
-    kept, report = load(assets, assets.image_data, max_length=inside, truncate=True)
+    kept, report = load_tiny(assets, assets.image_data, max_length=inside, truncate=True)
     assert report.too_long and all(s.length <= inside for s in kept)
     cut = first.length - 1                                          # drops the stop token only
-    kept, report = load(assets, assets.image_data, max_length=cut)
+    kept, report = load_tiny(assets, assets.image_data, max_length=cut)
     assert first.id in report.too_long and first.id not in [s.id for s in kept]
-    kept, report = load(assets, assets.image_data, max_length=cut, truncate=True)
+    kept, report = load_tiny(assets, assets.image_data, max_length=cut, truncate=True)
     got = {s.id: s for s in kept}[first.id]
     assert first.id in report.truncated and got.input_ids == first.input_ids[:cut]
     assert got.labels == first.labels[:cut]
 
 
 # --------------------------------------------------------------------------- bad records
-
-
-def write_bad_data(assets: TinyAssets, root: str) -> tuple[str, dict[str, str]]:
-    """A data file with good records and one of each kind of bad record; returns (path, {id: file
-    the error must name})."""
-    with open(assets.image_data) as f:
-        good = json.load(f)[:3]
-    garbage = os.path.join(root, "garbage.png")
-    with open(garbage, "wb") as f:
-        f.write(b"this is not a PNG file at all")
-    q = good[0]["conversations"]
-    data = os.path.join(root, "bad.json")
-    bad = [
-        {"id": "bad-missing", "image": "train/does-not-exist.png", "conversations": q},
-        {"id": "bad-unreadable", "image": garbage, "conversations": q},
-        {"id": "bad-no-answer", "image": good[0]["image"], "conversations": q[:1]},
-        {"id": "bad-two-markers", "image": good[0]["image"],
-         "conversations": [{"from": "human", "value": "<image>\n<image>\nTwo pictures?"}, q[1]]},
-    ]
-    with open(data, "w") as f:
-        json.dump(good[:2] + bad + good[2:], f)
-    names = {"bad-missing": os.path.join(assets.image_folder, "train/does-not-exist.png"),
-             "bad-unreadable": garbage, "bad-no-answer": data, "bad-two-markers": data}
-    return data, names
 
 
 @pytest.mark.parametrize("which", ["bad-missing", "bad-unreadable", "bad-no-answer", "bad-two-markers"])
@@ -244,13 +153,13 @@ def test_bad_record_error_names_the_record_and_file(assets, tmp_path, which):
     with open(only, "w") as f:
         json.dump([r for r in records if not r["id"].startswith("bad-") or r["id"] == which], f)
     with pytest.raises(BadRecord) as e:
-        load(assets, only)
+        load_tiny(assets, only)
     assert which in str(e.value) and only in str(e.value) and names[which].replace(data, only) in str(e.value)
 
 
 def test_bad_records_are_skipped_and_counted(assets, tmp_path):
     data, names = write_bad_data(assets, str(tmp_path))
-    kept, report = load(assets, data, on_bad_record="skip")
+    kept, report = load_tiny(assets, data, on_bad_record="skip")
     assert [s.id for s in kept] == ["shapes-train-000000", "shapes-train-000001", "shapes-train-000002"]
     assert sorted(report.skipped) == sorted(names)
     assert report.summary().startswith("4 bad records skipped")

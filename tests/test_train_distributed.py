@@ -16,9 +16,7 @@ import sys
 
 import pytest
 import torch.distributed as dist
-from helpers import rel_err
-from test_train_data import build_tiny_assets
-from test_train_stages import ENV, REPO, metrics, ok, weights
+from helpers import ENV, REPO, metrics, ok, rel_err, weights
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with the gloo backend is not available")
@@ -34,11 +32,6 @@ def torchrun(assets, out: str, *extra: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *args(assets, out), *extra]
     return ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240))
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_tiny_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,8 @@ import os
 
 import pytest
 import torch
-from helpers import assert_close_rule, rel_err
-from test_train_data import IMAGE_SIZE, build_tiny_assets, load
-from transformers import (
-    AutoTokenizer,
-    CLIPVisionConfig,
-    LlamaConfig,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-)
+from helpers import IMAGE_SIZE, assert_close_rule, hf_model, rel_err
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 import engine
 from engine.conversation import IGNORE_INDEX
@@ -37,34 +30,10 @@ NO_AUTOCAST = contextlib.nullcontext()
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_tiny_assets(str(tmp_path_factory.mktemp("assets")))
-
-
-@pytest.fixture(scope="module")
-def samples(assets):
-    return load(assets, assets.mixed_data)[0]
-
-
-@pytest.fixture(scope="module")
 def hf_dir(assets, tmp_path_factory):
-    """A tiny HF llava on the tiny tokenizer's vocabulary, with random (not default) norms and biases."""
-    tok = AutoTokenizer.from_pretrained(assets.tok_dir)
-    torch.manual_seed(0)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=IMAGE_SIZE, patch_size=14, hidden_act="quick_gelu")
-    tc = LlamaConfig(vocab_size=len(tok), hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5,
-                     tie_word_embeddings=False)
-    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=assets.image_token_id,
-                      projector_hidden_act="gelu", vision_feature_layer=-2,
-                      vision_feature_select_strategy="default")
-    cfg.image_seq_length = assets.image_seq_len
-    hf = LlavaForConditionalGeneration(cfg)
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(torch.randn_like(p) * 0.1)
+    """A tiny HF llava (helpers.hf_model) on the tiny tokenizer's vocabulary and image token."""
+    hf = hf_model(vocab=len(AutoTokenizer.from_pretrained(assets.tok_dir)), image_token=assets.image_token_id)
+    assert hf.config.image_seq_length == assets.image_seq_len
     path = str(tmp_path_factory.mktemp("hf"))
     hf.save_pretrained(path)
     return path

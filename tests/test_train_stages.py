@@ -24,17 +24,12 @@ import time
 
 import pytest
 import torch
-from helpers import rel_err
-from safetensors.torch import load_file
-from test_train_data import IMAGE_SIZE, build_tiny_assets, load, write_bad_data
+from helpers import ENV, IMAGE_SIZE, REPO, load_tiny, metrics, ok, rel_err, weights, write_bad_data
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 import engine
 from train.data import collate, plan_steps
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# One thread: the runs compared bitwise must reduce in the same order, and 2 cores are shared.
-ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
 COMMON = ["--device", "cpu", "--num-workers", "0", "--lr", "1e-3", "--seed", "0"]
 
 # Runs train.stage2 with the checkpoint writer wrapped so the process SIGKILLs itself inside the
@@ -62,25 +57,10 @@ def run(args: list[str], *, timeout: float = 120, code: str | None = None) -> su
     return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
-def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}"
-    return p
-
-
-def metrics(out: str) -> list[dict]:
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
-
-
 def complete_lines(path: str) -> int:
     """Newline-terminated lines so far (a line being written may be partial)."""
     with open(path) as f:
         return f.read().count("\n")
-
-
-def weights(path: str) -> dict[str, torch.Tensor]:
-    files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
-    return {k: v for f in files for k, v in load_file(f).items()}
 
 
 def param_hashes(path: str) -> dict[str, str]:
@@ -94,11 +74,6 @@ def assert_no_partial_checkpoints(out: str) -> None:
     hidden = glob.glob(os.path.join(out, "**", ".*"), recursive=True)
     leftovers = [p for p in hidden if ".tmp-" in p or ".old-" in p]
     assert not leftovers, leftovers
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_tiny_assets(str(tmp_path_factory.mktemp("assets")))
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +106,7 @@ def test_stage1_then_stage2_cli(assets, tmp_path):
 
     # metrics.jsonl: one line per optimizer step; tokens = the packed tokens of that step's samples.
     for out, data, template in ((s1, assets.image_data, "plain"), (s2, assets.mixed_data, "vicuna_v1")):
-        samples = load(assets, data, template=template)[0]
+        samples = load_tiny(assets, data, template=template)[0]
         plan = plan_steps(samples, global_batch=4, seed=0, epoch=0)
         lines = metrics(out)
         assert [m["step"] for m in lines] == [1, 2, 3]
@@ -154,12 +129,12 @@ def test_stage1_then_stage2_cli(assets, tmp_path):
     hf = LlavaForConditionalGeneration.from_pretrained(f"{s2}/final").eval()
     tok = AutoTokenizer.from_pretrained(f"{s2}/final")
     assert tok.convert_tokens_to_ids("<image>") == assets.image_token_id
-    sample = load(assets, assets.image_data)[0][0]
+    sample = load_tiny(assets, assets.image_data)[0][0]
     mb = collate([sample], image_size=IMAGE_SIZE)
     with torch.no_grad():
         got = ours(mb.input_ids[None], mb.pixel_values)
         ref = hf(input_ids=mb.input_ids[None], pixel_values=mb.pixel_values).logits
-    assert rel_err(got, ref) <= 1e-4
+    assert rel_err(got, ref) <= 1e-5  # two fp32 runs of one model: the fp32 rule
 
 
 # --------------------------------------------------------------------------- resume and signals
@@ -231,7 +206,7 @@ def test_undecodable_image_stops_the_run_naming_it_and_keeps_what_was_written(as
     """The third step's image is truncated (its header still reads, so loading accepts it)."""
     folder = str(tmp_path / "images")
     shutil.copytree(assets.image_folder, folder)
-    samples = load(assets, assets.mixed_data)[0]
+    samples = load_tiny(assets, assets.mixed_data)[0]
     plan = plan_steps(samples, global_batch=1, seed=0, epoch=0)
     victim = next(samples[s[0]] for s in plan[2:] if samples[s[0]].image is not None)
     victim_step = next(k for k, s in enumerate(plan) if samples[s[0]] is victim)

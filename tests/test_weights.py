@@ -5,9 +5,8 @@ import os
 
 import pytest
 import torch
-from helpers import rel_err
+from helpers import IMAGE_SIZE, IMAGE_TOKEN, VOCAB, hf_model, pad, prompts, rel_err
 from safetensors.torch import load_file, save_file
-from test_parity import IMAGE_TOKEN, IMG, VOCAB, hf_model, pad, prompts
 
 import engine
 from engine import weights
@@ -170,7 +169,7 @@ def test_compose_clip_and_llama(hf_dir, tmp_path):
     assert torch.equal(fresh.decoder.layers[1].mlp.down.weight, ours.decoder.layers[1].mlp.down.weight)
     assert torch.equal(fresh.vision.layers[0].fc1.weight, ours.vision.layers[0].fc1.weight)
     ids = torch.tensor([[1, 2] + [VOCAB] * fresh.config.image_seq_len + [3]])
-    out = fresh(ids, torch.randn(1, 3, IMG, IMG))
+    out = fresh(ids, torch.randn(1, 3, IMAGE_SIZE, IMAGE_SIZE))
     assert out.shape == (1, ids.shape[1], VOCAB + 1) and torch.isfinite(out).all()
 
 

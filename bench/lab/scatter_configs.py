@@ -14,7 +14,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from common import cuda_time_ms  # noqa: E402
+from common import copy_bandwidth_gbps, cuda_time_ms  # noqa: E402
 
 from kernels.scatter import (  # noqa: E402
     ScatterConfig,
@@ -24,12 +24,6 @@ from kernels.scatter import (  # noqa: E402
     gather_rows,
     scatter_fwd,
 )
-
-
-def copy_bandwidth_gbps() -> float:
-    src = torch.randn(2**29, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    return 2 * src.numel() * 2 / (cuda_time_ms(lambda: dst.copy_(src), rep=50) * 1e-3) / 1e9
 
 
 def main() -> None:
