@@ -126,8 +126,11 @@ def _compile(table: dict) -> list[tuple[re.Pattern, str | None]]:
     return out
 
 
-def rename(state: dict[str, torch.Tensor], table: dict, where: str) -> dict[str, torch.Tensor]:
-    """Source keys → our names by ``table``; raises ValueError listing keys no entry matches."""
+def rename(state: dict[str, torch.Tensor], table: dict, where: str, *,
+           keep_unknown: bool = False) -> dict[str, torch.Tensor]:
+    """Source keys → our names by ``table``; raises ValueError listing keys no entry matches, or
+    with ``keep_unknown`` passes them through under their own names, so that ``assign_state``
+    reports them together with the missing keys in one error."""
     compiled = _compile(table)
     out, unknown = {}, []
     for key, tensor in state.items():
@@ -139,7 +142,9 @@ def rename(state: dict[str, torch.Tensor], table: dict, where: str) -> dict[str,
                 break
         else:
             unknown.append(key)
-    if unknown:
+            if keep_unknown:
+                out[key] = tensor
+    if unknown and not keep_unknown:
         raise ValueError(f"{where}: unexpected checkpoint keys ({len(unknown)}): {sorted(unknown)[:20]}")
     return out
 
@@ -254,7 +259,7 @@ def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: st
     config = config_from_dict(raw, file, vision=vision_cfg)
     state = read_safetensors_dir(path)
     if is_original_llava(raw):
-        state = rename(state, ORIGINAL_LLAVA, path)
+        state = rename(state, ORIGINAL_LLAVA, path, keep_unknown=True)
         if not any(k.startswith("vision.") for k in state):
             if not vision:
                 raise ValueError(f"{path}: an original LLaVA checkpoint without vision-tower weights; pass the "
@@ -262,7 +267,7 @@ def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: st
             state.update(rename(read_safetensors_dir(vision), CLIP_DIR, vision))
         state, config = _add_image_token_row(state, config)
     else:
-        state = rename(state, HF_LLAVA, path)
+        state = rename(state, HF_LLAVA, path, keep_unknown=True)
         if config.projector_type == "linear":
             state = _fold_identity_projector(state, config)
     return _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)

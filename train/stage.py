@@ -190,4 +190,9 @@ def main(stage: int, argv: list[str] | None = None) -> None:
         run_default(fused=args.fused, output=args.output if args.output != "runs/stage2" else "runs/default",
                     device=args.device, seed=args.seed, max_steps=args.max_steps)
         return
-    run_stage(config_from_args(args, stage))
+    try:
+        run_stage(config_from_args(args, stage))
+    finally:
+        # Leave the process group explicitly: exiting with it alive can abort a rank at shutdown.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
