@@ -33,6 +33,7 @@ from engine.config import (
     text_config_from_dict,
     vision_config_from_dir,
 )
+from engine.io import fsync_dir
 from engine.model import Llava
 
 # --------------------------------------------------------------------------- key tables
@@ -353,14 +354,6 @@ def to_hf_state(state: dict[str, torch.Tensor], config: LlavaConfig) -> dict[str
     return {k: v.cpu() for k, v in out.items()}
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def atomic_dir(out_dir: str, write) -> None:
     """Write a directory atomically: ``write(tmp)`` fills a sibling temporary directory, every
     file is fsynced, then it is renamed over ``out_dir``. A crash leaves the old directory (or
@@ -376,13 +369,13 @@ def atomic_dir(out_dir: str, write) -> None:
             if os.path.isfile(full):
                 with open(full, "rb") as f:
                     os.fsync(f.fileno())
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         old = None
         if os.path.exists(out_dir):
             old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
             os.rename(out_dir, os.path.join(old, "x"))
         os.rename(tmp, out_dir)
-        _fsync_dir(parent)
+        fsync_dir(parent)
         if old:
             shutil.rmtree(old)
     except BaseException:

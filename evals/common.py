@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Iterable
+
+from engine.io import write_text_atomic
 
 
 def read_json(path: str):
@@ -124,31 +125,14 @@ class JsonlAppender:
         self.close()
 
 
-def _write_atomic(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file in the same directory, fsync and rename."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_json_atomic(path: str, obj) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically (a reader sees the old file or the new one)."""
-    _write_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[dict]) -> None:
     """Write ``rows`` as JSONL to ``path`` atomically (for outputs rebuilt whole, unlike ``JsonlAppender``)."""
-    _write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    write_text_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
 class Progress:

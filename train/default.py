@@ -27,6 +27,7 @@ import kernels
 from engine.config import LlavaConfig, TextConfig, VisionConfig
 from engine.conversation import generation_prompt, get_template
 from engine.image import preprocess
+from engine.io import write_text_atomic
 from engine.model import Llava
 from train.data import load_samples
 from train.loop import LoopConfig, train
@@ -65,8 +66,7 @@ def caption_records(captions_jsonl: str, out: str) -> str:
                 records.append({"id": f"{r['id']}-cap{k}", "image": r["image"], "conversations": [
                     {"from": "human", "value": "<image>\nDescribe the image briefly."},
                     {"from": "gpt", "value": cap}]})
-    with open(out, "w") as f:
-        json.dump(records, f)
+    write_text_atomic(out, json.dumps(records))
     return out
 
 
@@ -119,8 +119,7 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
     stage2_data = os.path.join(data_dir, "stage2.json")
     with open(data["instruct"]) as f, open(data["train_mc"]) as g:
         mixed = json.load(f) + json.load(g)
-    with open(stage2_data, "w") as f:
-        json.dump(mixed, f)
+    write_text_atomic(stage2_data, json.dumps(mixed))
     build_tiny_tokenizer(tok_dir)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
@@ -154,6 +153,5 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
                    seconds=round(time.time() - t0, 1), model=os.path.join(output, "stage2", "final"))
     print(f"held-out multiple-choice accuracy: {acc:.1%} on {len(test)} questions (chance {chance:.1%}; "
           f"best answer per question without the image {blind:.1%}); {summary['seconds']} s", flush=True)
-    with open(os.path.join(output, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+    write_text_atomic(os.path.join(output, "summary.json"), json.dumps(summary, indent=2))
     return summary

@@ -49,6 +49,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 
 from engine.client import ChatClient, ChatError, ChatResult
+from engine.io import write_text_atomic
 
 __all__ = ["KINDS", "DETAIL_INSTRUCTIONS", "Record", "PromptSet", "InstructConfig", "ParseError",
            "read_records", "format_box", "render_context", "load_prompts", "build_messages", "parse_output",
@@ -441,23 +442,6 @@ def _append(f, obj: dict, durable: bool) -> None:
     f.flush()
     if durable:
         os.fsync(f.fileno())
-
-
-def write_text_atomic(path: str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` via a sibling temporary file, fsync'd and renamed: a reader
-    (or a killed run) sees the old file or the new one, never a torn one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp.{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _log(msg: dict) -> None:
