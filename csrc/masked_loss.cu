@@ -33,6 +33,16 @@ __device__ __forceinline__ void lse_merge(float& m, float& s, float m2, float s2
 }
 
 // Add one value to a running (max, sum) pair. NaN logits poison s (expf(NaN) = NaN), so the loss shows it.
+// Merge the running (max, sum-exp) pairs of a full warp; every lane ends with the warp's pair.
+__device__ __forceinline__ void warp_lse_reduce(float& m, float& s) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
+    const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
+    lse_merge(m, s, m2, s2);
+  }
+}
+
 __device__ __forceinline__ void lse_add(float& m, float& s, float v) {
   if (v > m) {
     s = s * expf(m - v) + 1.0f;
@@ -71,12 +81,7 @@ __global__ void __launch_bounds__(CE_THREADS)
         lse_add(m, s, to_f32(x[i]));
       }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-      const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-      lse_merge(m, s, m2, s2);
-    }
+    warp_lse_reduce(m, s);
     if (lane == 0) {
       s_m[warp] = m;
       s_s[warp] = s;
@@ -86,12 +91,7 @@ __global__ void __launch_bounds__(CE_THREADS)
     if (warp == 0) {
       m = lane < CE_WARPS ? s_m[lane] : -CUDART_INF_F;
       s = lane < CE_WARPS ? s_s[lane] : 0.0f;
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        const float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-        const float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-        lse_merge(m, s, m2, s2);
-      }
+      warp_lse_reduce(m, s);
       if (lane == 0) {
         const float lse = m + logf(s);
         s_lse = lse;
