@@ -20,7 +20,7 @@ right-padded to the longest with an attention mask and labels, its per-micro-bat
 by (targets in micro-batch / targets in step) so both optimise the same objective.
 
 Timed call: one optimizer step (MICRO forward+backward passes, clip, AdamW). Ours runs the training
-loop's own step function (``train.loop._train_step``, ``--fused``: dispatcher-chosen kernels, varlen
+loop's own step function (``train.loop.train_step``, ``--fused``: dispatcher-chosen kernels, varlen
 attention).
 FLOPs (model FLOPs, the same useful work credited to both; formula in ``model_flops``): decoder
 linears 6·T·P_lin + causal attention 3·Σ 2·L²·H·Dh per layer, LM head 6·Tt·D·V (only target rows
@@ -47,7 +47,7 @@ from engine.conversation import IGNORE_INDEX
 from engine.model import pack_cu_seqlens
 from engine.weights import HF_LLAVA, assign_state, new_model, rename
 from train.data import MicroBatch, Sample, pack_micro_batches, shifted_targets
-from train.loop import LoopConfig, _train_step, cosine_lr, micro_loss
+from train.loop import LoopConfig, cosine_lr, micro_loss, train_step
 from train.stage import freeze_for_stage
 
 SUITE = "train_step"
@@ -173,7 +173,7 @@ def time_ours(model, mbs: list[MicroBatch], n_targets: int, cfg: LoopConfig, aut
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: cosine_lr(s, 1000, cfg.warmup_ratio))
 
     def step():
-        _train_step(model, opt, sched, params, mbs, n_targets, cfg, autocast, mbs[0].input_ids.device)
+        train_step(model, opt, sched, params, mbs, n_targets, cfg, autocast, mbs[0].input_ids.device)
 
     step()                                                         # warm-up: kernel compilation, AdamW state
     ms = wall_ms(step, STEPS)

@@ -253,6 +253,13 @@ def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: st
     ``vision``: a CLIP directory, required for original LLaVA checkpoints whose tower weights
     are not inside the checkpoint. Raises FileNotFoundError / ValueError naming the file or key.
     """
+    state, config = load_state(path, vision=vision)
+    return _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
+
+
+def load_state(path: str, *, vision: str | None = None) -> tuple[dict[str, torch.Tensor], LlavaConfig]:
+    """A checkpoint directory's tensors under our names (CPU, stored dtypes) and its config, without
+    building a model: what ``load`` assigns, and what a resumed run copies into the model it has."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     vision_cfg = vision_config_from_dir(vision) if vision else None
@@ -271,7 +278,7 @@ def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: st
         state = rename(state, HF_LLAVA, path, keep_unknown=True)
         if config.projector_type == "linear":
             state = _fold_identity_projector(state, config)
-    return _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
+    return state, config
 
 
 def _add_image_token_row(state: dict, config: LlavaConfig) -> tuple[dict, LlavaConfig]:

@@ -247,7 +247,6 @@ def test_fused_kernels_give_the_reference_loss_curve(assets, samples, tmp_path, 
     curves, weights = {}, {}
     for fused in (False, True):
         model = ours_for_training(assets.model_dir)
-        model.kernel_backend = None                     # the loop sets "torch" itself when not fused
         cfg = loop_cfg(tmp_path / str(fused), max_steps=3, fused=fused, global_batch=2)
         train(model, image_samples, cfg, device=torch.device("cpu"), tokenizer_dir=assets.tok_dir)
         with open(tmp_path / str(fused) / "metrics.jsonl") as f:

@@ -191,7 +191,7 @@ def micro_loss(model, mb, num_targets: int, cfg: LoopConfig, autocast):
         head = model.head_weight.to(dtype)
         loss, seq_sum, _ = kernels.masked_lm_loss(hidden, head, mb.targets, cu_seqlens=mb.cu_seqlens,
                                                   num_targets=max(num_targets, 1), return_per_sequence=True,
-                                                  backend=None if cfg.fused else "torch")
+                                                  backend=model.kernel_backend)
     return loss, seq_sum.sum()
 
 
@@ -227,8 +227,10 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     image_size = image_size or model.config.vision.image_size
     model.decoder.gradient_checkpointing = cfg.grad_checkpointing
     model.nvtx = cfg.nvtx
+    # One switch for every op: the model's projector/scatter and micro_loss's masked loss all read
+    # model.kernel_backend (None = the dispatcher's choice, which env overrides can still steer).
+    model.kernel_backend = None if cfg.fused else "torch"
     if not cfg.fused:
-        model.kernel_backend = "torch"
         model.attention_backend = "sdpa"
     if world > 1:
         shard_model(model)
@@ -290,7 +292,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                 if start + index >= total:
                     break
                 step = start + index
-                m = _train_step(model, opt, sched, params, mbs, count_targets(samples, plan[index]), cfg,
+                m = train_step(model, opt, sched, params, mbs, count_targets(samples, plan[index]), cfg,
                                 autocast, device)
                 m.update(step=step + 1, epoch=epoch, time_s=time.time() - t0)
                 m["tokens_per_s"] = m["tokens"] / max(m["time_s"], 1e-9)
@@ -335,7 +337,7 @@ def _epoch_starts(plans) -> list[int]:
     return starts
 
 
-def _train_step(model, opt, sched, params, mbs, num_targets: int, cfg: LoopConfig, autocast, device) -> dict:
+def train_step(model, opt, sched, params, mbs, num_targets: int, cfg: LoopConfig, autocast, device) -> dict:
     """Accumulate the micro-batches of one step, then clip and step; returns its metrics."""
     model.train()
     # Summed on the device: a .cpu() per micro-batch would make the host wait for each backward
@@ -402,8 +404,8 @@ def save_checkpoint(model, opt, sched, step: int, cfg: LoopConfig, tokenizer_dir
 
 def _restore(model, opt, sched, ckpt: str, device) -> int:
     """Load weights, optimizer, scheduler and RNG from a checkpoint; returns the step to run next."""
-    from engine.weights import load
-    state = load(ckpt, dtype=torch.float32).state_dict()
+    from engine.weights import load_state
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state(ckpt)[0].items()}
     training = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=True)
     if dist.is_initialized():
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
