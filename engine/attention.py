@@ -3,7 +3,11 @@
 Letters: T packed tokens, B sequences, H query heads, Hkv key/value heads, Dh head dim.
 
 ``varlen_attention(q, k, v, cu_seqlens, max_seqlen, causal=True)`` attends within each packed
-sequence only. Backends, in the order ``auto`` tries them:
+sequence only. With ``cu_seqlens_k`` the keys are packed separately and may be longer than the
+queries (prefill after a cached prefix): the queries are then the *last* positions of their
+sequence, and causal masking is aligned bottom-right (query i of Lq sees keys j ≤ i + Lk − Lq),
+the convention of FlashAttention ≥ 2.1 and of xformers' ``…FromBottomRightMask``. Backends, in
+the order ``auto`` tries them:
 
 1. ``flash_attn``   — ``flash_attn_varlen_func`` (CUDA, when the package is importable);
 2. ``torch_varlen`` — ``torch.nn.attention.varlen.varlen_attn`` (CUDA, torch ≥ 2.10);
@@ -94,29 +98,42 @@ def resolve_backend(device: torch.device, backend: str | None = None, dtype: tor
     return choice
 
 
-def _check(q, k, v, cu_seqlens):
+def _check(q, k, v, cu_seqlens, cu_seqlens_k):
     if q.dim() != 3 or k.dim() != 3 or v.dim() != 3:
         raise ValueError(f"q, k, v must be [T, heads, head_dim]; got {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2] != k.shape[2]:
+    same_rows = cu_seqlens_k is not None or q.shape[0] == k.shape[0]
+    if k.shape != v.shape or not same_rows or q.shape[2] != k.shape[2]:
         raise ValueError(f"k/v shapes {tuple(k.shape)}, {tuple(v.shape)} do not match q {tuple(q.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} not a multiple of key/value heads {k.shape[1]}")
-    if cu_seqlens.dim() != 1 or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be a 1-D int32 tensor; got {cu_seqlens.dtype} {tuple(cu_seqlens.shape)}")
+    for name, cu in (("cu_seqlens", cu_seqlens), ("cu_seqlens_k", cu_seqlens_k)):
+        if cu is not None and (cu.dim() != 1 or cu.dtype != torch.int32):
+            raise ValueError(f"{name} must be a 1-D int32 tensor; got {cu.dtype} {tuple(cu.shape)}")
+    if cu_seqlens_k is not None and cu_seqlens_k.shape != cu_seqlens.shape:
+        raise ValueError(f"cu_seqlens_k {tuple(cu_seqlens_k.shape)} and cu_seqlens {tuple(cu_seqlens.shape)} "
+                         f"describe different numbers of sequences")
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, causal: bool = True, *, backend: str | None = None,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, cu_seqlens_k: torch.Tensor | None = None,
+                     max_seqlen_k: int | None = None) -> torch.Tensor:
     """Attention within each packed sequence.
 
     q ``[T, H, Dh]``, k/v ``[T, Hkv, Dh]`` (H a multiple of Hkv: GQA), ``cu_seqlens`` int32
-    ``[B+1]`` with ``cu_seqlens[-1] == T``, ``max_seqlen`` the longest sequence. Returns
-    ``[T, H, Dh]`` in q's dtype (the autocast dtype under ``torch.autocast``). Nothing is mutated.
-    Raises ValueError for mismatched shapes or dtypes and for an unknown or unusable ``backend``.
+    ``[B+1]`` with ``cu_seqlens[-1] == T``, ``max_seqlen`` the longest sequence. With
+    ``cu_seqlens_k`` (int32 [B+1]) and ``max_seqlen_k``, k/v are ``[Tk, Hkv, Dh]`` packed by
+    their own offsets, each sequence having at least as many keys as queries (causal masking
+    bottom-right aligned). Returns ``[T, H, Dh]`` in q's dtype (the autocast dtype under
+    ``torch.autocast``). Nothing is mutated. Raises ValueError for mismatched shapes or dtypes
+    and for an unknown or unusable ``backend``.
     """
-    _check(q, k, v, cu_seqlens)
+    _check(q, k, v, cu_seqlens, cu_seqlens_k)
+    if cu_seqlens_k is None:
+        cu_k, max_k = cu_seqlens, max_seqlen
+    else:
+        cu_k, max_k = cu_seqlens_k, max_seqlen if max_seqlen_k is None else max_seqlen_k
     if torch.is_autocast_enabled(q.device.type):
         dt = torch.get_autocast_dtype(q.device.type)
         q, k, v = q.to(dt), k.to(dt), v.to(dt)
@@ -124,13 +141,12 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         raise ValueError(f"q, k, v must share one dtype outside autocast; got {q.dtype}, {k.dtype}, {v.dtype}")
     name = resolve_backend(q.device, backend, q.dtype, q.shape[2])
     if name == "flash_attn":
-        return _flash_attn()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, causal=causal,
-                             softmax_scale=scale)
+        return _flash_attn()(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, causal=causal, softmax_scale=scale)
     if name == "torch_varlen":
-        return _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal, scale)
+        return _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal, scale, cu_k, max_k)
     if name == "xformers":
-        return _xformers_call(q, k, v, cu_seqlens, causal, scale)
-    return varlen_attention_ref(q, k, v, cu_seqlens, causal, scale=scale)
+        return _xformers_call(q, k, v, cu_seqlens, causal, scale, cu_k)
+    return varlen_attention_ref(q, k, v, cu_seqlens, causal, scale=scale, cu_seqlens_k=cu_k)
 
 
 @functools.cache
@@ -138,7 +154,7 @@ def _torch_varlen_params() -> frozenset[str]:
     return frozenset(inspect.signature(_torch_varlen()).parameters)
 
 
-def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal, scale):
+def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal, scale, cu_k=None, max_k=None):
     """torch's varlen_attn across versions (it has autograd: dq, dk, dv through aten's FA2 backward).
 
     2.10: ``(…, max_q, max_k, is_causal=False, return_aux=None)``, no ``scale``;
@@ -165,14 +181,20 @@ def _torch_varlen_call(q, k, v, cu_seqlens, max_seqlen, causal, scale):
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
     # FA2 needs the head dim contiguous (q, k, v arrive as views of the projections)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    return _torch_varlen()(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **kwargs)
+    cu_k, max_k = (cu_seqlens, max_seqlen) if cu_k is None else (cu_k, max_k)
+    return _torch_varlen()(q, k, v, cu_seqlens, cu_k, max_seqlen, max_k, **kwargs)
 
 
-def _xformers_call(q, k, v, cu_seqlens, causal, scale):
+def _xformers_call(q, k, v, cu_seqlens, causal, scale, cu_k=None):
     fmha = _xformers()
     lens = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    bias = (fmha.attn_bias.BlockDiagonalCausalMask if causal else fmha.attn_bias.BlockDiagonalMask)
-    bias = bias.from_seqlens(lens)
+    lens_k = lens if cu_k is None else (cu_k[1:] - cu_k[:-1]).tolist()
+    if not causal:
+        bias = fmha.attn_bias.BlockDiagonalMask.from_seqlens(lens, lens_k)
+    elif lens_k == lens:
+        bias = fmha.attn_bias.BlockDiagonalCausalMask.from_seqlens(lens)
+    else:
+        bias = fmha.attn_bias.BlockDiagonalCausalFromBottomRightMask.from_seqlens(lens, lens_k)
     hkv, rep = k.shape[1], q.shape[1] // k.shape[1]
     # xformers takes GQA as [1, T, Hkv, rep, Dh] ("BMGHK").
     q5 = q.unflatten(1, (hkv, rep)).unsqueeze(0)
@@ -182,20 +204,30 @@ def _xformers_call(q, k, v, cu_seqlens, causal, scale):
     return out.squeeze(0).flatten(1, 2)
 
 
-def varlen_attention_ref(q, k, v, cu_seqlens, causal=True, *, scale=None) -> torch.Tensor:
+def varlen_attention_ref(q, k, v, cu_seqlens, causal=True, *, scale=None, cu_seqlens_k=None) -> torch.Tensor:
     """Reference: one ``scaled_dot_product_attention`` per sequence (math on CPU)."""
     out = torch.empty_like(q)
     rep = q.shape[1] // k.shape[1]
     bounds = cu_seqlens.tolist()
+    bounds_k = bounds if cu_seqlens_k is None else cu_seqlens_k.tolist()
     if not bounds or bounds[0] != 0 or bounds[-1] != q.shape[0]:  # rows outside [0, T) would stay unwritten
         raise ValueError(f"cu_seqlens must run from 0 to T={q.shape[0]}; got {bounds[:1]} ... {bounds[-1:]}")
-    for s, e in zip(bounds[:-1], bounds[1:], strict=True):
+    if bounds_k[0] != 0 or bounds_k[-1] != k.shape[0]:
+        raise ValueError(f"cu_seqlens_k must run from 0 to Tk={k.shape[0]}; got {bounds_k[:1]} ... {bounds_k[-1:]}")
+    for i in range(len(bounds) - 1):
+        s, e, sk, ek = bounds[i], bounds[i + 1], bounds_k[i], bounds_k[i + 1]
         if e == s:
             continue
+        if ek - sk < e - s:
+            raise ValueError(f"sequence {i} has {e - s} queries but only {ek - sk} keys")
         # 4-D inputs: CPU SDPA takes its fast flash path only with a batch dimension (~7x).
-        qs = q[s:e].transpose(0, 1)[None]                          # (1, H, L, Dh)
-        ks = k[s:e].transpose(0, 1).repeat_interleave(rep, 0)[None]  # (1, H, L, Dh)
-        vs = v[s:e].transpose(0, 1).repeat_interleave(rep, 0)[None]
-        o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
+        qs = q[s:e].transpose(0, 1)[None]                              # (1, H, Lq, Dh)
+        ks = k[sk:ek].transpose(0, 1).repeat_interleave(rep, 0)[None]  # (1, H, Lk, Dh)
+        vs = v[sk:ek].transpose(0, 1).repeat_interleave(rep, 0)[None]
+        if causal and ek - sk != e - s:  # SDPA's is_causal is top-left aligned: give the bottom-right mask
+            mask = torch.ones(e - s, ek - sk, dtype=torch.bool, device=q.device).tril(ek - sk - (e - s))
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale)
         out[s:e] = o[0].transpose(0, 1)
     return out
