@@ -15,6 +15,14 @@ Token ids in, token ids out (no tokenizer here). The flow of one ``Runtime.step(
   their slot and blocks at once and the next step runs without them; waiting requests join
   at the next step (continuous batching).
 
+Prefix reuse (``RuntimeConfig.prefix_caching``, on by default): a prompt whose first full
+cache blocks hold exactly the tokens and images of an earlier prompt's (the same system prompt,
+the earlier turns of a chat with the same image) shares those blocks and prefills only the
+rest, attending to the shared K/V (``PrefixPrefillAttention``); images wholly inside the shared
+part skip the vision tower. Reuse never splits an image and always leaves at least one prompt
+token to compute, for the first sampled token's logits. Any change of the weights (an
+optimizer step, ``load_state_dict``) drops every shared prefix.
+
 Sampling (temperature, top-k, top-p, repetition penalty; HF's order and semantics) runs on
 the device for all rows at once; the random choice is the Gumbel-max trick with noise hashed
 from (seed, position, token id), so a seeded sequence samples the same tokens whatever batch
@@ -37,7 +45,15 @@ from typing import NamedTuple
 
 import torch
 
-from engine.kv_cache import DecodeAttention, PagedKVCache, PrefillAttention
+from engine.kv_cache import (
+    DecodeAttention,
+    ImageSpan,
+    PagedKVCache,
+    PrefillAttention,
+    PrefixPrefillAttention,
+    block_keys,
+    image_digest,
+)
 from engine.model import Llava, pack_cu_seqlens
 
 
@@ -75,6 +91,7 @@ class RuntimeConfig:
     max_seq_len: int | None = None    # default: the model's max_position_embeddings
     max_prefill_tokens: int = 16384   # packed tokens per prefill call (one prompt may exceed it alone)
     cuda_graphs: bool = True          # capture the decode step on CUDA
+    prefix_caching: bool = True       # share the cached K/V of identical prompt prefixes (whole blocks)
 
     def __post_init__(self):
         for name in ("max_batch", "block_size", "max_prefill_tokens"):
@@ -114,6 +131,10 @@ class Request:
     blocks: list[int] = field(default_factory=list)
     cached: int = 0                   # tokens whose K/V are in the cache
     limit: int = 0                    # most new tokens (max_new_tokens capped by the context length)
+    reused: int = 0                   # leading prompt tokens whose K/V came from a shared prefix
+    spans: list[ImageSpan] | None = None  # the prompt's images (prefix caching only)
+    keys: list[bytes] | None = None       # prefix keys of the sequence's full blocks so far
+    registered: int = 0               # leading blocks offered for reuse so far
 
     @property
     def finished(self) -> bool:
@@ -290,6 +311,9 @@ class Runtime:
         self._free_slots = list(range(s - 1, -1, -1))
         self.graphs = _DecodeGraphs(self) if dev.type == "cuda" and config.cuda_graphs else None
         self.peak_batch = 0  # most sequences decoded in one step so far (a continuous-batching witness)
+        self.prompt_tokens = 0  # prompt tokens admitted so far, and how many of them a shared prefix covered
+        self.reused_tokens = 0
+        self._weights_stamp: tuple | None = None
 
     @property
     def model(self) -> Llava:
@@ -379,18 +403,70 @@ class Runtime:
             return events
 
     def _admit(self) -> list[Request]:
-        admitted, tokens = [], 0
+        admitted, tokens, bs = [], 0, self.cache.block_size
+        caching = self.config.prefix_caching
+        if caching and self.waiting and self._free_slots:
+            self._forget_prefixes_if_weights_changed()
         while self.waiting and self._free_slots:
             r = self.waiting[0]
-            need = self.cache.blocks_for(len(r.prompt) + r.limit - 1)
-            too_many = admitted and tokens + len(r.prompt) > self.config.max_prefill_tokens
-            if need > self.cache.free_blocks or too_many:
+            hits = self._prefix_hits(r) if caching else []
+            need = self.cache.blocks_for(len(r.prompt) + r.limit - 1) - len(hits)
+            new_tokens = len(r.prompt) - len(hits) * bs
+            too_many = admitted and tokens + new_tokens > self.config.max_prefill_tokens
+            if need > self.cache.free_blocks - self.cache.idle_among(hits) or too_many:
                 break  # FIFO: later requests wait too, so a long prompt is never starved
             self.waiting.popleft()
-            r.slot, r.blocks = self._free_slots.pop(), self.cache.allocate(need)
-            tokens += len(r.prompt)
+            self.cache.share(hits)  # before allocating, which could otherwise evict them
+            r.slot, r.blocks = self._free_slots.pop(), hits + self.cache.allocate(need)
+            r.reused, r.registered = len(hits) * bs, len(hits)
+            tokens += new_tokens
             admitted.append(r)
         return admitted
+
+    # ---- prefix reuse ---------------------------------------------------------------------------------
+
+    def _forget_prefixes_if_weights_changed(self) -> None:
+        """Shared K/V is only valid for the weights that computed it: an in-place update bumps a
+        parameter's version counter, a reassignment changes its storage."""
+        stamp = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        if stamp != self._weights_stamp:
+            self.cache.forget_prefixes()
+            self._weights_stamp = stamp
+
+    def _prompt_keys(self, r: Request) -> list[bytes]:
+        """Prefix keys of the prompt's full blocks (computed once per request)."""
+        if r.keys is None:
+            s = self.mcfg.image_seq_len
+            rows = [i for i, t in enumerate(r.prompt) if t == self.mcfg.image_token_id]
+            r.spans = [ImageSpan(rows[j * s], rows[j * s + s - 1] + 1, image_digest(r.pixel_values[j]))
+                       for j in range(len(rows) // s)]
+            bs = self.cache.block_size
+            r.keys = block_keys(r.prompt, bs, r.spans, 0, len(r.prompt) // bs)
+        return r.keys
+
+    def _prefix_hits(self, r: Request) -> list[int]:
+        """Registered blocks ``r`` can share: at most len(prompt) - 1 tokens (the last prompt token
+        must run to give the first logits), cut back to a block boundary before any image they
+        would split (an image's rows come from one tower call)."""
+        bs = self.cache.block_size
+        hits = self.cache.lookup(self._prompt_keys(r)[:(len(r.prompt) - 1) // bs])
+        n = len(hits) * bs
+        for im in r.spans:
+            if im.start < n < im.end:
+                n = im.start // bs * bs
+                break
+        return hits[:n // bs]
+
+    def _register_full_blocks(self, r: Request) -> None:
+        """Offer the sequence's full, written blocks for reuse (prompt blocks after prefill, then each
+        block decode fills)."""
+        bs, done = self.cache.block_size, len(r.keys)
+        full = r.cached // bs
+        if full > done:  # blocks decode filled: their keys cover the generated tokens too
+            r.keys += block_keys(r.prompt + r.tokens, bs, r.spans, done, full, r.keys[-1] if done else b"")
+        for i in range(r.registered, full):
+            self.cache.register(r.blocks[i], r.keys[i])
+        r.registered = full
 
     def _prefill(self, reqs: list[Request]) -> list[StepEvent]:
         dev, model = self.device, self.model
@@ -409,20 +485,37 @@ class Runtime:
         self.penalty[slots] = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)
         self.seeds[slots] = torch.tensor([r.params.seed for r in reqs], device=dev)
 
-        lengths = [len(r.prompt) for r in reqs]
-        ids = torch.tensor([t for r in reqs for t in r.prompt], device=dev)                  # (T,)
+        # Only the tokens after each shared prefix run (all of them without one): T packed rows.
+        lengths = [len(r.prompt) - r.reused for r in reqs]
+        ids = torch.tensor([t for r in reqs for t in r.prompt[r.reused:]], device=dev)       # (T,)
         cu, pos, max_len = pack_cu_seqlens(lengths, dev)
-        slot_mapping = torch.tensor([s for r in reqs for s in self.cache.slots(r.blocks, 0, len(r.prompt))],
+        pos += torch.repeat_interleave(torch.tensor([r.reused for r in reqs], device=dev),
+                                       torch.tensor(lengths, device=dev))
+        slot_mapping = torch.tensor([s for r in reqs for s in self.cache.slots(r.blocks, r.reused, len(r.prompt))],
                                     device=dev)
-        images = [r.pixel_values for r in reqs if r.pixel_values is not None]
+        # images wholly inside a shared prefix are not encoded again (reuse never splits one)
+        images = [r.pixel_values[sum(im.end <= r.reused for im in r.spans or ()):]
+                  for r in reqs if r.pixel_values is not None]
+        images = [im for im in images if len(im)]
         pixels = torch.cat(images).to(dev) if images else None  # the tower casts to its own dtype
-        attn = PrefillAttention(self.cache, slot_mapping, cu, max_len, model.attention_backend)
+        if any(r.reused for r in reqs):
+            full = [len(r.prompt) for r in reqs]
+            key_slots = torch.tensor([s for r in reqs for s in self.cache.slots(r.blocks, 0, len(r.prompt))],
+                                     device=dev)                                         # (Tk,)
+            attn = PrefixPrefillAttention(self.cache, slot_mapping, cu, max_len, key_slots,
+                                          pack_cu_seqlens(full, dev)[0], max(full), model.attention_backend)
+        else:
+            attn = PrefillAttention(self.cache, slot_mapping, cu, max_len, model.attention_backend)
         hidden = model.forward_packed(ids, cu_seqlens=cu, position_ids=pos, max_seqlen=max_len,
                                       pixel_values=pixels, attn=attn)                    # (T, D)
         logits = model.logits(hidden[cu[1:].long() - 1]).float()                          # (B, V)
-        counters = torch.tensor(lengths, device=dev)
+        counters = torch.tensor([len(r.prompt) for r in reqs], device=dev)
         for r in reqs:
             r.cached = len(r.prompt)
+            self.prompt_tokens += len(r.prompt)
+            self.reused_tokens += r.reused
+            if r.keys is not None:
+                self._register_full_blocks(r)
             self.running.append(r)
         return self._sample_and_advance(reqs, slots, counters, logits)
 
@@ -454,6 +547,8 @@ class Runtime:
             logits = self._decode_forward(ids, pos_t, self.block_table[slots, :nb], slot_mapping)
         for r in reqs:
             r.cached += 1
+            if r.keys is not None and r.cached % bs == 0:
+                self._register_full_blocks(r)
         return self._sample_and_advance(reqs, slots, pos_t + 1, logits.float())
 
     def _sample_and_advance(self, reqs, slots, counters, logits) -> list[StepEvent]:

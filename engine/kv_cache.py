@@ -11,10 +11,22 @@ rows of a CUDA-graph batch write to it and attend to it, so a graph never needs 
 
 Both contexts implement ``engine.model.AttentionContext``: the decoder layer hands over q/k/v
 with RoPE applied, the context writes k/v into the cache and returns the attention output.
+
+Prefix reuse: a full block's contents are named by a chained digest of everything up to its
+end (``block_keys``: the token ids and the pixels of the images whose rows they hold). Blocks
+are reference-counted; a full block, once written, is registered under its key, and a later
+prompt that starts with the same tokens and images shares it instead of recomputing it (the
+same system prompt, the earlier turns of a chat). Registered blocks that no sequence uses stay
+in the cache as "idle" and are handed out again, least recently used first, only when the
+free list is empty, so reuse never costs capacity.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+from array import array
+from collections import OrderedDict
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +54,10 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)  # (L, NB, Bs, Hkv, Dh)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._free = list(range(num_blocks - 1, 0, -1))  # block 0 reserved; pop() hands out low ids first
+        self._refs = [0] * num_blocks                     # sequences using each block
+        self._block_of: dict[bytes, int] = {}             # prefix key -> registered block
+        self._key_of: dict[int, bytes] = {}               # registered block -> its key
+        self._idle: OrderedDict[int, None] = OrderedDict()  # registered, unused; least recently used first
 
     @staticmethod
     def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -63,19 +79,79 @@ class PagedKVCache:
 
     @property
     def free_blocks(self) -> int:
-        return len(self._free)
+        """Blocks ``allocate`` can hand out: never used, or idle prefix blocks it may evict."""
+        return len(self._free) + len(self._idle)
+
+    @property
+    def cached_blocks(self) -> int:
+        """Registered prefix blocks (in use or idle)."""
+        return len(self._key_of)
 
     def blocks_for(self, num_tokens: int) -> int:
         return math.ceil(num_tokens / self.block_size)
 
     def allocate(self, n: int) -> list[int]:
-        """Take ``n`` blocks; ValueError if fewer are free (callers check ``free_blocks`` first)."""
-        if n > len(self._free):
-            raise ValueError(f"KV cache has {len(self._free)} free blocks, {n} requested")
-        return [self._free.pop() for _ in range(n)]
+        """Take ``n`` blocks, evicting idle prefix blocks (least recently used first) only when no
+        never-used block is left; ValueError if fewer are free (callers check ``free_blocks`` first)."""
+        if n > self.free_blocks:
+            raise ValueError(f"KV cache has {self.free_blocks} free blocks, {n} requested")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:
+                b, _ = self._idle.popitem(last=False)
+                del self._block_of[self._key_of.pop(b)]
+            self._refs[b] = 1
+            out.append(b)
+        return out
 
     def release(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        """Drop one sequence's hold on ``blocks``. A registered block nobody uses becomes idle (a
+        sequence's last blocks first in the eviction order: they are the least likely to be shared)."""
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b]:
+                continue
+            if b in self._key_of:
+                self._idle[b] = None
+            else:
+                self._free.append(b)
+
+    # ---- prefix reuse -------------------------------------------------------------------------------
+
+    def lookup(self, keys: list[bytes]) -> list[int]:
+        """Registered blocks holding the longest run of ``keys`` from the first (no hold taken)."""
+        out = []
+        for key in keys:
+            b = self._block_of.get(key)
+            if b is None:
+                break
+            out.append(b)
+        return out
+
+    def idle_among(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` are idle (sharing them takes them out of ``free_blocks``)."""
+        return sum(b in self._idle for b in blocks)
+
+    def share(self, blocks: list[int]) -> None:
+        """Take a hold on registered ``blocks`` (from ``lookup``) for one more sequence."""
+        for b in blocks:
+            if self._refs[b] == 0:
+                del self._idle[b]
+            self._refs[b] += 1
+
+    def register(self, block: int, key: bytes) -> None:
+        """Name a full, written block by its prefix key; a key or block already registered is kept."""
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key], self._key_of[block] = block, key
+
+    def forget_prefixes(self) -> None:
+        """Unregister every block (the weights changed): idle ones return to the free list."""
+        self._free.extend(reversed(sorted(self._idle)))
+        self._idle.clear()
+        self._block_of.clear()
+        self._key_of.clear()
 
     def slot(self, table: list[int], pos: int) -> int:
         """Cache slot of token position ``pos`` of a sequence with block table ``table``."""
@@ -84,6 +160,37 @@ class PagedKVCache:
     def slots(self, table: list[int], start: int, end: int) -> list[int]:
         """Cache slots of token positions [start, end) of a sequence with block table ``table``."""
         return [self.slot(table, p) for p in range(start, end)]
+
+
+class ImageSpan(NamedTuple):
+    """The placeholder rows [start, end) of one image in a prompt, and a digest of its pixels."""
+    start: int
+    end: int
+    digest: bytes
+
+
+def image_digest(pixels: torch.Tensor) -> bytes:
+    """A content digest of one image's pixels [3, H, W] (dtype and shape included)."""
+    raw = pixels.detach().contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes()
+    return hashlib.sha256(f"{pixels.dtype}{tuple(pixels.shape)}".encode() + raw).digest()
+
+
+def block_keys(tokens: list[int], block_size: int, images: list[ImageSpan], start: int, end: int,
+               parent: bytes = b"") -> list[bytes]:
+    """Prefix keys of blocks [start, end) of a sequence (tokens covers them; ``parent`` is block
+    start-1's key): each key digests the previous one, the block's token ids and the pixels of
+    every image with rows in the block, so equal keys mean equal K/V for the whole prefix."""
+    keys = []
+    for i in range(start, end):
+        lo, hi = i * block_size, (i + 1) * block_size
+        h = hashlib.sha256(parent)
+        h.update(array("q", tokens[lo:hi]).tobytes())
+        for im in images:
+            if im.start < hi and im.end > lo:
+                h.update(im.digest)
+        parent = h.digest()
+        keys.append(parent)
+    return keys
 
 
 def _write(cache: PagedKVCache, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
@@ -108,6 +215,30 @@ class PrefillAttention:
     def __call__(self, layer, q, k, v):
         _write(self.cache, layer, self.slot_mapping, k, v)
         return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, causal=True, backend=self.backend)
+
+
+class PrefixPrefillAttention:
+    """Packed prefill of sequences whose first tokens are already cached (a shared prefix).
+
+    q/k/v arrive for the uncached suffixes only (T rows, cu_seqlens int32 [B+1]); their k/v are
+    written at ``slot_mapping`` [T], then each sequence's whole context is read back from the
+    cache through ``key_slots`` int64 [Tk] (cu_seqlens_k int32 [B+1]: every position of each
+    sequence, prefix then suffix) and attended with bottom-right causal masking.
+    """
+
+    def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                 key_slots: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int, backend: str | None = None):
+        self.cache, self.slot_mapping, self.key_slots = cache, slot_mapping, key_slots
+        self.cu_seqlens, self.max_seqlen, self.backend = cu_seqlens, max_seqlen, backend
+        self.cu_seqlens_k, self.max_seqlen_k = cu_seqlens_k, max_seqlen_k
+
+    def __call__(self, layer, q, k, v):
+        _write(self.cache, layer, self.slot_mapping, k, v)
+        hkv, dh = k.shape[1:]
+        keys = self.cache.k[layer].view(-1, hkv, dh).index_select(0, self.key_slots)  # (Tk, Hkv, Dh)
+        vals = self.cache.v[layer].view(-1, hkv, dh).index_select(0, self.key_slots)
+        return varlen_attention(q, keys, vals, self.cu_seqlens, self.max_seqlen, causal=True, backend=self.backend,
+                                cu_seqlens_k=self.cu_seqlens_k, max_seqlen_k=self.max_seqlen_k)
 
 
 class DecodeAttention:

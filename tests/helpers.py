@@ -354,3 +354,17 @@ def weights(path: str) -> dict[str, torch.Tensor]:
 
     files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     return {k: v for f in files for k, v in load_file(f).items()}
+
+
+def recompute_logits(model, prompt, pixels, tokens):
+    """Logits after prompt + tokens[:j] for every j, by a full packed forward without cache."""
+    from engine.model import PackedAttention, pack_cu_seqlens
+
+    with torch.no_grad():
+        x = torch.cat([model.embed(torch.tensor(prompt), pixels),
+                       model.decoder.embed(torch.tensor(tokens, dtype=torch.long))])        # (P + n, D)
+        lens = [len(prompt) + j for j in range(len(tokens) + 1)]
+        xs = torch.cat([x[:n] for n in lens])
+        cu, pos, max_len = pack_cu_seqlens(lens)
+        hidden = model.decoder(xs, pos, PackedAttention(cu, max_len))
+        return model.logits(hidden[cu[1:].long() - 1])                                     # (n + 1, V)

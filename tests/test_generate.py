@@ -9,7 +9,7 @@
 """
 import pytest
 import torch
-from helpers import IMAGE_SIZE, IMAGE_TOKEN, hf_model, pad
+from helpers import IMAGE_SIZE, IMAGE_TOKEN, hf_model, pad, recompute_logits
 from transformers import (
     LogitsProcessorList,
     RepetitionPenaltyLogitsProcessor,
@@ -21,7 +21,6 @@ from transformers import (
 import engine
 from engine.generate import GraphCaptureError, Runtime, RuntimeConfig, SamplingParams, generate, sample_tokens
 from engine.kv_cache import PagedKVCache
-from engine.model import PackedAttention, pack_cu_seqlens
 
 EOS = 2
 
@@ -106,18 +105,6 @@ def test_batch_invariance_and_joining_a_running_batch(model):
         rt.step()
     assert [r.tokens for r in reqs] == [a if i % 3 else a[:5] for i, a in enumerate(alone)]
     assert rt.cache.free_blocks == rt.cache.num_blocks - 1  # everything released
-
-
-def recompute_logits(model, prompt, pixels, tokens):
-    """Logits after prompt + tokens[:j] for every j, by a full packed forward without cache."""
-    with torch.no_grad():
-        x = torch.cat([model.embed(torch.tensor(prompt), pixels),
-                       model.decoder.embed(torch.tensor(tokens, dtype=torch.long))])        # (P + n, D)
-        lens = [len(prompt) + j for j in range(len(tokens) + 1)]
-        xs = torch.cat([x[:n] for n in lens])
-        cu, pos, max_len = pack_cu_seqlens(lens)
-        hidden = model.decoder(xs, pos, PackedAttention(cu, max_len))
-        return model.logits(hidden[cu[1:].long() - 1])                                     # (n + 1, V)
 
 
 def test_decode_logits_equal_full_recompute(model):
