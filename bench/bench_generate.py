@@ -6,7 +6,11 @@ Cases (each for a CPU variant — ~140M parameters, fp32 — and a GPU variant �
 - ``decode b32``: 32 prompts of 16–512 tokens, each with its own number of new tokens (mixed
   stop lengths; transformers gets a per-row stopping criterion, and keeps computing finished
   rows as it does);
-- ``ttft``: one 336-px image + 64 text tokens, time to the first new token.
+- ``ttft``: one 336-px image + 64 text tokens, time to the first new token (cold: our runtime
+  forgets its shared prefixes before each call, so nothing of an earlier call is reused);
+- ``ttft shared system prompt``: a 512-token system prompt + a new image + 32 new text tokens,
+  after an earlier request ran the same system prompt: ours reusing it, ours cold, and
+  transformers (which recomputes every prompt).
 
 Decode numbers exclude the prefill: ours from the end of the prefill step, transformers' from
 the first call of its logits processors (made right after its prefill forward).
@@ -216,6 +220,63 @@ def decode_case(benchmark, name: str, batch: int):
     return secs, hf_secs
 
 
+def ours_ttft(rt: Runtime, prompt, pixels, device, *, cold=True) -> float:
+    """Seconds from submit to the first new token; ``cold`` forgets every shared prefix first."""
+    if cold:
+        rt.cache.forget_prefixes()
+    sync(device)
+    t0 = time.perf_counter()
+    req = rt.submit(prompt, pixel_values=pixels, params=SamplingParams(max_new_tokens=1))
+    while rt.has_work:
+        rt.step()
+    sync(device)
+    assert len(req.tokens) == 1
+    return time.perf_counter() - t0
+
+
+def hf_ttft(hf, prompt, pixels, device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        hf.generate(input_ids=torch.tensor([prompt], device=device), pixel_values=pixels, max_new_tokens=1,
+                    do_sample=False)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def shared_prefix_case(benchmark, name: str):
+    """Chat requests that share a 512-token system prompt, each with its own image and question."""
+    ours, hf, rt, cfg = build(name)
+    v = VARIANTS[name]
+    rng = random.Random(11)
+    system = [1] + [rng.randrange(3, IMAGE_TOKEN) for _ in range(511)]
+
+    def request():
+        question = [rng.randrange(3, IMAGE_TOKEN) for _ in range(32)]
+        pixels = torch.randn(1, 3, 336, 336, device=v["device"], dtype=v["dtype"])
+        return system + [IMAGE_TOKEN] * cfg.image_seq_len + question, pixels
+
+    ours_ttft(rt, *request(), v["device"]), hf_ttft(hf, *request(), v["device"])  # warm-up
+    cold = min(ours_ttft(rt, *request(), v["device"]) for _ in range(3))
+    ours_ttft(rt, *request(), v["device"])                                # the earlier request: prefix cached
+    before = rt.reused_tokens
+    warm = min(benchmark.pedantic(lambda: [ours_ttft(rt, *request(), v["device"], cold=False) for _ in range(3)],
+                                  rounds=1, iterations=1))
+    reused = (rt.reused_tokens - before) // 3
+    assert reused == len(system) // rt.cache.block_size * rt.cache.block_size
+    hf_secs = min(hf_ttft(hf, *request(), v["device"]) for _ in range(3))
+    case = f"{name} ttft shared 512-token system prompt + 1 image + 32 tokens"
+    prompt_tokens = len(system) + cfg.image_seq_len + 32
+    save(SUITE, [Row(SUITE, case, "hf", hf_secs * 1e3),
+                 Row(SUITE, case, "ours cold", cold * 1e3, ref_ms=hf_secs * 1e3,
+                     extra=dict(prompt_tokens=prompt_tokens)),
+                 Row(SUITE, case, "ours", warm * 1e3, ref_ms=hf_secs * 1e3,
+                     extra=dict(prompt_tokens=prompt_tokens, reused_tokens=reused,
+                                speedup_vs_ours_cold=cold / warm))])
+    print(f"[{SUITE}] {case}: ours {warm * 1e3:.0f} ms reusing {reused} tokens, ours cold {cold * 1e3:.0f} ms, "
+          f"transformers {hf_secs * 1e3:.0f} ms")
+
+
 def ttft_case(benchmark, name: str):
     ours, hf, rt, cfg = build(name)
     v = VARIANTS[name]
@@ -223,30 +284,12 @@ def ttft_case(benchmark, name: str):
     prompt = [1] + [IMAGE_TOKEN] * cfg.image_seq_len + [rng.randrange(3, IMAGE_TOKEN) for _ in range(63)]
     pixels = torch.randn(1, 3, 336, 336, device=v["device"], dtype=v["dtype"])
 
-    def ours_ttft():
-        sync(v["device"])
-        t0 = time.perf_counter()
-        req = rt.submit(prompt, pixel_values=pixels, params=SamplingParams(max_new_tokens=1))
-        while rt.has_work:
-            rt.step()
-        sync(v["device"])
-        assert len(req.tokens) == 1
-        return time.perf_counter() - t0
-
-    def hf_ttft():
-        sync(v["device"])
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            hf.generate(input_ids=torch.tensor([prompt], device=v["device"]), pixel_values=pixels,
-                        max_new_tokens=1, do_sample=False)
-        sync(v["device"])
-        return time.perf_counter() - t0
-
-    ours_ttft(), hf_ttft()                                                  # warm-up
+    ours_ttft(rt, prompt, pixels, v["device"]), hf_ttft(hf, prompt, pixels, v["device"])  # warm-up
     with track_peak_memory() as ours_peak:
-        secs = min(benchmark.pedantic(lambda: [ours_ttft() for _ in range(3)], rounds=1, iterations=1))
+        secs = min(benchmark.pedantic(lambda: [ours_ttft(rt, prompt, pixels, v["device"]) for _ in range(3)],
+                                      rounds=1, iterations=1))
     with track_peak_memory() as hf_peak:
-        hf_secs = min(hf_ttft() for _ in range(3))
+        hf_secs = min(hf_ttft(hf, prompt, pixels, v["device"]) for _ in range(3))
     case = f"{name} ttft 1 image + 64 tokens"
     save(SUITE, [Row(SUITE, case, "hf", hf_secs * 1e3, peak_mem_mb=hf_peak["mb"]),
                  Row(SUITE, case, "ours", secs * 1e3, ref_ms=hf_secs * 1e3, peak_mem_mb=ours_peak["mb"],
@@ -267,3 +310,8 @@ def test_decode_batch32_mixed(benchmark, name):
 @pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_ttft_image(benchmark, name):
     ttft_case(benchmark, name)
+
+
+@pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_ttft_shared_system_prompt(benchmark, name):
+    shared_prefix_case(benchmark, name)
