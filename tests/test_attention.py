@@ -39,6 +39,65 @@ def test_reference_matches_dense(lengths, causal):
     assert_close_rule(out, dense_truth(q, k, v, lengths, causal), what="sdpa")
 
 
+def make_prefixed(q_lens, k_lens, h=4, hkv=2, dh=16, device="cpu", dtype=torch.float32):
+    """Queries that are the last q_lens[i] positions of sequences of k_lens[i] keys (a cached prefix)."""
+    q = torch.randn(sum(q_lens), h, dh, device=device, dtype=dtype)
+    k, v = (torch.randn(sum(k_lens), hkv, dh, device=device, dtype=dtype) for _ in range(2))
+    cu_q, _, max_q = pack_cu_seqlens(q_lens, device)
+    cu_k, _, max_k = pack_cu_seqlens(k_lens, device)
+    return q, k, v, cu_q, max_q, cu_k, max_k
+
+
+def prefixed_truth(q, k, v, q_lens, k_lens, causal):
+    """fp64, one sequence at a time: query i of Lq sits at position Lk - Lq + i."""
+    out, at_q, at_k = [], 0, 0
+    for lq, lk in zip(q_lens, k_lens, strict=True):
+        qs, ks, vs = q[at_q:at_q + lq].double(), k[at_k:at_k + lk].double(), v[at_k:at_k + lk].double()
+        rep = qs.shape[1] // ks.shape[1]
+        ks, vs = ks.repeat_interleave(rep, 1), vs.repeat_interleave(rep, 1)
+        scores = torch.einsum("qhd,khd->hqk", qs, ks) / math.sqrt(qs.shape[-1])
+        if causal:
+            pos_q = torch.arange(lq)[:, None] + (lk - lq)
+            scores = scores.masked_fill(torch.arange(lk)[None, :] > pos_q, float("-inf"))
+        out.append(torch.einsum("hqk,khd->qhd", scores.softmax(-1), vs))
+        at_q, at_k = at_q + lq, at_k + lk
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_with_longer_keys_is_bottom_right_aligned(causal):
+    q_lens, k_lens = [1, 5, 9, 3], [7, 5, 40, 3]  # a one-token suffix, no prefix, long prefix, equal
+    q, k, v, cu_q, max_q, cu_k, max_k = make_prefixed(q_lens, k_lens)
+    out = varlen_attention(q, k, v, cu_q, max_q, causal, backend="sdpa", cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+    assert_close_rule(out, prefixed_truth(q, k, v, q_lens, k_lens, causal), what="sdpa prefixed")
+    # equal lengths through cu_seqlens_k are the plain call
+    q2, k2, v2, cu, max_len = make([4, 6])
+    assert torch.equal(varlen_attention(q2, k2, v2, cu, max_len, cu_seqlens_k=cu, max_seqlen_k=max_len),
+                       varlen_attention(q2, k2, v2, cu, max_len))
+    with pytest.raises(ValueError, match="3 queries but only 0 keys"):
+        varlen_attention(q, k, v, cu_q, max_q, backend="sdpa",
+                         cu_seqlens_k=pack_cu_seqlens([7, 5, 43, 0])[0], max_seqlen_k=43)
+    with pytest.raises(ValueError, match="different numbers of sequences"):
+        varlen_attention(q, k, v, cu_q, max_q, cu_seqlens_k=cu_k[:-1], max_seqlen_k=max_k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn", "torch_varlen", "xformers"])
+def test_gpu_backends_with_longer_keys_match_reference(backend):
+    """The prefix-cache prefill: each backend must align causal masking bottom-right, as the reference."""
+    dev = torch.device("cuda")
+    if backend not in available_backends(dev, torch.bfloat16, 128):
+        pytest.skip(f"{backend} is not installed on this GPU machine")
+    q_lens, k_lens = [1, 130, 577, 64], [600, 130, 1201, 64]
+    q, k, v, cu_q, max_q, cu_k, max_k = make_prefixed(q_lens, k_lens, h=8, hkv=2, dh=128, device=dev,
+                                                      dtype=torch.bfloat16)
+    truth = prefixed_truth(q.cpu(), k.cpu(), v.cpu(), q_lens, k_lens, True)
+    kw = dict(cu_seqlens_k=cu_k, max_seqlen_k=max_k)
+    ref_lowp = varlen_attention(q, k, v, cu_q, max_q, backend="sdpa", **kw)
+    out = varlen_attention(q, k, v, cu_q, max_q, backend=backend, **kw)
+    assert_close_rule(out, truth, ref_lowp, floor=1e-3, what=f"{backend} prefixed")
+
+
 def test_backend_selection_and_errors():
     assert resolve_backend(torch.device("cpu")) == "sdpa"
     assert available_backends(torch.device("cpu")) == ["sdpa"]
