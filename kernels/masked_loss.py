@@ -44,6 +44,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels._triton_util import store_cast
 from kernels.dispatch import resolve, triton_interpreting
 
 IGNORE_INDEX = -100
@@ -53,9 +54,10 @@ _LOW_PRECISION = (torch.bfloat16, torch.float16)
 @triton.jit
 def _lse_loss_grad_kernel(z_ptr, tgt_ptr, scale_ptr, loss_ptr, R, V, stride_z,
                           BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr,
-                          WRITE_GRAD: tl.constexpr):
+                          WRITE_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr):
     """Rows r of z[R, V]: loss[r] = logsumexp(z[r]) - z[r, tgt[r]]; with WRITE_GRAD, z[r] is
-    overwritten by (softmax(z[r]) - onehot(tgt[r])) * scale. fp32 math whatever z's dtype."""
+    overwritten by (softmax(z[r]) - onehot(tgt[r])) * scale. fp32 math whatever z's dtype.
+    ROUND_BF16: bf16 z under the interpreter, whose casts truncate (see kernels._triton_util)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -78,7 +80,7 @@ def _lse_loss_grad_kernel(z_ptr, tgt_ptr, scale_ptr, loss_ptr, R, V, stride_z,
         if WRITE_GRAD:
             scale = tl.load(scale_ptr)
             g = e * (scale / s)[:, None] - tl.where(cols[None, :] == tgt[:, None], scale, 0.0)
-            tl.store(row_ptr + cols[None, :], g.to(z_ptr.dtype.element_ty), mask=rmask[:, None] & cmask)
+            store_cast(row_ptr + cols[None, :], g, rmask[:, None] & cmask, ROUND_BF16)
     else:
         # Online log-sum-exp over V blocks: running max m and sum s of exp(x - m).
         m = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -97,8 +99,7 @@ def _lse_loss_grad_kernel(z_ptr, tgt_ptr, scale_ptr, loss_ptr, R, V, stride_z,
                 x = tl.load(row_ptr + v0 + cols[None, :], mask=cmask, other=float("-inf")).to(tl.float32)
                 g = tl.exp(x - lse[:, None]) * scale
                 g = g - tl.where((v0 + cols)[None, :] == tgt[:, None], scale, 0.0)
-                tl.store(row_ptr + v0 + cols[None, :], g.to(z_ptr.dtype.element_ty),
-                         mask=rmask[:, None] & cmask)
+                store_cast(row_ptr + v0 + cols[None, :], g, rmask[:, None] & cmask, ROUND_BF16)
     tl.store(loss_ptr + rows, lse - z_t, mask=rmask)
 
 
@@ -157,7 +158,8 @@ def _lse_loss_grad(z: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor, loss
     block_r, block_v, warps = _kernel_blocks(V, cfg)
     _lse_loss_grad_kernel[(triton.cdiv(R, block_r),)](
         z, tgt, scale, loss_out, R, V, z.stride(0), BLOCK_R=block_r, BLOCK_V=block_v,
-        ONE_BLOCK=block_v >= V, WRITE_GRAD=write_grad, num_warps=warps)
+        ONE_BLOCK=block_v >= V, WRITE_GRAD=write_grad,
+        ROUND_BF16=triton_interpreting() and z.dtype == torch.bfloat16, num_warps=warps)
 
 
 def _inv_count(num_targets, local_count: int, device: torch.device, dtype=torch.float32) -> torch.Tensor:

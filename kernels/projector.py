@@ -24,6 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels._triton_util import store_cast
 from kernels.dispatch import resolve, triton_interpreting
 
 ACT_NONE, ACT_GELU, ACT_GELU_BWD = 0, 1, 2
@@ -77,28 +78,18 @@ def _gemm_kernel(a_ptr, b_ptr, bias_ptr, c_ptr, aux_ptr, aux_out_ptr, colsum_ptr
     offs_c = offs_m[:, None] * stride_cm + offs_n[None, :]
     if ACT == 1:
         if STORE_AUX:
-            _store(aux_out_ptr + offs_c, acc, mask, INTERP_BF16)
+            store_cast(aux_out_ptr + offs_c, acc, mask, INTERP_BF16)
         acc = 0.5 * acc * (1.0 + tl.math.erf(acc * 0.7071067811865476))
     elif ACT == 2:
         h = tl.load(aux_ptr + offs_c, mask=mask, other=0.0).to(tl.float32)
         cdf = 0.5 * (1.0 + tl.math.erf(h * 0.7071067811865476))
         acc = acc * (cdf + h * tl.exp(-0.5 * h * h) * 0.3989422804014327)  # d/dh h·Φ(h) = Φ(h) + h·φ(h)
         if STORE_AUX:
-            _store(aux_out_ptr + offs_c, h * cdf, mask, INTERP_BF16)
+            store_cast(aux_out_ptr + offs_c, h * cdf, mask, INTERP_BF16)
     if COLSUM:
         # One partial row per row-block, summed by torch afterwards: deterministic, no atomics.
         tl.store(colsum_ptr + pid_m * N + offs_n, tl.sum(tl.where(mask, acc, 0.0), axis=0), mask=offs_n < N)
-    _store(c_ptr + offs_c, acc, mask, INTERP_BF16)
-
-
-@triton.jit
-def _store(ptrs, x, mask, ROUND_BF16: tl.constexpr):
-    """Store fp32 ``x`` in the pointer's dtype; ROUND_BF16 rounds to nearest even by hand (interpreter)."""
-    if ROUND_BF16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16
-        x = bits.to(tl.float32, bitcast=True)
-    tl.store(ptrs, x.to(ptrs.dtype.element_ty), mask=mask)
+    store_cast(c_ptr + offs_c, acc, mask, INTERP_BF16)
 
 
 # Every config has the same BLOCK_M, so the [cdiv(M, BLOCK_M), Nc] partial-column-sum buffer is fully
@@ -126,7 +117,8 @@ def _prune(configs, nargs, **kwargs):
 _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_gemm_kernel)
 # The triton 3.8 interpreter mishandles bf16 twice: tl.dot multiplies the raw uint16 storage, and fp32→bf16
 # casts truncate instead of rounding to nearest even. Under the interpreter, bf16 tiles are upcast before
-# tl.dot (the same exact products + fp32 accumulation as tensor cores) and stores round in _store().
+# tl.dot (the same exact products + fp32 accumulation as tensor cores) and stores round by hand
+# (kernels._triton_util.store_cast); on a GPU the plain cast rounds and INTERP_BF16 is off.
 _INTERP_BF16_BROKEN = triton_interpreting()
 if triton_interpreting():  # one small fixed config: the interpreter is slow and cannot time configs
     _gemm, _FIXED = _even_k, {"BLOCK_M": _BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from kernels import dispatch
+from kernels._triton_util import store_cast
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -59,17 +60,6 @@ def _gather_rows_kernel(out_ptr, src_ptr, idx_ptr, D, stride_out, stride_src, BL
 
 
 @triton.jit
-def _to_bf16_rtne(x):
-    # fp32 -> bf16 round-to-nearest-even by hand: GPUs round so, but the Triton interpreter
-    # truncates, and the CPU tests must see the GPU's bits. A NaN stays a (quiet) NaN.
-    bits = x.to(tl.uint32, bitcast=True)
-    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    bits = tl.where(is_nan, (bits >> 16) | 0x40, rounded)
-    return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
 def _embed_grad_kernel(gw_ptr, grad_ptr, perm_ptr, bounds_ptr, D, stride_gw, stride_grad,
                        BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr, OUT_BF16: tl.constexpr):
     # grid (V, cdiv(D, BLOCK_D)): program v sums in fp32 the grad rows of the text tokens with id
@@ -90,11 +80,8 @@ def _embed_grad_kernel(gw_ptr, grad_ptr, perm_ptr, bounds_ptr, D, stride_gw, str
         x = tl.load(grad_ptr + r[:, None] * stride_grad + cols[None, :], mask=kmask[:, None] & cmask[None, :],
                     other=0.0)  # [BLOCK_R, BLOCK_D]
         acc += tl.sum(x.to(tl.float32), axis=0)
-    if OUT_BF16:
-        val = _to_bf16_rtne(acc)
-    else:
-        val = acc.to(gw_ptr.dtype.element_ty)
-    tl.store(gw_ptr + v.to(tl.int64) * stride_gw + cols, val, mask=cmask)
+    # Hand rounding for bf16 on every backend (the interpreter truncates; on a GPU it gives the cast's bits).
+    store_cast(gw_ptr + v.to(tl.int64) * stride_gw + cols, acc, cmask, OUT_BF16)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,8 +8,11 @@ error vs the same fp64 truth.
 """
 import pytest
 import torch
+import triton
+import triton.language as tl
 from helpers import assert_close_rule, poison_
 
+from kernels._triton_util import store_cast
 from kernels.projector import ACT_GELU, ACT_GELU_BWD, fused_gemm, projector, projector_fwd, projector_ref
 
 NAMES = ("x", "w1", "b1", "w2", "b2")
@@ -157,6 +160,81 @@ def test_unusable_backend_raises():
     master = make(5, 40, 72, 48, device="cpu")
     with pytest.raises(ValueError, match="cuda"):
         projector(*[master[k].float() for k in NAMES], backend="cuda")
+
+
+def _bits_to_f32(bits: list[int]) -> torch.Tensor:
+    """uint32 bit patterns -> float32 tensor (CPU)."""
+    return torch.tensor([b - (1 << 32) if b >= 1 << 31 else b for b in bits], dtype=torch.int32).view(torch.float32)
+
+
+def _bf16_bits(bits: list[int]) -> torch.Tensor:
+    """uint16 bit patterns -> bfloat16 tensor (CPU)."""
+    return torch.tensor([b - (1 << 16) if b >= 1 << 15 else b for b in bits], dtype=torch.int16).view(torch.bfloat16)
+
+
+# fp32 bit patterns where a hand-written fp32 -> bf16 rounding goes wrong, with what torch gives.
+TRICKY_F32 = [
+    0x3F808000, 0x3F818000,              # 1 + 2^-8 (tie, even: down to 1.0), 1 + 3·2^-8 (tie, odd: up)
+    0x3F807FFF, 0x3F808001,              # just under / over a tie
+    0x7F7F7FFF, 0x7F7F8000, 0x7F7FFFFF,  # near the bf16 max: stays max finite, tie rounds up to Inf, FLT_MAX -> Inf
+    0xFF7F8000, 0xFF7FFFFF,              # the same, negative: -Inf
+    0x00000001, 0x00008000, 0x00018000,  # subnormals: to 0, tie (even: 0), tie (odd: up)
+    0x007FFFFF, 0x807FFFFF, 0x80008001,  # largest subnormal -> smallest normal; negative ones
+    0x00000000, 0x80000000,              # ±0
+    0x7F800000, 0xFF800000,              # ±Inf
+    0x7FC00000, 0xFFC00000,              # the quiet NaNs arithmetic makes
+    0x7FFFFFFF, 0xFFFFFFFF,              # NaNs whose +0x7FFF carries into the sign (old code: -0.0, +0.0)
+    0x7F800001, 0x7F807FFF, 0xFF807FFF,  # NaNs with only low payload bits (old code: ±Inf)
+    0x7FBFFFFF, 0x7F80FFFF,              # a signalling NaN with a full payload; one whose rounding carries
+]
+
+
+@triton.jit
+def _store_cast_kernel(x_ptr, y_ptr, n, ROUND_BF16: tl.constexpr, BLOCK: tl.constexpr):
+    """y[i] = bf16(x[i]) through store_cast, the store of the projector's epilogue."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    store_cast(y_ptr + offs, tl.load(x_ptr + offs, mask=mask), mask, ROUND_BF16)
+
+
+def assert_same_bf16(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    """NaN in the same places (torch makes one canonical NaN, so NaN bits are not compared); every other
+    element bit-identical (the sign of zero and subnormals included)."""
+    got, want = got.cpu(), want.cpu()
+    nan = want.isnan()
+    bad = (got.isnan() != nan) | (~nan & (got.view(torch.int16) != want.view(torch.int16)))
+    assert not bad.any(), f"{what}: {int(bad.sum())} differ, e.g. {got[bad][:4].tolist()} != {want[bad][:4].tolist()}"
+
+
+# ROUND_BF16 is what the projector sets under the interpreter; the plain cast (False) is the GPU path.
+@pytest.mark.parametrize("round_bf16", [True, pytest.param(False, marks=pytest.mark.gpu)],
+                         ids=["by_hand", "plain_cast"])
+def test_bf16_store_rounds_like_torch(round_bf16):
+    g = torch.Generator().manual_seed(3)
+    random_bits = torch.randint(-2**31, 2**31, (4096,), generator=g, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([_bits_to_f32(TRICKY_F32), random_bits.view(torch.float32)])
+    y = torch.full(x.shape, -3.0, dtype=torch.bfloat16, device=DEVICE)  # not NaN: NaNs are expected
+    _store_cast_kernel[(triton.cdiv(x.numel(), 1024),)](x.to(DEVICE), y, x.numel(), ROUND_BF16=round_bf16,
+                                                        BLOCK=1024)
+    assert_same_bf16(y, x.to(torch.bfloat16), "fp32 -> bf16")
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in the interpreter
+def test_bf16_nan_and_inf_inputs_propagate_like_reference():
+    """NaN (quiet, signalling, either sign) and ±Inf in x: the same output elements are NaN as in the
+    eager bf16 reference (an Inf row turns to NaN through gelu(-Inf) = -Inf·0), and the other rows still
+    meet the tolerance rule."""
+    master = make(97, 40, 72, 48)
+    args = {k: v.to(torch.bfloat16) for k, v in master.items()}
+    bad_rows = [0, 11, 45, 60, 96]
+    args["x"][bad_rows, [3, 39, 0, 17, 20]] = _bf16_bits([0x7FC0, 0xFFFF, 0x7F81, 0xFF80, 0x7F80]).to(DEVICE)
+    y = projector(*[args[k] for k in NAMES], backend="triton")
+    ref = projector_ref(*[args[k] for k in NAMES])
+    assert y.isnan().any(1).tolist() == [i in bad_rows for i in range(97)]
+    assert torch.equal(y.isnan(), ref.isnan()) and not y.isinf().any()
+    ok = [i for i in range(97) if i not in bad_rows]
+    truth = projector_ref(*[args[k].double() for k in NAMES])
+    assert_close_rule(y[ok], truth[ok], ref[ok], what="finite rows")
 
 
 @pytest.mark.gpu
