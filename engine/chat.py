@@ -23,6 +23,7 @@ import sys
 
 import torch
 
+from engine.cli import run_main
 from engine.conversation import IMAGE_TOKEN, Template, generation_prompt, get_template, stop_strings
 from engine.generate import Runtime, generate
 from engine.image import ImageSpec
@@ -227,4 +228,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

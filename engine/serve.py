@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import queue
-import sys
 import threading
 import time
 import uuid
@@ -38,6 +37,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import torch
 
 from engine.chat import DTYPES, TextDecoder, encode_chat, image_spec_for, load_model, load_tokenizer, stop_token_ids
+from engine.cli import run_main
 from engine.conversation import IMAGE_TOKEN, Template, get_template, stop_strings
 from engine.generate import Request, Runtime, RuntimeConfig, SamplingParams, StepEvent
 from engine.image import ImageSpec
@@ -478,4 +478,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

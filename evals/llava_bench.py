@@ -27,9 +27,9 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 from collections import defaultdict
 
+from engine.cli import run_main
 from evals.common import (
     JsonlAppender,
     add_answer_args,
@@ -364,4 +364,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from evals.judge import JudgeFailed
+    run_main(main, reported=(JudgeFailed,))

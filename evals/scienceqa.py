@@ -28,9 +28,9 @@ import argparse
 import json
 import os
 import re
-import sys
 from dataclasses import dataclass
 
+from engine.cli import run_main
 from evals.common import (
     JsonlAppender,
     add_answer_args,
@@ -545,4 +545,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from evals.judge import JudgeFailed
+    run_main(main, reported=(JudgeFailed,))

@@ -19,6 +19,7 @@ import os
 import random
 import sys
 
+from engine.cli import run_main
 from train.make_instruct import KINDS, write_text_atomic
 
 __all__ = ["PRESETS", "mix", "main"]
@@ -99,8 +100,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    run_main(main)

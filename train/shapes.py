@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
+from engine.cli import run_main
 from train.make_instruct import KINDS, InstructConfig, run, write_text_atomic
 from train.mix_instruct import PRESETS, mix
 
@@ -278,4 +279,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

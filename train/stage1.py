@@ -2,7 +2,8 @@
 
 Only the projector trains (vision tower and LLM frozen), `plain` template; LLaVA-1.5 defaults
 lr 1e-3, global batch 256, 1 epoch (``--paper``: 2e-3, 128)."""
+from engine.cli import run_main
 from train.stage import main
 
 if __name__ == "__main__":
-    main(1)
+    run_main(main, 1)
