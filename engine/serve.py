@@ -62,6 +62,7 @@ class ServerConfig:
     max_batch: int = 64
     kv_cache_bytes: int | None = None
     image_root: str | None = None        # local image paths must lie under it when set
+    prefix_caching: bool = True          # share the K/V of identical prompt prefixes (system prompt, chat turns)
 
     def __post_init__(self):
         if not 0 < self.default_max_tokens <= self.max_tokens_limit:
@@ -248,7 +249,8 @@ class LlavaServer(ThreadingHTTPServer):
         self.model_name = cfg.model_name or os.path.basename(os.path.normpath(cfg.model))
         self.tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self.stop_ids = tuple(stop_token_ids(tokenizer, model))
-        runtime = Runtime(model, RuntimeConfig(max_batch=cfg.max_batch, kv_cache_bytes=cfg.kv_cache_bytes))
+        runtime = Runtime(model, RuntimeConfig(max_batch=cfg.max_batch, kv_cache_bytes=cfg.kv_cache_bytes,
+                                               prefix_caching=cfg.prefix_caching))
         self.scheduler = Scheduler(runtime)
         super().__init__((cfg.host, cfg.port), Handler)
         self.scheduler.start()
@@ -279,7 +281,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):
         if self.path == "/health":
-            self._json(200, {"status": "ok"})
+            rt = self.server.scheduler.runtime  # plain int reads: safe beside the scheduler thread
+            self._json(200, {"status": "ok", "prompt_tokens": rt.prompt_tokens,
+                             "reused_prompt_tokens": rt.reused_tokens})
         elif self.path == "/v1/models":
             self._json(200, {"object": "list", "data": [{"id": self.server.model_name, "object": "model",
                                                          "created": 0, "owned_by": "engine"}]})
@@ -457,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
     p.add_argument("--image-root", default=None, help="only read local images under this directory")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="recompute every prompt in full (default: share identical prompt prefixes)")
     args = p.parse_args(argv)
     if args.default_max_tokens is None:
         args.default_max_tokens = min(256, args.max_tokens_limit)

@@ -95,7 +95,8 @@ def data_url(seed):
 
 
 def test_health_and_models(server):
-    assert request(server, "GET", "/health") == (200, b'{"status": "ok"}')
+    status, payload = request(server, "GET", "/health")
+    assert status == 200 and json.loads(payload)["status"] == "ok"
     status, payload = request(server, "GET", "/v1/models")
     assert status == 200 and json.loads(payload)["data"][0]["id"] == "ckpt"
 
@@ -131,6 +132,24 @@ def test_completions_equal_engine_chat(server, ckpt, tmp_path):
         assert obj["usage"]["completion_tokens"] <= 24
         assert stream(server, messages, max_tokens=24) == (text, reason)
     assert len(want) > 0
+
+
+def test_a_repeated_conversation_reuses_its_prefix(server):
+    """The second identical request (same image) prefills only its last block's worth; same answer."""
+    def reused():
+        return json.loads(request(server, "GET", "/health")[1])["reused_prompt_tokens"]
+
+    messages = [{"role": "system", "content": "You are a careful assistant who describes shapes and colours."},
+                {"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(4)}},
+                                             {"type": "text", "text": "How many shapes are there?"}]}]
+    before = reused()
+    first = complete(server, messages, max_tokens=8)
+    assert reused() == before   # no earlier request began with this system prompt
+    second = complete(server, messages, max_tokens=8)
+    assert second[:2] == first[:2]
+    assert reused() - before >= 16
+    prompt = second[2]["usage"]["prompt_tokens"]
+    assert reused() - before == (prompt - 1) // 16 * 16  # whole blocks, the last prompt token recomputed
 
 
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server):
