@@ -31,7 +31,7 @@ import time
 
 import pytest
 import torch
-from common import Row, copy_bandwidth_gbps, save, track_peak_memory
+from common import Row, bench_device, copy_bandwidth_gbps, pick, save, track_peak_memory
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import (
     LlavaForConditionalGeneration,
@@ -53,18 +53,24 @@ VARIANTS = {
     "cpu": dict(device="cpu", dtype=torch.float32, new_tokens=(4, 32), copy_mb=256,
                 text=dict(hidden_size=768, intermediate_size=2048, num_layers=12, num_heads=12,
                           num_kv_heads=12, head_dim=64),
-                vision=dict(hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4)),
-    # LLaVA-1.5-7B shapes: Vicuna-7B decoder, CLIP ViT-L/14-336
-    "gpu": dict(device="cuda", dtype=torch.bfloat16, new_tokens=(32, 256), copy_mb=2048,
-                text=dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
-                          num_kv_heads=32, head_dim=128),
-                vision=dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16)),
+                vision=dict(image_size=336, hidden_size=256, intermediate_size=1024, num_layers=4, num_heads=4)),
+    # LLaVA-1.5-7B shapes: Vicuna-7B decoder, CLIP ViT-L/14-336 (smoke: a tiny model of the same layout,
+    # bf16 on the CPU, 4 image rows)
+    "gpu": dict(device=bench_device(), dtype=torch.bfloat16, new_tokens=pick((32, 256), (2, 4)),
+                copy_mb=pick(2048, 1),
+                text=pick(dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                               num_kv_heads=32, head_dim=128),
+                          dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                               num_kv_heads=4, head_dim=16)),
+                vision=pick(dict(image_size=336, hidden_size=1024, intermediate_size=4096, num_layers=24,
+                                 num_heads=16),
+                            dict(image_size=28, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2))),
 }
 _CACHE: dict[str, tuple] = {}
 
 
 def config(v: dict) -> LlavaConfig:
-    return LlavaConfig(vision=VisionConfig(image_size=336, patch_size=14, **v["vision"]),
+    return LlavaConfig(vision=VisionConfig(patch_size=14, **v["vision"]),
                        text=TextConfig(vocab_size=VOCAB, max_position_embeddings=4096, **v["text"]),
                        projector_type="mlp2x_gelu", image_token_id=IMAGE_TOKEN)
 
@@ -187,7 +193,7 @@ def decode_case(benchmark, name: str, batch: int):
     lengths = [64] if batch == 1 else [rng.randint(16, 512) for _ in range(batch)]
     limits = [64] if batch == 1 else [rng.randint(*v["new_tokens"]) for _ in range(batch)]
     prompts = [[1] + [rng.randrange(3, IMAGE_TOKEN) for _ in range(n - 1)] for n in lengths]
-    if v["device"] == "cuda":  # warm-up: the same workload captures every graph bucket it will use
+    if name == "gpu":  # warm-up: the same workload captures every graph bucket it will use
         ours_decode(rt, prompts, limits, v["device"])
         hf_decode(hf, prompts, [2] * batch, v["device"])
     else:
@@ -253,7 +259,7 @@ def shared_prefix_case(benchmark, name: str):
 
     def request():
         question = [rng.randrange(3, IMAGE_TOKEN) for _ in range(32)]
-        pixels = torch.randn(1, 3, 336, 336, device=v["device"], dtype=v["dtype"])
+        pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device=v["device"], dtype=v["dtype"])
         return system + [IMAGE_TOKEN] * cfg.image_seq_len + question, pixels
 
     ours_ttft(rt, *request(), v["device"]), hf_ttft(hf, *request(), v["device"])  # warm-up
@@ -282,7 +288,7 @@ def ttft_case(benchmark, name: str):
     v = VARIANTS[name]
     rng = random.Random(7)
     prompt = [1] + [IMAGE_TOKEN] * cfg.image_seq_len + [rng.randrange(3, IMAGE_TOKEN) for _ in range(63)]
-    pixels = torch.randn(1, 3, 336, 336, device=v["device"], dtype=v["dtype"])
+    pixels = torch.randn(1, 3, cfg.vision.image_size, cfg.vision.image_size, device=v["device"], dtype=v["dtype"])
 
     ours_ttft(rt, prompt, pixels, v["device"]), hf_ttft(hf, prompt, pixels, v["device"])  # warm-up
     with track_peak_memory() as ours_peak:

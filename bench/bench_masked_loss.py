@@ -17,23 +17,25 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from common import Row, cuda_time_ms, peak_memory_mb, save
+from common import Row, bench_device, cuda_time_ms, peak_memory_mb, pick, save, sync
 
 SUITE = "masked_loss"
-D, V = 4096, 32064
-CASES = [(T, frac) for T in (4096, 8192, 16384) for frac in (0.3, 0.5, 0.6)]
+D, V = pick((4096, 32064), (64, 500))          # smoke: V not a multiple of any block
+SEQ = pick(1024, 64)                            # tokens per packed sequence
+CASES = [(T, frac) for T in pick((4096, 8192, 16384), (128,)) for frac in (0.3, 0.5, 0.6)]
 _REF_MS: dict[tuple[int, float], float] = {}
 
 
 def _inputs(T: int, frac: float):
-    g = torch.Generator(device="cuda").manual_seed(T)
-    hidden = torch.randn(T, D, device="cuda", generator=g).bfloat16().requires_grad_()
-    head = (torch.randn(V, D, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
-    targets = torch.full((T,), -100, device="cuda", dtype=torch.int64)
+    dev = bench_device()
+    g = torch.Generator(device=dev).manual_seed(T)
+    hidden = torch.randn(T, D, device=dev, generator=g).bfloat16().requires_grad_()
+    head = (torch.randn(V, D, device=dev, generator=g) * 0.02).bfloat16().requires_grad_()
+    targets = torch.full((T,), -100, device=dev, dtype=torch.int64)
     n = round(frac * T)
-    rows = torch.randperm(T, device="cuda", generator=g)[:n]
-    targets[rows] = torch.randint(0, V, (n,), device="cuda", generator=g)
-    cu = torch.arange(0, T + 1, 1024, device="cuda", dtype=torch.int32)     # 1024-token sequences
+    rows = torch.randperm(T, device=dev, generator=g)[:n]
+    targets[rows] = torch.randint(0, V, (n,), device=dev, generator=g)
+    cu = torch.arange(0, T + 1, SEQ, device=dev, dtype=torch.int32)        # SEQ-token sequences
     return hidden, head, targets, cu, n
 
 
@@ -97,7 +99,7 @@ def test_masked_loss_fwd_bwd(benchmark, T, frac, impl):
     ms = cuda_time_ms(step)
     hidden.grad = head.grad = None
     peak = peak_memory_mb(step)
-    benchmark.pedantic(lambda: (step(), torch.cuda.synchronize()), rounds=3, warmup_rounds=1)
+    benchmark.pedantic(lambda: (step(), sync()), rounds=pick(3, 1), warmup_rounds=pick(1, 0))
     rows = n if impl in ("triton", "cuda") else T
     row = Row(suite=SUITE, case=f"T={T} tgt={int(frac * 100)}% D={D} V={V} bf16 fwd+bwd", impl=impl, ms=ms,
               work=6.0 * rows * D * V, unit="TFLOP/s", formula=f"6*{'Tt' if rows == n else 'T'}*D*V",

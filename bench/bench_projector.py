@@ -7,12 +7,13 @@ really does 2·N·(2·Dh·Dt + Dv·Dh), slightly under 2× fwd).
 """
 import pytest
 import torch
-from common import Row, cuda_time_ms, peak_memory_mb, save
+from common import SMOKE, Row, bench_device, cuda_time_ms, peak_memory_mb, pick, save, sync
 
 from kernels.dispatch import cuda_ops_available
 from kernels.projector import projector, projector_ref
 
-DV, DH, DT = 1024, 4096, 4096
+DV, DH, DT = pick((1024, 4096, 4096), (32, 80, 48))
+ROWS_PER_IMAGE = pick(576, 7)
 FORMULA = "fwd 2*N*(Dv*Dh + Dh*Dt); fwd+bwd 3x fwd"
 
 
@@ -42,12 +43,13 @@ def _step(fn, x, params, dy, mode):
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("images", [1, 4, 16])
 def test_projector(benchmark, images, mode):
-    n = 576 * images
-    g = torch.Generator(device="cuda").manual_seed(0)
-    x = torch.randn(n, DV, device="cuda", generator=g).bfloat16()
-    params = [(torch.randn(*s, device="cuda", generator=g) * k).bfloat16().requires_grad_()
+    n = ROWS_PER_IMAGE * images
+    dev = bench_device()
+    g = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(n, DV, device=dev, generator=g).bfloat16()
+    params = [(torch.randn(*s, device=dev, generator=g) * k).bfloat16().requires_grad_()
               for s, k in (((DH, DV), DV**-0.5), ((DH,), 0.1), ((DT, DH), DH**-0.5), ((DT,), 0.1))]
-    dy = torch.randn(n, DT, device="cuda", generator=g).bfloat16()
+    dy = torch.randn(n, DT, device=dev, generator=g).bfloat16()
     flops = 2 * n * (DV * DH + DH * DT) * (1 if mode == "fwd" else 3)
 
     impls = _impls()
@@ -69,4 +71,7 @@ def test_projector(benchmark, images, mode):
     save("projector", rows)
 
     ours = _step(impls["triton"], x, params, dy, mode)
-    benchmark(lambda: (ours(), torch.cuda.synchronize()))
+    if SMOKE:
+        benchmark.pedantic(lambda: (ours(), sync()), rounds=1)
+    else:
+        benchmark(lambda: (ours(), sync()))

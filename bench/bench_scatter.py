@@ -18,27 +18,30 @@ import functools
 
 import pytest
 import torch
-from common import Row, copy_bandwidth_gbps, cuda_time_ms, peak_memory_mb, save
+from common import Row, bench_device, copy_bandwidth_gbps, cuda_time_ms, peak_memory_mb, pick, save, sync
 
 from kernels import dispatch
 from kernels.scatter import scatter_image_tokens, scatter_image_tokens_ref
 
 SUITE = "scatter"
-V, D, ROWS_PER_IMAGE = 32064, 4096, 576
+V, D, ROWS_PER_IMAGE = pick((32064, 4096, 576), (100, 24, 5))
 DTYPE = torch.bfloat16
-CASES = [(T, min(k, T // ROWS_PER_IMAGE)) for T in (4096, 16384) for k in (1, 4, 16)]
+COPY_MIB = pick(1024, 1)        # the yardstick copy's size
+# at most T // (S + 1) images, so each sequence has room for its BOS before the image (real shapes: 7, 16)
+CASES = [(T, min(k, T // (ROWS_PER_IMAGE + 1))) for T in pick((4096, 16384), (48,)) for k in (1, 4, 16)]
 
 
 def make_inputs(T: int, k: int):
     """Packed batch of k sequences, each starting with BOS then one 576-row image; 30% common ids."""
     stride = T // k
-    pos = torch.cat([torch.arange(1 + i * stride, 1 + i * stride + ROWS_PER_IMAGE) for i in range(k)]).cuda()
-    ids = torch.randint(0, V, (T,), device="cuda")
-    hot = torch.rand(T, device="cuda") < 0.3
-    ids[hot] = torch.randint(0, 64, (T,), device="cuda")[hot]
+    dev = bench_device()
+    pos = torch.cat([torch.arange(1 + i * stride, 1 + i * stride + ROWS_PER_IMAGE) for i in range(k)]).to(dev)
+    ids = torch.randint(0, V, (T,), device=dev)
+    hot = torch.rand(T, device=dev) < 0.3
+    ids[hot] = torch.randint(0, 64, (T,), device=dev)[hot]
     ids[pos] = V  # the image token id, outside the table: must never be read
-    w = torch.randn(V, D, device="cuda", dtype=DTYPE)
-    img = torch.randn(pos.numel(), D, device="cuda", dtype=DTYPE)
+    w = torch.randn(V, D, device=dev, dtype=DTYPE)
+    img = torch.randn(pos.numel(), D, device=dev, dtype=DTYPE)
     return ids, w, img, pos
 
 
@@ -51,7 +54,7 @@ def implementations():
 
 
 def _measure(benchmark, case: str, fns: dict, work: float, formula: str, extra: dict) -> None:
-    copy_bw = copy_bandwidth_gbps()
+    copy_bw = copy_bandwidth_gbps(bench_device(), COPY_MIB)
     rows, ref_ms = [], None
     for name, fn in fns.items():
         ms = cuda_time_ms(fn, warmup=10, rep=50)
@@ -62,7 +65,7 @@ def _measure(benchmark, case: str, fns: dict, work: float, formula: str, extra: 
         rows.append(row)
     save(SUITE, rows)
     timed = fns["triton"]
-    benchmark.pedantic(lambda: (timed(), torch.cuda.synchronize()), rounds=20, warmup_rounds=3)
+    benchmark.pedantic(lambda: (timed(), sync()), rounds=pick(20, 1), warmup_rounds=pick(3, 0))
 
 
 @pytest.mark.gpu
@@ -90,7 +93,7 @@ def test_scatter_backward(benchmark, T, k, stage):
     w.requires_grad_(stage == 2)
     img.requires_grad_(True)
     inputs = (w, img) if stage == 2 else (img,)
-    g = torch.randn(T, D, device="cuda", dtype=DTYPE)
+    g = torch.randn(T, D, device=bench_device(), dtype=DTYPE)
     fns, expect = {}, None
     for name, op in implementations().items():
         out = op(ids, w, img, pos)
@@ -106,7 +109,7 @@ def test_scatter_backward(benchmark, T, k, stage):
     formula = "2*M*D*elt + 8*M"
     extra = {"T": T, "D": D, "M": M, "V": V, "dtype": str(DTYPE), "stage": stage}
     if stage == 2:
-        text = torch.ones(T, dtype=torch.bool, device="cuda")
+        text = torch.ones(T, dtype=torch.bool, device=bench_device())
         text[pos] = False
         U = int(ids[text].unique().numel())
         work += V * D * elt + (T - M) * D * elt + 24 * T + 16 * V

@@ -38,7 +38,7 @@ import time
 
 import pytest
 import torch
-from common import Row, cuda_time_ms, peak_memory_mb, save
+from common import SMOKE, Row, bench_device, cuda_time_ms, max_memory_mb, peak_memory_mb, pick, save, sync
 
 import kernels
 from engine.attention import resolve_backend
@@ -51,18 +51,32 @@ from train.loop import LoopConfig, cosine_lr, micro_loss, train_step
 from train.stage import freeze_for_stage
 
 SUITE = "train_step"
-MAX_TOKENS = 8192          # packed tokens per micro-batch
-MICRO = 2                  # micro-batches accumulated per optimizer step (keeps the run short)
-STEPS = 3                  # timed steps per implementation (after one warm-up step)
-IMAGE_TOKEN = 32000
+MAX_TOKENS = pick(8192, 160)   # packed tokens per micro-batch
+MICRO = 2                      # micro-batches accumulated per optimizer step (keeps the run short)
+STEPS = pick(3, 1)             # timed steps per implementation (after one warm-up step)
+POOL = pick(64, 8)             # synthetic samples packed into micro-batches
+TEXT_MEDIAN = pick(150, 24)    # text tokens of a sample (log-normal median)
+MATMUL_N = pick(8192, 64)      # the MFU denominator's square matmul
+VOCAB, IMAGE_TOKEN = pick((32064, 32000), (128, 120))
 
 
 def llava15_1b() -> LlavaConfig:
     return LlavaConfig(
         vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
                             image_size=336, patch_size=14, hidden_act="quick_gelu"),
-        text=TextConfig(vocab_size=32064, hidden_size=2048, intermediate_size=5632, num_layers=16,
+        text=TextConfig(vocab_size=VOCAB, hidden_size=2048, intermediate_size=5632, num_layers=16,
                         num_heads=16, num_kv_heads=8, head_dim=128, max_position_embeddings=4096,
+                        pad_token_id=0),
+        projector_type="mlp2x_gelu", image_token_id=IMAGE_TOKEN, vision_feature_layer=(-2,))
+
+
+def tiny() -> LlavaConfig:
+    """Smoke mode's model: llava15_1b's layout (GQA, quick_gelu tower, layer -2) at toy widths, 4 image rows."""
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
+                            image_size=28, patch_size=14, hidden_act="quick_gelu"),
+        text=TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
                         pad_token_id=0),
         projector_type="mlp2x_gelu", image_token_id=IMAGE_TOKEN, vision_feature_layer=(-2,))
 
@@ -74,7 +88,7 @@ def synthetic_samples(n: int, cfg: LlavaConfig, seed: int = 0) -> list[Sample]:
     s = cfg.image_seq_len
     out = []
     for i in range(n):
-        text = int(min(max(rng.lognormvariate(math.log(150), 0.8), 16), 2048 - s - 1 - 40))
+        text = int(min(max(rng.lognormvariate(math.log(TEXT_MEDIAN), 0.8), 16), 2048 - s - 1 - 40))
         ids = [1] + [rng.randrange(3, IMAGE_TOKEN) for _ in range(40)] + [IMAGE_TOKEN] * s
         labels = [IGNORE_INDEX] * len(ids)
         answer = False
@@ -127,21 +141,21 @@ def model_flops(cfg: LlavaConfig, seqlens: list[int], n_targets: int, n_images: 
 
 
 def matmul_tflops() -> float:
-    """Measured dense bf16 matmul rate (8192³), the MFU denominator."""
-    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    """Measured dense bf16 matmul rate (MATMUL_N³ = 8192³), the MFU denominator."""
+    a = torch.randn(MATMUL_N, MATMUL_N, device=bench_device(), dtype=torch.bfloat16)
+    b = torch.randn(MATMUL_N, MATMUL_N, device=bench_device(), dtype=torch.bfloat16)
     ms = cuda_time_ms(lambda: a @ b, warmup=25, rep=100)
-    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+    return 2 * MATMUL_N ** 3 / (ms * 1e-3) / 1e12
 
 
 def wall_ms(fn, steps: int) -> float:
     """Median wall time of ``fn()`` over ``steps`` calls, synchronised (a step syncs on the host anyway)."""
     times = []
     for _ in range(steps):
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         fn()
-        torch.cuda.synchronize()
+        sync()
         times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
 
@@ -163,7 +177,7 @@ def time_transformers(hf, batches: list[dict], shares: list[float], autocast) ->
     step()                                                         # warm-up (and AdamW state)
     ms = wall_ms(step, STEPS)
     peak = peak_memory_mb(step)
-    return ms, peak, torch.cuda.max_memory_allocated() / 2**20
+    return ms, peak, max_memory_mb()
 
 
 def time_ours(model, mbs: list[MicroBatch], n_targets: int, cfg: LoopConfig, autocast, benchmark):
@@ -178,30 +192,32 @@ def time_ours(model, mbs: list[MicroBatch], n_targets: int, cfg: LoopConfig, aut
     step()                                                         # warm-up: kernel compilation, AdamW state
     ms = wall_ms(step, STEPS)
     peak = peak_memory_mb(step)
-    abs_peak = torch.cuda.max_memory_allocated() / 2**20
+    abs_peak = max_memory_mb()
     benchmark.pedantic(step, rounds=STEPS, warmup_rounds=0)
     return ms, peak, abs_peak
 
 
 @pytest.mark.gpu
 def test_stage2_step_llava15_1b(benchmark, tmp_path):
-    total = torch.cuda.get_device_properties(0).total_memory
-    if total < 60 * 2**30 or not torch.cuda.is_bf16_supported():
-        pytest.skip(f"needs a bf16 GPU with ≥ 60 GiB (this one: {total / 2**30:.0f} GiB)")
+    if not SMOKE:
+        total = torch.cuda.get_device_properties(0).total_memory
+        if total < 60 * 2**30 or not torch.cuda.is_bf16_supported():
+            pytest.skip(f"needs a bf16 GPU with ≥ 60 GiB (this one: {total / 2**30:.0f} GiB)")
     from transformers import LlavaConfig as HFLlavaConfig
     from transformers import LlavaForConditionalGeneration
 
     t_start = time.time()
-    cfg = llava15_1b()
-    dev = torch.device("cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    cfg = pick(llava15_1b, tiny)()
+    dev = torch.device(bench_device())
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
     peak_tflops = matmul_tflops()
 
     # ---- data: the first MICRO first-fit micro-batches of 64 synthetic image samples
-    pool = synthetic_samples(64, cfg)
+    pool = synthetic_samples(POOL, cfg)
     groups = [[pool[i] for i in b] for b in pack_micro_batches([s.length for s in pool], MAX_TOKENS)[:MICRO]]
     g = torch.Generator().manual_seed(0)
-    mbs = [micro_batch(grp, torch.randn(len(grp), 3, 336, 336, generator=g)) for grp in groups]
+    px = cfg.vision.image_size
+    mbs = [micro_batch(grp, torch.randn(len(grp), 3, px, px, generator=g)) for grp in groups]
     hf_batches = [{k: v.to(dev) for k, v in padded(mb, grp).items()}
                   for mb, grp in zip(mbs, groups, strict=True)]
     dev_mbs = [mb.to(dev) for mb in mbs]
@@ -211,7 +227,7 @@ def test_stage2_step_llava15_1b(benchmark, tmp_path):
     flops = model_flops(cfg, seqlens, n_targets, len(seqlens))
     common = {"tokens": tokens, "target_tokens": n_targets, "sequences": len(seqlens),
               "matmul_tflops_bf16": peak_tflops}
-    case = f"llava15-1b S=576 {MICRO}x{MAX_TOKENS}tok bf16-autocast stage2 step"
+    case = f"{pick('llava15-1b', 'tiny')} S={cfg.image_seq_len} {MICRO}x{MAX_TOKENS}tok bf16-autocast stage2 step"
     formula = "6*T*P_lin + 3*sum(2*L^2*H*Dh)*layers + 6*Tt*D*V + tower fwd + 6*N*S*(Dv*D+D*D)"
 
     # ---- models: transformers' first; ours is assigned the same parameter tensors

@@ -3,6 +3,15 @@ GB/s or TFLOP/s from a stated formula, peak memory, device and versions (CONVENT
 
 Results are appended to ``$BENCH_OUT/<suite>.json`` (default ``bench/results/local``), one
 JSON document per suite, and printed as a table line.
+
+Smoke mode (``BENCH_SMOKE=1``): every GPU benchmark runs its own code on the CPU at tiny shapes
+(``pick(real, smoke)``), Triton kernels on the interpreter, so a Python error in a rarely run GPU
+path shows up here and in CI rather than in a scarce GPU run. The CUDA-only calls are swapped here:
+``bench_device``, ``sync``, ``cuda_time_ms`` (one timed call), the peak-memory helpers (None); the
+only other smoke branches are bench_train's GPU-size check and bench_projector's round count.
+Smoke results go to ``$BENCH_OUT`` (default ``bench/results/local/smoke``, never a device folder
+of ``bench/results``), marked ``"smoke": true`` in the document and every row: they are not
+measurements.
 """
 from __future__ import annotations
 
@@ -17,7 +26,57 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-OUT_DIR = os.environ.get("BENCH_OUT", os.path.join(os.path.dirname(__file__), "results", "local"))
+SMOKE = os.environ.get("BENCH_SMOKE", "0") not in ("", "0")
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+OUT_DIR = os.path.abspath(os.environ.get("BENCH_OUT") or os.path.join(RESULTS, "local", *(["smoke"] if SMOKE else [])))
+SMOKE_NOTE = ("BENCH_SMOKE=1: the GPU benchmarks' code run on the CPU at tiny shapes, Triton on its interpreter; "
+              "times and rates are not measurements, peak memory is None (no CUDA)")
+
+
+def _inside(path: str, root: str) -> bool:
+    return os.path.commonpath([path, root]) == root
+
+
+def _smoke_setup() -> None:
+    """Smoke mode's process-wide settings; runs when conftest.py imports this module, before the suites."""
+    if _inside(OUT_DIR, RESULTS) and not _inside(OUT_DIR, os.path.join(RESULTS, "local")):
+        raise ValueError(f"BENCH_SMOKE=1 with BENCH_OUT={OUT_DIR}: smoke results must not go to a device folder "
+                         f"of {RESULTS}; use {os.path.join(RESULTS, 'local', 'smoke')} or a tmp dir")
+    os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit function exists (tests/conftest.py does the same)
+    # The kernels that automatic dispatch picks on a GPU without the csrc/ extension (kernels.dispatch.AUTO_ORDER),
+    # so the training step and the runtime run them here too (auto gives torch for CPU tensors).
+    from kernels.dispatch import AUTO_ORDER
+    for op, order in AUTO_ORDER.items():
+        os.environ.setdefault(f"LLAVA_KERNEL_BACKEND_{op.upper()}", next(b for b in order if b != "cuda"))
+
+
+if SMOKE:
+    _smoke_setup()
+
+
+def pick(real, smoke):
+    """``real`` for a measurement, ``smoke`` (tiny shapes, one round) under BENCH_SMOKE=1."""
+    return smoke if SMOKE else real
+
+
+def bench_device() -> str:
+    """Where the GPU benchmarks run: ``cuda``, or ``cpu`` in smoke mode."""
+    return pick("cuda", "cpu")
+
+
+def _on_cuda() -> bool:
+    return torch.cuda.is_available() and not SMOKE
+
+
+def sync() -> None:
+    """``torch.cuda.synchronize()``; nothing in smoke mode (CPU ops are synchronous)."""
+    if _on_cuda():
+        torch.cuda.synchronize()
+
+
+def max_memory_mb() -> float | None:
+    """``torch.cuda.max_memory_allocated()`` in MiB since the last reset; None without CUDA (smoke)."""
+    return torch.cuda.max_memory_allocated() / 2**20 if _on_cuda() else None
 
 
 def environment() -> dict:
@@ -30,9 +89,10 @@ def environment() -> dict:
     except OSError:
         commit = ""
     info = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name() if _on_cuda() else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
         "python": platform.python_version(), "commit": commit or os.environ.get("BENCH_COMMIT", ""),
+        "smoke": SMOKE,
     }
     try:
         import transformers
@@ -73,23 +133,36 @@ def save(suite: str, rows: list[Row]) -> str:
     os.makedirs(OUT_DIR, exist_ok=True)
     path = os.path.join(OUT_DIR, f"{suite}.json")
     doc = {"env": environment(), "rows": []}
+    if SMOKE:
+        doc.update(smoke=True, note=SMOKE_NOTE)
     if os.path.exists(path):
         with open(path) as f:
-            doc["rows"] = json.load(f).get("rows", [])
+            old = json.load(f)
+        if bool(old.get("smoke")) != SMOKE:  # smoke rows and measurements never share a file
+            raise ValueError(f"{path} holds {'smoke' if old.get('smoke') else 'measured'} rows; this run is "
+                             f"{'smoke' if SMOKE else 'measured'}: use another BENCH_OUT")
+        doc["rows"] = old.get("rows", [])
+    tag = f"{suite} SMOKE" if SMOKE else suite
     for r in rows:
         ratio = f"{r.ref_ms / r.ms:5.2f}x" if r.ref_ms else "  ref "
         mem = f"{r.peak_mem_mb:9.1f} MB" if r.peak_mem_mb is not None else ""
-        print(f"[{suite}] {r.case:<40} {r.impl:<10} {r.ms:9.3f} ms {ratio} {r.rate:9.1f} {r.unit} {mem}")
-        doc["rows"].append(r.to_json())
+        print(f"[{tag}] {r.case:<40} {r.impl:<10} {r.ms:9.3f} ms {ratio} {r.rate:9.1f} {r.unit} {mem}")
+        doc["rows"].append({**r.to_json(), "smoke": True} if SMOKE else r.to_json())
+    text = json.dumps(doc, indent=1)  # before any file is touched: a field JSON cannot hold fails here
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
+        f.write(text)
     os.replace(tmp, path)
     return path
 
 
 def cuda_time_ms(fn, *, warmup: int = 5, rep: int = 20) -> float:
-    """Median time of ``fn()`` in ms: CUDA events on GPU, a synchronous clock on CPU."""
+    """Median time of ``fn()`` in ms: CUDA events on GPU, a synchronous clock on CPU; in smoke mode the
+    wall time of a single call (no warm-up)."""
+    if SMOKE:
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     if torch.cuda.is_available():
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
@@ -110,7 +183,7 @@ def track_peak_memory():
     block above what was allocated before it (None without CUDA). For timed calls that cannot be
     repeated just to measure memory."""
     peak = {"mb": None}
-    if not torch.cuda.is_available():
+    if not _on_cuda():
         yield peak
         return
     torch.cuda.synchronize()
