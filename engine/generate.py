@@ -92,6 +92,7 @@ class RuntimeConfig:
     max_prefill_tokens: int = 16384   # packed tokens per prefill call (one prompt may exceed it alone)
     cuda_graphs: bool = True          # capture the decode step on CUDA
     prefix_caching: bool = True       # share the cached K/V of identical prompt prefixes (whole blocks)
+    decode_attention: str | None = None  # kernels.paged_decode_attention backend: None = dispatcher's choice
 
     def __post_init__(self):
         for name in ("max_batch", "block_size", "max_prefill_tokens"):
@@ -523,7 +524,8 @@ class Runtime:
         """(B,) ids at positions (B,) → logits [B, V]; writes their K/V. Graph-capturable."""
         model = self.model
         x = model.decoder.embed(ids)                                                      # (B, D)
-        hidden = model.decoder(x, pos, DecodeAttention(self.cache, block_table, pos, slot_mapping))
+        attn = DecodeAttention(self.cache, block_table, pos, slot_mapping, self.config.decode_attention)
+        hidden = model.decoder(x, pos, attn)
         return model.logits(hidden)
 
     def _decode(self) -> list[StepEvent]:

@@ -29,8 +29,8 @@ from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
+import kernels
 from engine.attention import varlen_attention
 from engine.config import TextConfig
 
@@ -246,33 +246,16 @@ class DecodeAttention:
 
     block_table int32/int64 [B, nb]; positions int64 [B] (the new token's position = tokens
     already cached); slot_mapping int64 [B]. Static shapes and no host reads, so a CUDA graph
-    can capture it. Reads the context by gathering the sequence's blocks, then one SDPA call
-    with a length mask (query heads grouped per key/value head, so GQA needs no K/V repeat).
+    can capture it. The attention is ``kernels.paged_decode_attention`` (the reference gathers
+    the blocks for one SDPA call; the Triton kernel reads them in place), ``backend`` as there.
     """
 
     def __init__(self, cache: PagedKVCache, block_table: torch.Tensor, positions: torch.Tensor,
-                 slot_mapping: torch.Tensor):
-        self.cache, self.block_table, self.slot_mapping = cache, block_table, slot_mapping
-        ctx = block_table.shape[1] * cache.block_size
-        # (B, 1, 1, ctx): True where the key is part of the sequence (positions ≤ the new token's).
-        keys = torch.arange(ctx, device=positions.device)
-        self.mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+                 slot_mapping: torch.Tensor, backend: str | None = None):
+        self.cache, self.block_table, self.slot_mapping, self.backend = cache, block_table, slot_mapping, backend
+        self.seq_lens = positions + 1  # the new token attends to itself
 
     def __call__(self, layer, q, k, v):  # q (B, H, Dh); k, v (B, Hkv, Dh)
         _write(self.cache, layer, self.slot_mapping, k, v)
-        b, h, dh = q.shape
-        hkv = k.shape[1]
-        keys = _gather(self.cache.k[layer], self.block_table)    # (B, Hkv, ctx, Dh)
-        vals = _gather(self.cache.v[layer], self.block_table)
-        q4 = q.view(b, hkv, h // hkv, dh)                      # (B, Hkv, rep, Dh): rep queries per kv head
-        out = F.scaled_dot_product_attention(q4, keys, vals, attn_mask=self.mask)
-        return out.reshape(b, h, dh)
-
-
-def _gather(cache_layer: torch.Tensor, block_table: torch.Tensor) -> torch.Tensor:
-    """[NB, Bs, Hkv, Dh] cache of one layer + [B, nb] table → [B, Hkv, nb·Bs, Dh] context."""
-    b, nb = block_table.shape
-    _, bs, hkv, dh = cache_layer.shape
-    blocks = cache_layer.index_select(0, block_table.reshape(-1))  # (B·nb, Bs, Hkv, Dh)
-    return blocks.view(b, nb * bs, hkv, dh).transpose(1, 2)
-
+        return kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
+                                              self.seq_lens, backend=self.backend)

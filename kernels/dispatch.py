@@ -17,15 +17,17 @@ import os
 import torch
 
 BACKENDS = ("torch", "triton", "cuda")
-OPS = ("projector", "scatter", "masked_loss")
+OPS = ("projector", "scatter", "masked_loss", "paged_decode")
 
 # What ``auto`` tries on a GPU, per op, fastest measured first. The fused projector is correct
 # but slower than two cuBLAS GEMMs on an H100 (0.21-0.83x fwd+bwd, bench/results/h100-dev/
 # projector.json), so automatic dispatch keeps torch for it. The csrc/ ops have not been run on a
 # GPU yet (compile-checked only), so Triton, measured correct and fast, comes first; move "cuda"
-# ahead once bench/device_run.sh shows it passing and faster. Explicit backend= always wins.
+# ahead once bench/device_run.sh shows it passing and faster. The paged decode attention kernel
+# (generation) has not been timed on a GPU either: the reference (gather + SDPA) stays automatic
+# until bench/bench_paged_decode.py shows the kernel faster. Explicit backend= always wins.
 AUTO_ORDER = {"projector": ("torch",), "scatter": ("triton", "cuda", "torch"),
-              "masked_loss": ("triton", "cuda", "torch")}
+              "masked_loss": ("triton", "cuda", "torch"), "paged_decode": ("torch",)}
 
 
 def triton_interpreting() -> bool:

@@ -1,0 +1,143 @@
+"""kernels.paged_decode_attention: the Triton kernel (interpreter on CPU) and the gather reference
+against an fp64 truth computed from each sequence's context laid out contiguously.
+
+Odd shapes: R = 1, 3 and 4 query heads per KV head, head dims 16 and 24, block sizes 4, 5 and 16,
+contexts of 1 token, exactly one block, and several splits (> 16 blocks); block tables shuffled,
+with entries past a sequence's length. Cache slots no sequence may read hold NaN for the kernel:
+a masked load that leaks would show.
+"""
+import math
+
+import pytest
+import torch
+from helpers import assert_close_rule, recompute_logits
+
+import engine
+from engine.generate import Runtime, RuntimeConfig, SamplingParams
+from kernels import dispatch, paged_decode_attention, paged_decode_attention_ref
+
+CPU = torch.device("cpu")
+
+
+def make_case(lens, *, h, hkv, dh, bs, extra_blocks=1, dtype=torch.float32, device=CPU, seed=0):
+    """(q, k_cache, v_cache, table, seq_lens, contexts): contexts[i] = (K, V) [len, Hkv, Dh] in order."""
+    g = torch.Generator().manual_seed(seed)
+    nb = max(math.ceil(n / bs) for n in lens) + extra_blocks    # trailing table entries past every length
+    total = len(lens) * nb + 1
+    perm = torch.randperm(total - 1, generator=g) + 1           # block 0 unused, as in the runtime
+    table = perm[:len(lens) * nb].view(len(lens), nb)
+    k_cache = torch.randn(total, bs, hkv, dh, generator=g).to(dtype)  # rounded first: the truth sees these values
+    v_cache = torch.randn(total, bs, hkv, dh, generator=g).to(dtype)
+    q = torch.randn(len(lens), h, dh, generator=g).to(dtype)
+    contexts = [(torch.cat(list(k_cache[table[i]]))[:n].float(), torch.cat(list(v_cache[table[i]]))[:n].float())
+                for i, n in enumerate(lens)]
+    return (q.to(device), k_cache.to(device), v_cache.to(device), table.to(torch.int32).to(device),
+            torch.tensor(lens, device=device), contexts)
+
+
+def truth(q, contexts):
+    out = []
+    for i, (k, v) in enumerate(contexts):
+        qi = q[i].double()                                       # (H, Dh)
+        rep = qi.shape[0] // k.shape[1]
+        k, v = k.double().repeat_interleave(rep, 1), v.double().repeat_interleave(rep, 1)  # (L, H, Dh)
+        p = (torch.einsum("hd,lhd->hl", qi, k) / math.sqrt(qi.shape[-1])).softmax(-1)
+        out.append(torch.einsum("hl,lhd->hd", p, v))
+    return torch.stack(out)
+
+
+def poison_unread(k_cache, v_cache, table, lens, bs):
+    """NaN into every cache slot that is not part of some sequence's context."""
+    keep = torch.zeros(k_cache.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(lens.tolist()):
+        for p in range(n):
+            keep[table[i, p // bs], p % bs] = True
+    k_cache[~keep] = float("nan")
+    v_cache[~keep] = float("nan")
+
+
+SHAPES = [  # (lens, H, Hkv, Dh, Bs)
+    ([1, 7, 16, 5], 4, 4, 16, 4),        # R = 1; a one-token context; exactly 4 blocks
+    ([97, 3, 150], 8, 2, 16, 4),         # R = 4; 150 tokens = 38 blocks: three splits
+    ([33, 1], 6, 2, 24, 5),              # R = 3, head dim and block size not powers of two
+    ([300, 17, 64], 4, 2, 16, 16),       # the runtime's block size
+]
+
+
+@pytest.mark.parametrize("lens,h,hkv,dh,bs", SHAPES)
+def test_triton_and_reference_match_fp64_truth(lens, h, hkv, dh, bs):
+    q, k_cache, v_cache, table, seq_lens, contexts = make_case(lens, h=h, hkv=hkv, dh=dh, bs=bs)
+    want = truth(q, contexts)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, table, seq_lens)
+    assert_close_rule(ref, want, what="reference")
+    poison_unread(k_cache, v_cache, table, seq_lens, bs)
+    got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
+    assert_close_rule(got, want, what="triton")
+
+
+def test_bf16_within_twice_the_reference_error():
+    lens, bs = [97, 3, 150, 64], 16
+    q, k_cache, v_cache, table, seq_lens, contexts = make_case(lens, h=8, hkv=2, dh=32, bs=bs, dtype=torch.bfloat16)
+    want = truth(q, contexts)
+    ref = paged_decode_attention_ref(q, k_cache, v_cache, table, seq_lens)
+    got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
+    assert got.dtype == torch.bfloat16
+    assert_close_rule(got.float(), want, ref.float(), floor=1e-3, what="triton bf16")
+
+
+def test_automatic_choice_and_bad_inputs():
+    assert dispatch.resolve("paged_decode", CPU) == "torch"
+    q, k_cache, v_cache, table, seq_lens, _ = make_case([5, 9], h=4, hkv=2, dh=16, bs=4)
+    with pytest.raises(ValueError, match="head dim"):
+        paged_decode_attention(q[..., :8], k_cache, v_cache, table, seq_lens)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        paged_decode_attention(q[:, :3], k_cache, v_cache, table, seq_lens)
+    with pytest.raises(ValueError, match="block_table must be"):
+        paged_decode_attention(q, k_cache, v_cache, table[:1], seq_lens)
+    with pytest.raises(ValueError, match="integer"):
+        paged_decode_attention(q, k_cache, v_cache, table.float(), seq_lens)
+    with pytest.raises(ValueError, match="contiguous"):
+        paged_decode_attention(q, k_cache.transpose(0, 1), v_cache.transpose(0, 1), table, seq_lens)
+
+def test_triton_without_interpreter_on_cpu_is_refused(monkeypatch):
+    q, k_cache, v_cache, table, seq_lens, _ = make_case([5], h=4, hkv=2, dh=16, bs=4)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(ValueError, match="cannot run"):
+        paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
+
+
+def test_runtime_decodes_through_the_kernel(tmp_path):
+    """The runtime with decode_attention="triton": every step's logits equal a cache-free recompute."""
+    from helpers import hf_model
+    hf_model().save_pretrained(tmp_path)
+    model = engine.load(str(tmp_path)).eval()
+    rt = Runtime(model, RuntimeConfig(block_size=4, kv_cache_bytes=1 << 22, decode_attention="triton"))
+    reqs = [rt.submit(p, keep_logits=True, params=SamplingParams(max_new_tokens=n, stop_token_ids=()))
+            for p, n in (([1, 5, 9, 33], 9), ([1] + list(range(3, 40)), 5))]
+    while rt.has_work:
+        rt.step()
+    for r in reqs:
+        got = torch.stack(r.logits)
+        want = recompute_logits(model, r.prompt, None, r.tokens)[:got.shape[0]]
+        assert (got - want).abs().max().item() <= 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_real_shapes_and_cuda_graph(dtype):
+    """7B shapes (32 heads of 128, MHA) and a GQA 8:1 case at the runtime's block size; the kernel
+    inside a captured CUDA graph replays to the same output."""
+    dev = torch.device("cuda")
+    for lens, h, hkv in (([1, 577, 130, 1025] * 8, 32, 32), ([700, 16, 2047], 64, 8)):
+        q, k_cache, v_cache, table, seq_lens, contexts = make_case(lens, h=h, hkv=hkv, dh=128, bs=16, dtype=dtype,
+                                                                   device=dev)
+        want = truth(q.cpu(), contexts)
+        ref = paged_decode_attention_ref(q, k_cache, v_cache, table, seq_lens).float().cpu()
+        got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
+        assert_close_rule(got.float().cpu(), want, ref, floor=1e-3, what=f"triton {dtype} H={h} Hkv={hkv}")
+    graph = torch.cuda.CUDAGraph()
+    paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")  # compile outside capture
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
+    graph.replay()
+    torch.testing.assert_close(out, got, rtol=0, atol=0)
