@@ -22,6 +22,7 @@ EXPECTED = {
     "scatter": ((3 + 3 * 2) * 2, {"torch", "triton"}),  # 3 fwd + 3 × 2 bwd stages, × (torch, triton)
     "generate": (2 + 2 + 2 + 3, {"hf", "ours"}),        # decode b1, b32, ttft, shared prefix (+ ours cold)
     "train_step": (2, {"transformers", "ours"}),
+    "paged_decode": (2 * 2, {"torch", "triton"}),      # b1, b32 × (torch, triton), one head layout
 }
 
 
