@@ -33,6 +33,7 @@ import torch
 import kernels
 from engine.attention import varlen_attention
 from engine.config import TextConfig
+from kernels.paged_decode import key_mask
 
 
 class PagedKVCache:
@@ -254,8 +255,10 @@ class DecodeAttention:
                  slot_mapping: torch.Tensor, backend: str | None = None):
         self.cache, self.block_table, self.slot_mapping, self.backend = cache, block_table, slot_mapping, backend
         self.seq_lens = positions + 1  # the new token attends to itself
+        # once per step, not per layer: on a GPU these are kernels in every replay of the graph
+        self.mask = key_mask(self.seq_lens, block_table.shape[1] * cache.block_size)  # (B, 1, 1, ctx)
 
     def __call__(self, layer, q, k, v):  # q (B, H, Dh); k, v (B, Hkv, Dh)
         _write(self.cache, layer, self.slot_mapping, k, v)
         return kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
-                                              self.seq_lens, backend=self.backend)
+                                              self.seq_lens, length_mask=self.mask, backend=self.backend)
