@@ -60,24 +60,17 @@ MATMUL_N = pick(8192, 64)      # the MFU denominator's square matmul
 VOCAB, IMAGE_TOKEN = pick((32064, 32000), (128, 120))
 
 
-def llava15_1b() -> LlavaConfig:
+def model_config() -> LlavaConfig:
+    """CLIP ViT-L/14-336 + a 1B-class LLaMA decoder; in smoke mode the same layout (GQA, quick_gelu
+    tower, layer -2) at toy widths with 4 image rows."""
+    vision = pick(dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336),
+                  dict(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2, image_size=28))
+    text = pick(dict(hidden_size=2048, intermediate_size=5632, num_layers=16, num_heads=16, num_kv_heads=8,
+                     head_dim=128),
+                dict(hidden_size=64, intermediate_size=160, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16))
     return LlavaConfig(
-        vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16,
-                            image_size=336, patch_size=14, hidden_act="quick_gelu"),
-        text=TextConfig(vocab_size=VOCAB, hidden_size=2048, intermediate_size=5632, num_layers=16,
-                        num_heads=16, num_kv_heads=8, head_dim=128, max_position_embeddings=4096,
-                        pad_token_id=0),
-        projector_type="mlp2x_gelu", image_token_id=IMAGE_TOKEN, vision_feature_layer=(-2,))
-
-
-def tiny() -> LlavaConfig:
-    """Smoke mode's model: llava15_1b's layout (GQA, quick_gelu tower, layer -2) at toy widths, 4 image rows."""
-    return LlavaConfig(
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_layers=3, num_heads=2,
-                            image_size=28, patch_size=14, hidden_act="quick_gelu"),
-        text=TextConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096,
-                        pad_token_id=0),
+        vision=VisionConfig(patch_size=14, hidden_act="quick_gelu", **vision),
+        text=TextConfig(vocab_size=VOCAB, max_position_embeddings=4096, pad_token_id=0, **text),
         projector_type="mlp2x_gelu", image_token_id=IMAGE_TOKEN, vision_feature_layer=(-2,))
 
 
@@ -207,7 +200,7 @@ def test_stage2_step_llava15_1b(benchmark, tmp_path):
     from transformers import LlavaForConditionalGeneration
 
     t_start = time.time()
-    cfg = pick(llava15_1b, tiny)()
+    cfg = model_config()
     dev = torch.device(bench_device())
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16)
     peak_tflops = matmul_tflops()
