@@ -91,10 +91,13 @@ def paged_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     m = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)       # (B, H, S)
     lsum = torch.empty_like(m)
     acc = torch.empty(b, h, splits, dh, dtype=torch.float32, device=q.device)  # (B, H, S, Dh)
+    r_pad, dh_pad, bs_pad = max(2, triton.next_power_of_2(r)), triton.next_power_of_2(dh), triton.next_power_of_2(bs)
+    # The [R, Bs, Dh] fp32 product tiles live in registers: spread wide ones (GQA) over 8 warps.
+    warps = 8 if r_pad * bs_pad * dh_pad > 8192 else 4
     _paged_decode_kernel[(b, hkv, splits)](
         q.contiguous(), k_cache, v_cache, block_table, seq_lens, m, lsum, acc, nb, scale, splits,
-        block_table.stride(0), HKV=hkv, R=r, DH=dh, BS=bs, R_PAD=max(2, triton.next_power_of_2(r)),
-        DH_PAD=triton.next_power_of_2(dh), BS_PAD=triton.next_power_of_2(bs), BPS=_BLOCKS_PER_SPLIT)
+        block_table.stride(0), HKV=hkv, R=r, DH=dh, BS=bs, R_PAD=r_pad, DH_PAD=dh_pad, BS_PAD=bs_pad,
+        BPS=_BLOCKS_PER_SPLIT, num_warps=warps)
     w = torch.exp(m - m.amax(-1, keepdim=True))                                  # (B, H, S)
     out = (w[..., None] * acc).sum(-2) / (w * lsum).sum(-1, keepdim=True)        # (B, H, Dh)
     return out.to(q.dtype)
