@@ -19,7 +19,8 @@ Prefix reuse (``RuntimeConfig.prefix_caching``, on by default): a prompt whose f
 cache blocks hold exactly the tokens and images of an earlier prompt's (the same system prompt,
 the earlier turns of a chat with the same image) shares those blocks and prefills only the
 rest, attending to the shared K/V (``PrefixPrefillAttention``); images wholly inside the shared
-part skip the vision tower. Reuse never splits an image and always leaves at least one prompt
+part skip the vision tower. Requests prefilled together share too: a burst of requests with one
+system prompt computes it once. Reuse never splits an image and always leaves at least one prompt
 token to compute, for the first sampled token's logits. Any change of the weights (an
 optimizer step, ``load_state_dict``) drops every shared prefix.
 
@@ -408,9 +409,12 @@ class Runtime:
         caching = self.config.prefix_caching
         if caching and self.waiting and self._free_slots:
             self._forget_prefixes_if_weights_changed()
+        # Full prompt blocks this prefill will write, by key: a later request of the same batch with
+        # the same prefix shares them too (each layer writes every fresh K/V row before attending).
+        pending: dict[bytes, int] = {}
         while self.waiting and self._free_slots:
             r = self.waiting[0]
-            hits = self._prefix_hits(r) if caching else []
+            hits = self._prefix_hits(r, pending) if caching else []
             need = self.cache.blocks_for(len(r.prompt) + r.limit - 1) - len(hits)
             new_tokens = len(r.prompt) - len(hits) * bs
             too_many = admitted and tokens + new_tokens > self.config.max_prefill_tokens
@@ -420,6 +424,9 @@ class Runtime:
             self.cache.share(hits)  # before allocating, which could otherwise evict them
             r.slot, r.blocks = self._free_slots.pop(), hits + self.cache.allocate(need)
             r.reused, r.registered = len(hits) * bs, len(hits)
+            if caching:
+                for i in range(len(hits), len(r.prompt) // bs):
+                    pending.setdefault(r.keys[i], r.blocks[i])
             tokens += new_tokens
             admitted.append(r)
         return admitted
@@ -445,12 +452,12 @@ class Runtime:
             r.keys = block_keys(r.prompt, bs, r.spans, 0, len(r.prompt) // bs)
         return r.keys
 
-    def _prefix_hits(self, r: Request) -> list[int]:
-        """Registered blocks ``r`` can share: at most len(prompt) - 1 tokens (the last prompt token
-        must run to give the first logits), cut back to a block boundary before any image they
-        would split (an image's rows come from one tower call)."""
+    def _prefix_hits(self, r: Request, pending: dict[bytes, int]) -> list[int]:
+        """Blocks ``r`` can share (registered, or ``pending`` in this prefill): at most len(prompt) - 1
+        tokens (the last prompt token must run to give the first logits), cut back to a block
+        boundary before any image they would split (an image's rows come from one tower call)."""
         bs = self.cache.block_size
-        hits = self.cache.lookup(self._prompt_keys(r)[:(len(r.prompt) - 1) // bs])
+        hits = self.cache.lookup(self._prompt_keys(r)[:(len(r.prompt) - 1) // bs], pending)
         n = len(hits) * bs
         for im in r.spans:
             if im.start < n < im.end:

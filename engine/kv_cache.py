@@ -121,11 +121,15 @@ class PagedKVCache:
 
     # ---- prefix reuse -------------------------------------------------------------------------------
 
-    def lookup(self, keys: list[bytes]) -> list[int]:
-        """Registered blocks holding the longest run of ``keys`` from the first (no hold taken)."""
+    def lookup(self, keys: list[bytes], pending: dict[bytes, int] | None = None) -> list[int]:
+        """Blocks holding the longest run of ``keys`` from the first (no hold taken): registered ones,
+        or ``pending`` ones (key -> block that the coming prefill writes before any attention reads
+        it: an earlier request of the same packed batch)."""
         out = []
         for key in keys:
             b = self._block_of.get(key)
+            if b is None and pending:
+                b = pending.get(key)
             if b is None:
                 break
             out.append(b)

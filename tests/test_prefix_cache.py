@@ -80,6 +80,28 @@ def test_shared_system_prompt_is_computed_once(model):
     assert cached.cache.free_blocks == cached.cache.num_blocks - 1  # shared blocks released exactly once
 
 
+def test_requests_prefilled_together_share_their_common_prefix(model):
+    """A burst: four requests with one system prompt and two with one image arrive together. The
+    first of each group computes the shared part; the others attend to the K/V it writes in the same
+    packed prefill, and the shared image is encoded once."""
+    s = model.config.image_seq_len
+    system = [1] + text(36, seed=11)
+    same_image = [1] + text(6, seed=12) + [IMAGE_TOKEN] * s + [5]     # image rows 7..10; 3 full blocks
+    prompts = ([(system + text(n, seed=20 + n), None) for n in (3, 8, 1, 5)]
+               + [(same_image + text(n, seed=30 + n), image(9)) for n in (4, 7)])
+    rt = runtime(model)
+    calls = count_images(model)
+    try:
+        reqs = run(rt, prompts)
+    finally:
+        model.vision._forward_hooks.clear()
+    assert [r.reused for r in reqs] == [0, 36, 36, 36, 0, 12]
+    assert calls == [1]                                       # the second request's image was not encoded
+    assert_exact(model, reqs)
+    assert [r.tokens for r in reqs] == [r.tokens for r in run(runtime(model, caching=False), prompts)]
+    assert rt.cache.free_blocks == rt.cache.num_blocks - 1
+
+
 def test_next_chat_turn_reuses_the_image_and_the_answer(model):
     """Turn 2 re-sends turn 1 (image, question, the generated answer): the image is not encoded again
     and the blocks decode filled are shared too."""
