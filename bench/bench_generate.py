@@ -10,7 +10,10 @@ Cases (each for a CPU variant — ~140M parameters, fp32 — and a GPU variant �
   forgets its shared prefixes before each call, so nothing of an earlier call is reused);
 - ``ttft shared system prompt``: a 512-token system prompt + a new image + 32 new text tokens,
   after an earlier request ran the same system prompt: ours reusing it, ours cold, and
-  transformers (which recomputes every prompt).
+  transformers (which recomputes every prompt);
+- ``burst``: 8 such requests arriving together (nothing cached before): time until every one has
+  its first token; ours computes the system prompt once in the packed prefill, ours without
+  prefix sharing computes it 8 times, transformers runs them as one batch.
 
 Decode numbers exclude the prefill: ours from the end of the prefill step, transformers' from
 the first call of its logits processors (made right after its prefill forward).
@@ -283,6 +286,59 @@ def shared_prefix_case(benchmark, name: str):
           f"transformers {hf_secs * 1e3:.0f} ms")
 
 
+def burst_case(benchmark, name: str, n: int = 8):
+    ours, hf, rt, cfg = build(name)
+    v = VARIANTS[name]
+    rng = random.Random(13)
+    system = [1] + [rng.randrange(3, IMAGE_TOKEN) for _ in range(511)]
+    size = cfg.vision.image_size
+
+    def burst():
+        prompts = [system + [IMAGE_TOKEN] * cfg.image_seq_len + [rng.randrange(3, IMAGE_TOKEN) for _ in range(32)]
+                   for _ in range(n)]
+        return prompts, torch.randn(n, 3, size, size, device=v["device"], dtype=v["dtype"])
+
+    def ours_burst(runtime, prompts, pixels) -> float:
+        runtime.cache.forget_prefixes()                # nothing from an earlier call: only in-batch sharing
+        sync(v["device"])
+        t0 = time.perf_counter()
+        reqs = [runtime.submit(p, pixel_values=pixels[i:i + 1], params=SamplingParams(max_new_tokens=1))
+                for i, p in enumerate(prompts)]
+        while runtime.has_work:
+            runtime.step()
+        sync(v["device"])
+        assert all(len(r.tokens) == 1 for r in reqs)
+        return time.perf_counter() - t0
+
+    def hf_burst(prompts, pixels) -> float:                 # equal lengths: no padding
+        sync(v["device"])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(input_ids=torch.tensor(prompts, device=v["device"]), pixel_values=pixels, max_new_tokens=1,
+                        do_sample=False)
+        sync(v["device"])
+        return time.perf_counter() - t0
+
+    tokens = len(burst()[0][0]) + 1
+    plain = Runtime(ours, RuntimeConfig(max_batch=n, max_prefill_tokens=1 << 20, prefix_caching=False,
+                                        cuda_graphs=False, kv_cache_bytes=kv_bytes_per_token(cfg, v["dtype"])
+                                        * n * (tokens + 64)))
+    ours_burst(rt, *burst()), ours_burst(plain, *burst()), hf_burst(*burst())    # warm-up
+    before = rt.reused_tokens
+    shared = min(benchmark.pedantic(lambda: [ours_burst(rt, *burst()) for _ in range(2)], rounds=1, iterations=1))
+    assert rt.reused_tokens - before == 2 * (n - 1) * (len(system) // rt.cache.block_size * rt.cache.block_size)
+    alone = min(ours_burst(plain, *burst()) for _ in range(2))
+    hf_secs = min(hf_burst(*burst()) for _ in range(2))
+    case = f"{name} burst {n} x (shared 512-token system prompt + 1 image + 32 tokens), first tokens"
+    save(SUITE, [Row(SUITE, case, "hf", hf_secs * 1e3),
+                 Row(SUITE, case, "ours no sharing", alone * 1e3, ref_ms=hf_secs * 1e3),
+                 Row(SUITE, case, "ours", shared * 1e3, ref_ms=hf_secs * 1e3,
+                     extra=dict(requests=n, prompt_tokens=tokens - 1, speedup_vs_no_sharing=alone / shared))])
+    print(f"[{SUITE}] {case}: ours {shared * 1e3:.0f} ms, without sharing {alone * 1e3:.0f} ms, "
+          f"transformers {hf_secs * 1e3:.0f} ms")
+    del plain
+
+
 def ttft_case(benchmark, name: str):
     ours, hf, rt, cfg = build(name)
     v = VARIANTS[name]
@@ -321,3 +377,8 @@ def test_ttft_image(benchmark, name):
 @pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_ttft_shared_system_prompt(benchmark, name):
     shared_prefix_case(benchmark, name)
+
+
+@pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_burst_shared_system_prompt(benchmark, name):
+    burst_case(benchmark, name)
