@@ -24,7 +24,8 @@ setup(
         "numpy>=1.26",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
+        # openai: the server tests check that the official client works against engine.serve
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "openai>=1.0"],
         "flash": ["flash-attn>=2.6"],
         "xformers": ["xformers>=0.0.28"],
         "nvtx": ["nvtx>=0.2.10"],
