@@ -1,4 +1,5 @@
-"""Paged KV cache and the two attention contexts that read and write it (prefill, decode).
+"""Paged KV cache and the attention contexts that read and write it (prefill, prefill after a
+shared prefix, decode).
 
 Letters: L decoder layers, NB cache blocks, Bs tokens per block, Hkv key/value heads, Dh head
 dim, H query heads, T packed prefill tokens, B decoding sequences, nb blocks per sequence in a
@@ -9,7 +10,7 @@ Layout: one ``k`` and one ``v`` tensor ``[L, NB, Bs, Hkv, Dh]`` (the paged layou
 a sequence lives at slot ``table[p // Bs] * Bs + p % Bs``. Block 0 is never handed out: padded
 rows of a CUDA-graph batch write to it and attend to it, so a graph never needs a branch.
 
-Both contexts implement ``engine.model.AttentionContext``: the decoder layer hands over q/k/v
+The contexts implement ``engine.model.AttentionContext``: the decoder layer hands over q/k/v
 with RoPE applied, the context writes k/v into the cache and returns the attention output.
 
 Prefix reuse: a full block's contents are named by a chained digest of everything up to its
