@@ -241,3 +241,45 @@ def test_gpu_bf16_prefix_prefill_matches_a_cold_prefill():
         truth = recompute_logits(cpu, p, px, [])[0]
         assert_close_rule(g.logits[0].float().cpu(), truth, r.logits[0].float().cpu(), floor=1e-3,
                           what=f"prefix prefill, {len(p)} tokens")
+
+
+def test_random_workload_matches_a_runtime_without_sharing(model):
+    """A stress run: prompts built from a few shared system prompts, images drawn from a small pool,
+    random lengths and limits, submissions spread over the steps, and a cache small enough that idle
+    prefixes are evicted. Every request's tokens equal those of a runtime without prefix sharing,
+    and at the end every block is free again."""
+    s = model.config.image_seq_len
+    rng = torch.Generator().manual_seed(42)
+
+    def pick(n):
+        return int(torch.randint(0, n, (), generator=rng))
+
+    systems = [[1] + text(n, seed=100 + n) for n in (9, 14, 23)]
+    pool = [image(200 + i) for i in range(3)]
+    work = []
+    for i in range(24):
+        prompt, px = list(systems[pick(3)]), []
+        for _ in range(pick(3)):                    # 0-2 images, each after some text
+            prompt += text(1 + pick(5), seed=300 + len(work) * 7 + len(px)) + [IMAGE_TOKEN] * s
+            px.append(pool[pick(3)])
+        prompt += text(1 + pick(9), seed=400 + i)
+        work.append((prompt, torch.cat(px) if px else None, 1 + pick(12), pick(3)))  # ..., limit, arrival step
+    per_block = PagedKVCache.bytes_per_block(model.config.text, BS, torch.float32)
+
+    def drive(caching):
+        rt = runtime(model, caching, kv_cache_bytes=40 * per_block)
+        reqs, step = [None] * len(work), 0
+        while any(r is None or not r.finished for r in reqs):
+            for i, (prompt, px, limit, arrival) in enumerate(work):
+                if reqs[i] is None and arrival <= step and i <= 4 * step:
+                    reqs[i] = rt.submit(prompt, pixel_values=px,
+                                        params=SamplingParams(max_new_tokens=limit, stop_token_ids=()))
+            rt.step()
+            step += 1
+        assert rt.cache.free_blocks == rt.cache.num_blocks - 1
+        return [r.tokens for r in reqs], rt
+
+    shared, rt = drive(True)
+    plain, _ = drive(False)
+    assert shared == plain
+    assert rt.reused_tokens > 0 and rt.cache.cached_blocks > 0
