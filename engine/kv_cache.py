@@ -141,7 +141,8 @@ class PagedKVCache:
         return sum(b in self._idle for b in blocks)
 
     def share(self, blocks: list[int]) -> None:
-        """Take a hold on registered ``blocks`` (from ``lookup``) for one more sequence."""
+        """Take a hold on ``blocks`` (from ``lookup``: registered, or pending in this prefill) for one
+        more sequence; an idle one leaves the idle list."""
         for b in blocks:
             if self._refs[b] == 0:
                 del self._idle[b]
