@@ -18,7 +18,7 @@ import random
 
 import pytest
 import torch
-from common import Row, bench_device, copy_bandwidth_gbps, cuda_time_ms, peak_memory_mb, pick, save, sync
+from common import bench_device, measure_memory_bound, pick
 
 from kernels import paged_decode_attention, paged_decode_attention_ref
 
@@ -58,15 +58,5 @@ def test_paged_decode(benchmark, batch, heads):
     elt = torch.empty(0, dtype=DTYPE).element_size()
     work = sum(lens) * 2 * hkv * dh * elt + 2 * len(lens) * h * dh * elt
     formula = "sum(L)*2*Hkv*Dh*elt + 2*B*H*Dh*elt"
-    copy_bw = copy_bandwidth_gbps(bench_device(), COPY_MIB)
-    rows, ref_ms = [], None
-    for name, fn in fns.items():
-        ms = cuda_time_ms(fn, warmup=10, rep=50)
-        row = Row(SUITE, f"{batch} H={h} Hkv={hkv} Dh={dh} Bs={BS} ctx={sum(lens)}", name, ms, work,
-                  formula=formula, peak_mem_mb=peak_memory_mb(fn), ref_ms=ref_ms,
-                  extra=dict(B=len(lens), context_tokens=sum(lens), dtype=str(DTYPE), copy_GBps=copy_bw))
-        row.extra["fraction_of_copy"] = row.rate / copy_bw
-        ref_ms = ms if name == "torch" else ref_ms
-        rows.append(row)
-    save(SUITE, rows)
-    benchmark.pedantic(lambda: (fns["triton"](), sync()), rounds=pick(20, 1), warmup_rounds=pick(3, 0))
+    measure_memory_bound(benchmark, SUITE, f"{batch} H={h} Hkv={hkv} Dh={dh} Bs={BS} ctx={sum(lens)}", fns, work,
+                         formula, dict(B=len(lens), context_tokens=sum(lens), dtype=str(DTYPE)), COPY_MIB)

@@ -18,7 +18,7 @@ import functools
 
 import pytest
 import torch
-from common import Row, bench_device, copy_bandwidth_gbps, cuda_time_ms, peak_memory_mb, pick, save, sync
+from common import bench_device, measure_memory_bound, pick
 
 from kernels import dispatch
 from kernels.scatter import scatter_image_tokens, scatter_image_tokens_ref
@@ -53,21 +53,6 @@ def implementations():
     return impls
 
 
-def _measure(benchmark, case: str, fns: dict, work: float, formula: str, extra: dict) -> None:
-    copy_bw = copy_bandwidth_gbps(bench_device(), COPY_MIB)
-    rows, ref_ms = [], None
-    for name, fn in fns.items():
-        ms = cuda_time_ms(fn, warmup=10, rep=50)
-        row = Row(suite=SUITE, case=case, impl=name, ms=ms, work=work, formula=formula,
-                  peak_mem_mb=peak_memory_mb(fn), ref_ms=ref_ms, extra=dict(extra))
-        row.extra.update(copy_GBps=copy_bw, fraction_of_copy=row.rate / copy_bw)
-        ref_ms = ms if name == "torch" else ref_ms
-        rows.append(row)
-    save(SUITE, rows)
-    timed = fns["triton"]
-    benchmark.pedantic(lambda: (timed(), sync()), rounds=pick(20, 1), warmup_rounds=pick(3, 0))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("T, k", CASES)
 def test_scatter_forward(benchmark, T, k):
@@ -80,8 +65,8 @@ def test_scatter_forward(benchmark, T, k):
         assert torch.equal(op(ids, w, img, pos), expect), name
         fns[name] = functools.partial(op, ids, w, img, pos)
     work = 2 * T * D * elt + T * 8 + M * 8 + 2 * T * 4
-    _measure(benchmark, f"fwd T={T} D={D} M={M}", fns, work,
-             "2*T*D*elt + 8*T + 8*M + 2*4*T", {"T": T, "D": D, "M": M, "V": V, "dtype": str(DTYPE)})
+    measure_memory_bound(benchmark, SUITE, f"fwd T={T} D={D} M={M}", fns, work, "2*T*D*elt + 8*T + 8*M + 2*4*T",
+                         {"T": T, "D": D, "M": M, "V": V, "dtype": str(DTYPE)}, COPY_MIB)
 
 
 @pytest.mark.gpu
@@ -115,4 +100,4 @@ def test_scatter_backward(benchmark, T, k, stage):
         work += V * D * elt + (T - M) * D * elt + 24 * T + 16 * V
         formula += " + V*D*elt + (T-M)*D*elt + 24*T + 16*V"
         extra["U"] = U
-    _measure(benchmark, f"bwd{stage} T={T} D={D} M={M}", fns, work, formula, extra)
+    measure_memory_bound(benchmark, SUITE, f"bwd{stage} T={T} D={D} M={M}", fns, work, formula, extra, COPY_MIB)

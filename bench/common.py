@@ -216,3 +216,22 @@ def copy_bandwidth_gbps(device: str = "cuda", mib: int = 1024) -> float:
         dst.copy_(src)
         best = min(best, time.perf_counter() - t0)
     return nbytes / best / 1e9
+
+
+def measure_memory_bound(benchmark, suite: str, case: str, fns: dict, work: float, formula: str, extra: dict,
+                         copy_mib: int) -> None:
+    """Time each implementation of a memory-bound op (``fns``: name -> call, "torch" first as the
+    reference), save one row each with GB/s and its fraction of the device's copy bandwidth, then
+    hand the "triton" call to pytest-benchmark."""
+    copy_bw = copy_bandwidth_gbps(bench_device(), copy_mib)
+    rows, ref_ms = [], None
+    for name, fn in fns.items():
+        ms = cuda_time_ms(fn, warmup=10, rep=50)
+        row = Row(suite=suite, case=case, impl=name, ms=ms, work=work, formula=formula,
+                  peak_mem_mb=peak_memory_mb(fn), ref_ms=ref_ms, extra=dict(extra))
+        row.extra.update(copy_GBps=copy_bw, fraction_of_copy=row.rate / copy_bw)
+        ref_ms = ms if name == "torch" else ref_ms
+        rows.append(row)
+    save(suite, rows)
+    timed = fns["triton"]
+    benchmark.pedantic(lambda: (timed(), sync()), rounds=pick(20, 1), warmup_rounds=pick(3, 0))
