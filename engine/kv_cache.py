@@ -34,6 +34,7 @@ import torch
 import kernels
 from engine.attention import varlen_attention
 from engine.config import TextConfig
+from kernels import dispatch
 from kernels.paged_decode import key_mask
 
 
@@ -259,10 +260,13 @@ class DecodeAttention:
 
     def __init__(self, cache: PagedKVCache, block_table: torch.Tensor, positions: torch.Tensor,
                  slot_mapping: torch.Tensor, backend: str | None = None):
-        self.cache, self.block_table, self.slot_mapping, self.backend = cache, block_table, slot_mapping, backend
+        self.cache, self.block_table, self.slot_mapping = cache, block_table, slot_mapping
+        self.backend = dispatch.resolve("paged_decode", positions.device, backend)
         self.seq_lens = positions + 1  # the new token attends to itself
-        # once per step, not per layer: on a GPU these are kernels in every replay of the graph
-        self.mask = key_mask(self.seq_lens, block_table.shape[1] * cache.block_size)  # (B, 1, 1, ctx)
+        # The reference's key mask, once per step, not per layer: on a GPU these are kernels in every
+        # replay of the graph (the Triton kernel masks by seq_lens itself).
+        ctx = block_table.shape[1] * cache.block_size
+        self.mask = key_mask(self.seq_lens, ctx) if self.backend == "torch" else None  # (B, 1, 1, ctx)
 
     def __call__(self, layer, q, k, v):  # q (B, H, Dh); k, v (B, Hkv, Dh)
         _write(self.cache, layer, self.slot_mapping, k, v)
