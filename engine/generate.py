@@ -499,8 +499,9 @@ class Runtime:
         cu, pos, max_len = pack_cu_seqlens(lengths, dev)
         pos += torch.repeat_interleave(torch.tensor([r.reused for r in reqs], device=dev),
                                        torch.tensor(lengths, device=dev))
-        slot_mapping = torch.tensor([s for r in reqs for s in self.cache.slots(r.blocks, r.reused, len(r.prompt))],
-                                    device=dev)
+        slots_of = [self.cache.slots(r.blocks, 0, len(r.prompt)) for r in reqs]     # every prompt position
+        slot_mapping = torch.tensor([s for r, sl in zip(reqs, slots_of, strict=True) for s in sl[r.reused:]],
+                                    device=dev)                                         # (T,)
         # images wholly inside a shared prefix are not encoded again (reuse never splits one)
         images = [r.pixel_values[sum(im.end <= r.reused for im in r.spans or ()):]
                   for r in reqs if r.pixel_values is not None]
@@ -508,8 +509,7 @@ class Runtime:
         pixels = torch.cat(images).to(dev) if images else None  # the tower casts to its own dtype
         if any(r.reused for r in reqs):
             full = [len(r.prompt) for r in reqs]
-            key_slots = torch.tensor([s for r in reqs for s in self.cache.slots(r.blocks, 0, len(r.prompt))],
-                                     device=dev)                                         # (Tk,)
+            key_slots = torch.tensor([s for sl in slots_of for s in sl], device=dev)     # (Tk,)
             attn = PrefixPrefillAttention(self.cache, slot_mapping, cu, max_len, key_slots,
                                           pack_cu_seqlens(full, dev)[0], max(full), model.attention_backend)
         else:
