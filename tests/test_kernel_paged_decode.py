@@ -10,7 +10,7 @@ import math
 
 import pytest
 import torch
-from helpers import assert_close_rule, recompute_logits
+from helpers import assert_close_rule, hf_model, recompute_logits
 
 import engine
 from engine.generate import Runtime, RuntimeConfig, SamplingParams
@@ -108,7 +108,6 @@ def test_triton_without_interpreter_on_cpu_is_refused(monkeypatch):
 
 def test_runtime_decodes_through_the_kernel(tmp_path):
     """The runtime with decode_attention="triton": every step's logits equal a cache-free recompute."""
-    from helpers import hf_model
     hf_model().save_pretrained(tmp_path)
     model = engine.load(str(tmp_path)).eval()
     rt = Runtime(model, RuntimeConfig(block_size=4, kv_cache_bytes=1 << 22, decode_attention="triton"))
