@@ -2,7 +2,7 @@
 
 The CUDA extension (csrc/) is built by CMake, not here: `pip install .` stays a pure
 Python install on CPU-only machines, and `cmake -S . -B build && cmake --build build`
-builds `kernels/_C*.so` where torch has CUDA (see README, "CUDA ops").
+builds `llava_kernels/_C*.so` where torch has CUDA (see README, "CUDA ops").
 """
 from setuptools import find_packages, setup
 
@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="A kernel-first LLaVA engine: training, generation, serving and evaluation",
     python_requires=">=3.10",
-    packages=find_packages(include=["engine*", "kernels*", "train*", "evals*"]),
+    packages=find_packages(include=["engine*", "llava_kernels*", "train*", "llava_evals*"]),
     package_data={"train": ["prompts/*/*.txt"]},
     install_requires=[
         # torch 2.11 (GPU machine) .. 2.14 (CPU pip cap); an open range would pull a CUDA build here.

@@ -45,7 +45,7 @@ def _loss_fn(impl: str, hidden, head, targets, cu):
         def loss_fn():
             return F.cross_entropy(F.linear(hidden, head).float(), targets, ignore_index=-100)
     elif impl in ("triton", "cuda"):
-        from kernels.masked_loss import masked_lm_loss
+        from llava_kernels.masked_loss import masked_lm_loss
 
         def loss_fn():
             return masked_lm_loss(hidden, head, targets, cu_seqlens=cu, backend=impl, check=False)
@@ -70,7 +70,7 @@ def _step(impl: str, hidden, head, targets, cu):
 
 def _skip_reason(impl: str) -> str | None:
     if impl == "cuda":
-        from kernels.dispatch import cuda_ops_available
+        from llava_kernels.dispatch import cuda_ops_available
         return None if cuda_ops_available("masked_loss") else "csrc extension with masked_loss is not built"
     if impl == "liger":
         try:

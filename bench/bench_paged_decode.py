@@ -20,7 +20,7 @@ import pytest
 import torch
 from common import bench_device, measure_memory_bound, pick
 
-from kernels import paged_decode_attention, paged_decode_attention_ref
+from llava_kernels import paged_decode_attention, paged_decode_attention_ref
 
 SUITE = "paged_decode"
 DTYPE = torch.bfloat16

@@ -9,8 +9,8 @@ import pytest
 import torch
 from common import SMOKE, Row, bench_device, cuda_time_ms, peak_memory_mb, pick, save, sync
 
-from kernels.dispatch import cuda_ops_available
-from kernels.projector import projector, projector_ref
+from llava_kernels.dispatch import cuda_ops_available
+from llava_kernels.projector import projector, projector_ref
 
 DV, DH, DT = pick((1024, 4096, 4096), (32, 80, 48))
 ROWS_PER_IMAGE = pick(576, 7)

@@ -20,8 +20,8 @@ import pytest
 import torch
 from common import bench_device, measure_memory_bound, pick
 
-from kernels import dispatch
-from kernels.scatter import scatter_image_tokens, scatter_image_tokens_ref
+from llava_kernels import dispatch
+from llava_kernels.scatter import scatter_image_tokens, scatter_image_tokens_ref
 
 SUITE = "scatter"
 V, D, ROWS_PER_IMAGE = pick((32064, 4096, 576), (100, 24, 5))

@@ -40,7 +40,7 @@ import pytest
 import torch
 from common import SMOKE, Row, bench_device, cuda_time_ms, max_memory_mb, peak_memory_mb, pick, save, sync
 
-import kernels
+import llava_kernels
 from engine.attention import resolve_backend
 from engine.config import LlavaConfig, TextConfig, VisionConfig
 from engine.conversation import IGNORE_INDEX
@@ -265,7 +265,7 @@ def test_stage2_step_llava15_1b(benchmark, tmp_path):
             extra={**common, "tokens_per_s": tokens / (ms * 1e-3), "mfu": mfu(ms),
                    "abs_peak_mem_mb": abs_peak, "mem_vs_transformers": peak / hf_peak if hf_peak else None,
                    "loss_check": mine,
-                   "kernels": kernels.dispatch.describe(dev),
+                   "kernels": llava_kernels.dispatch.describe(dev),
                    "attention": resolve_backend(dev, None, torch.bfloat16, cfg.text.head_dim),
                    "seconds_total": round(time.time() - t_start, 1)}),
     ]

@@ -49,7 +49,7 @@ timeout 60 cmake -S . -B build -G Ninja -DPython3_EXECUTABLE="$(command -v pytho
   -DCMAKE_CUDA_COMPILER="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" 2>&1 && \
   timeout 150 cmake --build build -j 16 2>&1
 echo "build exit: $?"
-python3 -c "from kernels import dispatch; print({op: dispatch.cuda_ops_available(op) for op in dispatch.OPS})"
+python3 -c "from llava_kernels import dispatch; print({op: dispatch.cuda_ops_available(op) for op in dispatch.OPS})"
 
 stamp "GPU tests"
 timeout 200 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider --tb=short -rfEs ${XDIST[@]+"${XDIST[@]}"} \

@@ -5,7 +5,7 @@
 //
 // Our kernels (csrc/*.cu, reached through the C launchers of llava_ops.h) do the fused work; plain GEMMs
 // that our kernels do not fuse go to cuBLAS through at::mm/addmm. Autograd and fake (meta) kernels are
-// registered from Python (kernels/_cuda.py), so this file has CUDA kernels only. Only c10/cuda headers
+// registered from Python (llava_kernels/_cuda.py), so this file has CUDA kernels only. Only c10/cuda headers
 // are used (no ATen/cuda, which would pull in cuBLAS headers).
 //
 //   projector(x[N,Dv], w1[Dh,Dv], b1?, w2?[Dt,Dh], b2?) -> (out[N,Dt or Dh], h)

@@ -93,7 +93,7 @@ class RuntimeConfig:
     max_prefill_tokens: int = 16384   # packed tokens per prefill call (one prompt may exceed it alone)
     cuda_graphs: bool = True          # capture the decode step on CUDA
     prefix_caching: bool = True       # share the cached K/V of identical prompt prefixes (whole blocks)
-    decode_attention: str | None = None  # kernels.paged_decode_attention backend: None = dispatcher's choice
+    decode_attention: str | None = None  # llava_kernels.paged_decode_attention backend: None = dispatcher's choice
 
     def __post_init__(self):
         for name in ("max_batch", "block_size", "max_prefill_tokens"):

@@ -31,11 +31,11 @@ from typing import NamedTuple
 
 import torch
 
-import kernels
+import llava_kernels
 from engine.attention import varlen_attention
 from engine.config import TextConfig
-from kernels import dispatch
-from kernels.paged_decode import key_mask
+from llava_kernels import dispatch
+from llava_kernels.paged_decode import key_mask
 
 
 class PagedKVCache:
@@ -254,7 +254,7 @@ class DecodeAttention:
 
     block_table int32/int64 [B, nb]; positions int64 [B] (the new token's position = tokens
     already cached); slot_mapping int64 [B]. Static shapes and no host reads, so a CUDA graph
-    can capture it. The attention is ``kernels.paged_decode_attention`` (the reference gathers
+    can capture it. The attention is ``llava_kernels.paged_decode_attention`` (the reference gathers
     the blocks for one SDPA call; the Triton kernel reads them in place), ``backend`` as there.
     """
 
@@ -270,5 +270,5 @@ class DecodeAttention:
 
     def __call__(self, layer, q, k, v):  # q (B, H, Dh); k, v (B, Hkv, Dh)
         _write(self.cache, layer, self.slot_mapping, k, v)
-        return kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
+        return llava_kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
                                               self.seq_lens, length_mask=self.mask, backend=self.backend)

@@ -9,7 +9,7 @@ A batch is packed: the tokens of all sequences concatenated (``input_ids`` [T]),
 row of every image feature is known before the vision tower runs.
 
 The fused ops (projector, image-token scatter; the masked loss lives in training) are called
-through their public functions in ``kernels``; ``kernel_backend`` picks their implementation
+through their public functions in ``llava_kernels``; ``kernel_backend`` picks their implementation
 ("torch" = the pure-torch reference, None = automatic by device).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-import kernels
+import llava_kernels
 from engine.attention import varlen_attention
 from engine.config import LlavaConfig, TextConfig
 from engine.vision import VisionTower
@@ -166,7 +166,7 @@ class Projector(nn.Module):
 
     def forward(self, x: torch.Tensor, backend: str | None) -> torch.Tensor:  # (M, Dv) -> (M, D)
         l2 = self.linear_2
-        return kernels.projector(x, self.linear_1.weight, self.linear_1.bias, None if l2 is None else l2.weight,
+        return llava_kernels.projector(x, self.linear_1.weight, self.linear_1.bias, None if l2 is None else l2.weight,
                                  None if l2 is None else l2.bias, backend=backend)
 
 
@@ -221,7 +221,7 @@ class Llava(nn.Module):
         w = self.decoder.embed.weight
         rows = self.encode_images(pixel_values) if n_images else w.new_empty(0, w.shape[1])
         with nvtx_range("scatter", self.nvtx):
-            return kernels.scatter_image_tokens(input_ids, w, rows, positions, backend=self.kernel_backend)
+            return llava_kernels.scatter_image_tokens(input_ids, w, rows, positions, backend=self.kernel_backend)
 
     def forward_packed(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
                        max_seqlen: int, pixel_values: torch.Tensor | None = None,

@@ -1,7 +1,7 @@
 """Test-wide setup: kernels run on the Triton interpreter when there is no GPU.
 
 TRITON_INTERPRET must be set before any ``@triton.jit`` function is created, i.e. before
-``kernels`` is imported, so it is set here at collection time.
+``llava_kernels`` is imported, so it is set here at collection time.
 """
 import os
 

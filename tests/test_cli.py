@@ -17,7 +17,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # (stage2 and chat pay for importing torch).
 @pytest.mark.parametrize("argv,named", [
     (["train.mix_instruct", "--output", "out.json", "--conversation", "missing.json"], "missing.json"),
-    (["evals.scienceqa", "score", "--questions", "missing_q.json", "--predictions", "p.jsonl"], "missing_q.json"),
+    (["llava_evals.scienceqa", "score", "--questions", "missing_q.json", "--predictions", "p.jsonl"], "missing_q.json"),
     (["train.stage2", "--model", "no_such_ckpt", "--data", "d.json", "--device", "cpu"], "no_such_ckpt"),
     (["engine.chat", "hi", "--model", "m", "--image", "missing.png"], "missing.png"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)

@@ -1,9 +1,9 @@
-"""The csrc/ CUDA ops (kernels/_cuda.py) against the pure-torch references and a float64 truth.
+"""The csrc/ CUDA ops (llava_kernels/_cuda.py) against the pure-torch references and a float64 truth.
 
 Letters: N projector rows, Dv vision width, Dh projector hidden width, Dt text width; T packed tokens,
 D model width, V vocab, M image rows, B sequences.
 
-GPU tests need the built extension (kernels/_C.so, see csrc/README.md) and skip, saying why, without it.
+GPU tests need the built extension (llava_kernels/_C.so, see csrc/README.md) and skip, saying why, without it.
 The CPU tests check that a missing or broken build is reported as "not available", never an exception.
 """
 from __future__ import annotations
@@ -12,10 +12,10 @@ import pytest
 import torch
 from helpers import assert_close_rule, rel_err
 
-from kernels import _cuda
-from kernels.masked_loss import masked_lm_loss_ref
-from kernels.projector import projector_ref
-from kernels.scatter import scatter_image_tokens_ref
+from llava_kernels import _cuda
+from llava_kernels.masked_loss import masked_lm_loss_ref
+from llava_kernels.projector import projector_ref
+from llava_kernels.scatter import scatter_image_tokens_ref
 
 OPS = ("projector", "scatter", "masked_loss")
 

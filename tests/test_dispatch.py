@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from kernels import dispatch
+from llava_kernels import dispatch
 
 CPU = torch.device("cpu")
 

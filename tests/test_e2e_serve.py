@@ -1,5 +1,5 @@
 """End to end over real HTTP on 127.0.0.1: ``engine.serve`` running a tiny checkpoint is the teacher
-of ``train.make_instruct`` (issue 6) and the judge of ``evals.llava_bench`` / ``evals.scienceqa``
+of ``train.make_instruct`` (issue 6) and the judge of ``llava_evals.llava_bench`` / ``llava_evals.scienceqa``
 (issue 7). Every tool runs as its CLI in a subprocess, as a user would run it.
 
 The tiny checkpoint is random, so its text is nonsense. One edit makes the run exercise every path:
@@ -282,7 +282,7 @@ def test_llava_bench_answer_review_summarize(tiny, server, tmp_path):
                                  for c in ("conv", "detail", "complex") for p in ("", "llava_bench_")}))
 
     answers = tmp_path / "answers.jsonl"
-    cli(logs, "evals.llava_bench", "answer", "--questions", questions, "--images", images, "--model", tiny.path,
+    cli(logs, "llava_evals.llava_bench", "answer", "--questions", questions, "--images", images, "--model", tiny.path,
         "--out", answers, "--batch-size", 6, "--max-new-tokens", 8)
     rows = _jsonl(str(answers))
     assert sorted(r["question_id"] for r in rows) == list(range(6))
@@ -291,7 +291,7 @@ def test_llava_bench_answer_review_summarize(tiny, server, tmp_path):
     reviews = []
     for run in (1, 2):  # two judge runs (sampled at the default temperature 0.2 with different seeds)
         reviews.append(tmp_path / f"review{run}.jsonl")
-        cli(logs, "evals.llava_bench", "review", "--questions", questions, "--context", context,
+        cli(logs, "llava_evals.llava_bench", "review", "--questions", questions, "--context", context,
             "--reference", reference, "--answers", answers, "--rules", rules, "--out", reviews[-1],
             "--judge-url", server.url, "--judge-model", "tiny", "--max-tokens", MAX_TOKENS, "--seed", run,
             "--concurrency", 6, "--max-retries", 1)
@@ -308,7 +308,7 @@ def test_llava_bench_answer_review_summarize(tiny, server, tmp_path):
     assert sum(sum(f.values()) for f in failed.values()) > 6  # a tiny judge's reviews mostly fail to parse
 
     summary = tmp_path / "summary.json"
-    table = cli(logs, "evals.llava_bench", "summarize", *reviews, "--label", "tiny", "--json", summary)
+    table = cli(logs, "llava_evals.llava_bench", "summarize", *reviews, "--label", "tiny", "--json", summary)
     res = json.loads(_read(str(summary)))
     assert [r["file"] for r in res["runs"]] == [str(p) for p in reviews]
     for run, r in enumerate(res["runs"]):
@@ -344,7 +344,7 @@ PROBLEMS = {  # pid → (question, choices, answer, hint, has image, subject, gr
 
 
 def test_scienceqa_answer_score_ensemble(tiny, server, tmp_path):
-    from evals import scienceqa as sqa
+    from llava_evals import scienceqa as sqa
 
     logs: list[str] = []
     problems = {pid: {"question": q, "choices": ch, "answer": a, "hint": h, "image": "image.png" if img else None,
@@ -362,7 +362,7 @@ def test_scienceqa_answer_score_ensemble(tiny, server, tmp_path):
                      str(tmp_path / "pid_splits.json"), "--images", str(images), "--out", questions]) == 0
 
     answers = tmp_path / "answers.jsonl"
-    cli(logs, "evals.scienceqa", "answer", "--questions", questions, "--images", images, "--model", tiny.path,
+    cli(logs, "llava_evals.scienceqa", "answer", "--questions", questions, "--images", images, "--model", tiny.path,
         "--out", answers, "--batch-size", 5, "--max-new-tokens", 6, "--single-pred-prompt")
     texts = {r["question_id"]: r["text"] for r in _jsonl(str(answers))}
     assert sorted(texts) == sorted(PROBLEMS)
@@ -378,7 +378,7 @@ def test_scienceqa_answer_score_ensemble(tiny, server, tmp_path):
         return correct, unparsable
 
     result = tmp_path / "score.json"
-    table = cli(logs, "evals.scienceqa", "score", "--questions", questions, "--predictions", answers,
+    table = cli(logs, "llava_evals.scienceqa", "score", "--questions", questions, "--predictions", answers,
                 "--problems", tmp_path / "problems.json", "--json", result, "--label", "tiny")
     res = json.loads(_read(str(result)))
     correct, unparsable = expected(texts)
@@ -393,8 +393,8 @@ def test_scienceqa_answer_score_ensemble(tiny, server, tmp_path):
 
     # Ensembling with engine.serve as the text-only judge: its replies are logged and counted.
     ens, ens_json = tmp_path / "ensemble.jsonl", tmp_path / "ensemble.json"
-    cli(logs, "evals.scienceqa", "ensemble", "--mode", "judge", "--questions", questions, "--predictions", answers,
-        "--out", ens, "--json", ens_json, "--judge-url", server.url, "--judge-model", "tiny",
+    cli(logs, "llava_evals.scienceqa", "ensemble", "--mode", "judge", "--questions", questions,
+        "--predictions", answers, "--out", ens, "--json", ens_json, "--judge-url", server.url, "--judge-model", "tiny",
         "--max-tokens", MAX_TOKENS, "--concurrency", 5, "--max-retries", 1)
     judge_log = _jsonl(str(ens) + ".judge.jsonl")
     first = {r["question_id"]: r["reply"] for r in judge_log if r["stage"] == "answer"}

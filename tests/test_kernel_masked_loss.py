@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_rule, poison_, rel_err
 
-from kernels.masked_loss import (
+from llava_kernels.masked_loss import (
     MaskedLMLossFunction,
     MaskedLossConfig,
     _lse_loss_grad,
@@ -260,7 +260,7 @@ def test_bad_target_value_names_first_index(value, index):
 @pytest.mark.gpu
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
 def test_gpu_llava_shapes_bf16(backend):
-    from kernels.dispatch import cuda_ops_available
+    from llava_kernels.dispatch import cuda_ops_available
     if backend == "cuda" and not cuda_ops_available("masked_loss"):
         pytest.skip("csrc extension with masked_loss is not built")
     T, Dm, V = 4096, 4096, 32064

@@ -1,4 +1,4 @@
-"""kernels.paged_decode_attention: the Triton kernel (interpreter on CPU) and the gather reference
+"""llava_kernels.paged_decode_attention: the Triton kernel (interpreter on CPU) and the gather reference
 against an fp64 truth computed from each sequence's context laid out contiguously.
 
 Odd shapes: R = 1, 3 and 4 query heads per KV head, head dims 16 and 24, block sizes 4, 5 and 16,
@@ -14,7 +14,7 @@ from helpers import assert_close_rule, hf_model, recompute_logits
 
 import engine
 from engine.generate import Runtime, RuntimeConfig, SamplingParams
-from kernels import dispatch, paged_decode_attention, paged_decode_attention_ref
+from llava_kernels import dispatch, paged_decode_attention, paged_decode_attention_ref
 
 CPU = torch.device("cpu")
 

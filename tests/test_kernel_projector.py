@@ -1,4 +1,4 @@
-"""Fused projector (kernels/projector.py) vs a float64 truth: every output and every gradient.
+"""Fused projector (llava_kernels/projector.py) vs a float64 truth: every output and every gradient.
 
 CPU: the Triton interpreter on tiny widths that are not multiples of the 32×32×16 interpreter block
 (Dv=40, Dh=72 → masked K tails; Dt=48 → the mask-free EVEN_K path). GPU: the real LLaVA-1.5 shape.
@@ -12,8 +12,8 @@ import triton
 import triton.language as tl
 from helpers import assert_close_rule, poison_
 
-from kernels._triton_util import store_cast
-from kernels.projector import ACT_GELU, ACT_GELU_BWD, fused_gemm, projector, projector_fwd, projector_ref
+from llava_kernels._triton_util import store_cast
+from llava_kernels.projector import ACT_GELU, ACT_GELU_BWD, fused_gemm, projector, projector_fwd, projector_ref
 
 NAMES = ("x", "w1", "b1", "w2", "b2")
 # The small-shape tests run the interpreter on the CPU and the real kernels on a GPU machine.

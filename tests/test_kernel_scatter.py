@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import assert_close_rule, poison_
 
-from kernels.scatter import (
+from llava_kernels.scatter import (
     ScatterConfig,
     embed_grad,
     gather_rows,
@@ -196,7 +196,7 @@ def test_bad_inputs_raise_value_error(backend, mutate, match):
 @pytest.mark.gpu
 @pytest.mark.parametrize("k", [1, 4, 14])
 def test_gpu_llava_shapes(k):
-    from kernels import dispatch
+    from llava_kernels import dispatch
 
     T, D, V = 8192, 4096, 32064
     spans = [(1 + i * 585, 576) for i in range(k)]  # one image per ~585-token sequence

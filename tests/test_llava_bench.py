@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from helpers import FakeJudge
 
-from evals import llava_bench as lb
+from llava_evals import llava_bench as lb
 
 
 def _jsonl(path, rows):

@@ -9,8 +9,8 @@ import os
 import pytest
 from helpers import FakeJudge
 
-from evals import scienceqa as sqa
-from evals.common import answer_all
+from llava_evals import scienceqa as sqa
+from llava_evals.common import answer_all
 
 # ---- a fake OpenAI-compatible judge --------------------------------------------------------------------
 

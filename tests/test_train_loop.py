@@ -241,7 +241,7 @@ def test_fused_kernels_give_the_reference_loss_curve(assets, samples, tmp_path, 
     """--fused runs the Triton projector, scatter and masked loss (the interpreter here) in the same
     loop; three optimizer steps follow the reference path's loss curve and end at the same weights."""
     monkeypatch.setenv("LLAVA_KERNEL_BACKEND", "triton")   # what --fused picks on a GPU, forced on CPU
-    from kernels import dispatch
+    from llava_kernels import dispatch
     assert set(dispatch.describe(torch.device("cpu")).values()) == {"triton"}
     image_samples = [s for s in samples if s.image is not None][:6]
     curves, weights = {}, {}

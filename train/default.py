@@ -23,7 +23,7 @@ import time
 import torch
 from PIL import Image
 
-import kernels
+import llava_kernels
 from engine.config import LlavaConfig, TextConfig, VisionConfig
 from engine.conversation import generation_prompt, get_template
 from engine.image import preprocess
@@ -111,7 +111,7 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
     dev = torch.device(device)
     if fused and dev.type != "cuda":
         print("note: no GPU here, so --fused runs the torch reference ops (same numerics); "
-              f"kernels on this device: {kernels.dispatch.describe(dev)}", flush=True)
+              f"kernels on this device: {llava_kernels.dispatch.describe(dev)}", flush=True)
     data_dir, tok_dir = os.path.join(output, "data"), os.path.join(output, "tokenizer")
     data = make_default_instruct(data_dir, num_train=sizes.num_train, num_test=sizes.num_test,
                                  image_size=sizes.image_size, seed=seed, mc_per_image=sizes.mc_per_image)

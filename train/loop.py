@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-import kernels
+import llava_kernels
 from engine.attention import resolve_backend
 from engine.model import nvtx_range
 from engine.weights import write_hf_checkpoint
@@ -189,7 +189,7 @@ def micro_loss(model, mb, num_targets: int, cfg: LoopConfig, autocast):
         # a low-precision copy of the fp32 head (its grad flows back to the master weight).
         hidden = hidden.to(dtype)
         head = model.head_weight.to(dtype)
-        loss, seq_sum, _ = kernels.masked_lm_loss(hidden, head, mb.targets, cu_seqlens=mb.cu_seqlens,
+        loss, seq_sum, _ = llava_kernels.masked_lm_loss(hidden, head, mb.targets, cu_seqlens=mb.cu_seqlens,
                                                   num_targets=max(num_targets, 1), return_per_sequence=True,
                                                   backend=model.kernel_backend)
     return loss, seq_sum.sum()
@@ -256,7 +256,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     if rank == 0:
         effective = {"run": run_config or {}, "loop": dataclasses.asdict(cfg), "world_size": world,
                      "device": str(device),
-                     "kernels": kernels.dispatch.describe(device, None if cfg.fused else "torch"),
+                     "kernels": llava_kernels.dispatch.describe(device, None if cfg.fused else "torch"),
                      "attention": resolve_backend(device, model.attention_backend),
                      "total_steps": total, "resumed_from": ckpt}
         print(json.dumps({"effective_config": effective}, default=str), flush=True)

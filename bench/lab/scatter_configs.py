@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from common import copy_bandwidth_gbps, cuda_time_ms  # noqa: E402
 
-from kernels.scatter import (  # noqa: E402
+from llava_kernels.scatter import (  # noqa: E402
     ScatterConfig,
     build_row_map,
     default_config,

@@ -24,8 +24,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._triton_util import store_cast
-from kernels.dispatch import resolve, triton_interpreting
+from llava_kernels._triton_util import store_cast
+from llava_kernels.dispatch import resolve, triton_interpreting
 
 ACT_NONE, ACT_GELU, ACT_GELU_BWD = 0, 1, 2
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -118,7 +118,7 @@ _even_k = triton.heuristics({"EVEN_K": lambda a: a["K"] % a["BLOCK_K"] == 0})(_g
 # The triton 3.8 interpreter mishandles bf16 twice: tl.dot multiplies the raw uint16 storage, and fp32→bf16
 # casts truncate instead of rounding to nearest even. Under the interpreter, bf16 tiles are upcast before
 # tl.dot (the same exact products + fp32 accumulation as tensor cores) and stores round by hand
-# (kernels._triton_util.store_cast); on a GPU the plain cast rounds and INTERP_BF16 is off.
+# (llava_kernels._triton_util.store_cast); on a GPU the plain cast rounds and INTERP_BF16 is off.
 _INTERP_BF16_BROKEN = triton_interpreting()
 if triton_interpreting():  # one small fixed config: the interpreter is slow and cannot time configs
     _gemm, _FIXED = _even_k, {"BLOCK_M": _BLOCK_M, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 4}
@@ -252,7 +252,7 @@ def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
     _validate(x, w1, b1, w2, b2)
     chosen = resolve("projector", x.device, backend)
     if chosen == "cuda":
-        from kernels import _cuda  # built by csrc/; imported only when dispatch says it is loaded
+        from llava_kernels import _cuda  # built by csrc/; imported only when dispatch says it is loaded
 
         return _cuda.projector(x, w1, b1, w2, b2)
     if chosen == "triton":

@@ -3,13 +3,13 @@
 Letters: N projector rows, Dv vision width, Dh projector hidden width, Dt text width; T packed tokens,
 D model width, V vocab, M image rows, B sequences.
 
-CMake builds ``kernels/_C.so`` (see csrc/README.md); it defines the ops ``torch.ops.llava.*`` with CUDA
+CMake builds ``llava_kernels/_C.so`` (see csrc/README.md); it defines the ops ``torch.ops.llava.*`` with CUDA
 kernels only. This module loads it lazily, adds what C++ does not register (``register_fake`` for
 tracing/compile, ``register_autograd`` for the backward) and exposes the same functions as the public
-ops minus ``backend``/``check`` (the public ops in kernels/<op>.py validate inputs before calling here;
+ops minus ``backend``/``check`` (the public ops in llava_kernels/<op>.py validate inputs before calling here;
 the C++ side re-checks shapes/dtypes/devices and raises RuntimeError).
 
-``available(op)`` is what kernels/dispatch.py asks; it never raises and is False when the library is
+``available(op)`` is what llava_kernels/dispatch.py asks; it never raises and is False when the library is
 absent, cannot load (CPU-only torch), or there is no CUDA device.
 """
 from __future__ import annotations
@@ -160,7 +160,7 @@ def _masked_lm_loss_backward(ctx, grad_loss, *_unused):
     for need, grad in zip(ctx.needs_input_grad[:2], (d_hidden, d_head), strict=True):
         if need and grad.dim() != 2:
             raise RuntimeError("llava::masked_lm_loss was called with needs=False for an input that requires "
-                               "grad; call it through kernels._cuda.masked_lm_loss")
+                               "grad; call it through llava_kernels._cuda.masked_lm_loss")
         out.append(grad * grad_loss if need else None)
     return (*out, None, None, None, None)
 
@@ -185,7 +185,7 @@ def _register_python_kernels() -> None:
     _REGISTERED = True
 
 
-# ---- public wrappers (same contracts as kernels.projector / scatter_image_tokens / masked_lm_loss) -------
+# ---- public wrappers (same contracts as llava_kernels.projector / scatter_image_tokens / masked_lm_loss) -------
 
 def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor | None = None,
               b2: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import dispatch
+from llava_kernels import dispatch
 
 _BLOCKS_PER_SPLIT = 16  # context blocks per program (256 tokens at the runtime's default Bs = 16)
 

@@ -1,4 +1,4 @@
-"""LLaVA-Bench (COCO, In-the-Wild): answer, review with a judge, summarize (``python -m evals.llava_bench``).
+"""LLaVA-Bench (COCO, In-the-Wild): answer, review with a judge, summarize (``python -m llava_evals.llava_bench``).
 
 Formats (upstream's)
 - questions JSONL: ``{"question_id", "image", "text", "category": "conv"|"detail"|"complex"}``.
@@ -30,7 +30,7 @@ import os
 from collections import defaultdict
 
 from engine.cli import run_main
-from evals.common import (
+from llava_evals.common import (
     JsonlAppender,
     add_answer_args,
     answer_all,
@@ -162,7 +162,7 @@ def review_jobs(args) -> tuple[list[tuple[str, list[dict]]], dict[str, dict], di
 
 
 def review(args) -> dict:
-    from evals.judge import judge_config, run_judge
+    from llava_evals.judge import judge_config, run_judge
 
     cfg = judge_config(args)
     log_config("llava_bench.review", vars(args) | {"judge": cfg.as_dict()})
@@ -309,7 +309,7 @@ def answer_items(path: str, images_dir: str) -> list[dict]:
 # ---- CLI -----------------------------------------------------------------------------------------------
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evals.llava_bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llava_evals.llava_bench", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("answer", help="answer a question file with a checkpoint (batched, resumable)")
@@ -330,7 +330,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="review JSONL of this run (appended; resumes)")
     p.add_argument("--skip-unknown", action="store_true", help="ignore answers to unknown question ids")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) malformed answer lines")
-    from evals.judge import add_judge_args
+    from llava_evals.judge import add_judge_args
     add_judge_args(p, temperature=0.2)
 
     p = sub.add_parser("summarize", help="relative scores per category; mean ± std over review runs")
@@ -341,7 +341,7 @@ def main(argv=None) -> int:
 
     args = ap.parse_args(argv)
     if args.cmd == "answer":
-        from evals.common import CheckpointAnswerer, check_images
+        from llava_evals.common import CheckpointAnswerer, check_images
         log_config("llava_bench.answer", vars(args))
         items = answer_items(args.questions, args.images)
         check_images(items)  # before the model loads: a missing image should not cost a load
@@ -364,5 +364,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from evals.judge import JudgeFailed
+    from llava_evals.judge import JudgeFailed
     run_main(main, reported=(JudgeFailed,))

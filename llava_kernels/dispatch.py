@@ -46,7 +46,7 @@ def triton_available() -> bool:
 def cuda_ops_available(op: str) -> bool:
     """True when the compiled csrc/ extension is loaded and registers ``op``."""
     try:
-        from kernels import _cuda
+        from llava_kernels import _cuda
     except ImportError:
         return False
     return _cuda.available(op)

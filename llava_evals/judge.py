@@ -16,7 +16,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 
 from engine.client import ChatClient, ChatError, ChatResult
-from evals.common import JsonlAppender, Progress
+from llava_evals.common import JsonlAppender, Progress
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -21,8 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import dispatch
-from kernels._triton_util import store_cast
+from llava_kernels import dispatch
+from llava_kernels._triton_util import store_cast
 
 # ---------------------------------------------------------------------------------------------
 # Triton kernels
@@ -298,7 +298,7 @@ def scatter_image_tokens(input_ids: torch.Tensor, embed_weight: torch.Tensor, im
         embed_weight: [V, D] floating embedding table.
         image_rows: [M, D] image feature rows, same dtype and device as embed_weight.
         image_positions: [M] int64 destination row of each image row.
-        backend: "torch" | "triton" | "cuda" | None (automatic, see kernels.dispatch).
+        backend: "torch" | "triton" | "cuda" | None (automatic, see llava_kernels.dispatch).
         check: validate values (positions in [0, T) and distinct, text ids in [0, V)); None means
             True for CPU tensors, False for CUDA (the check syncs with the host). Unchecked bad
             values are undefined behaviour (the Triton path gives NaN rows for bad text ids).
@@ -314,7 +314,7 @@ def scatter_image_tokens(input_ids: torch.Tensor, embed_weight: torch.Tensor, im
         _check_values(input_ids, embed_weight.shape[0], image_positions)
     impl = dispatch.resolve("scatter", input_ids.device, backend)
     if impl == "cuda":
-        from kernels import _cuda
+        from llava_kernels import _cuda
         return _cuda.scatter_image_tokens(input_ids, embed_weight, image_rows, image_positions)
     if impl == "triton":
         return ScatterImageTokensFunction.apply(input_ids, embed_weight, image_rows, image_positions)

@@ -44,8 +44,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels._triton_util import store_cast
-from kernels.dispatch import resolve, triton_interpreting
+from llava_kernels._triton_util import store_cast
+from llava_kernels.dispatch import resolve, triton_interpreting
 
 IGNORE_INDEX = -100
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
@@ -57,7 +57,7 @@ def _lse_loss_grad_kernel(z_ptr, tgt_ptr, scale_ptr, loss_ptr, R, V, stride_z,
                           WRITE_GRAD: tl.constexpr, ROUND_BF16: tl.constexpr):
     """Rows r of z[R, V]: loss[r] = logsumexp(z[r]) - z[r, tgt[r]]; with WRITE_GRAD, z[r] is
     overwritten by (softmax(z[r]) - onehot(tgt[r])) * scale. fp32 math whatever z's dtype.
-    ROUND_BF16: bf16 z under the interpreter, whose casts truncate (see kernels._triton_util)."""
+    ROUND_BF16: bf16 z under the interpreter, whose casts truncate (see llava_kernels._triton_util)."""
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
@@ -356,7 +356,7 @@ def masked_lm_loss(hidden: torch.Tensor, head_weight: torch.Tensor, targets: tor
         raise ValueError(f"masked_lm_loss: backend {which!r} takes float32/bfloat16/float16, got "
                          f"{hidden.dtype} (use backend='torch')")
     if which == "cuda":
-        from kernels import _cuda
+        from llava_kernels import _cuda
         out = _cuda.masked_lm_loss(hidden, head_weight, targets, cu_seqlens, num_targets)
     else:
         out = MaskedLMLossFunction.apply(hidden, head_weight, targets, cu_seqlens, num_targets,

@@ -1,6 +1,6 @@
 """Small ``@triton.jit`` helpers shared by the kernels in this package.
 
-Kept apart from ``kernels.dispatch`` on purpose: dispatch must import without Triton installed
+Kept apart from ``llava_kernels.dispatch`` on purpose: dispatch must import without Triton installed
 (``triton_available()`` asks), and a jit function needs ``triton`` at import time.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""ScienceQA: convert, answer, score, and ensemble with a text-only judge (``python -m evals.scienceqa``).
+"""ScienceQA: convert, answer, score, and ensemble with a text-only judge (``python -m llava_evals.scienceqa``).
 
 Formats
 - ScienceQA ``problems.json``: ``{pid: {"question", "choices": [str], "answer": int, "hint": str,
@@ -31,7 +31,7 @@ import re
 from dataclasses import dataclass
 
 from engine.cli import run_main
-from evals.common import (
+from llava_evals.common import (
     JsonlAppender,
     add_answer_args,
     answer_all,
@@ -386,7 +386,7 @@ def ensemble_decide(mode: str, ours: int, judge: int, chosen: int | None = None)
 
 
 def ensemble(args) -> dict:
-    from evals.judge import judge_config, run_judge
+    from llava_evals.judge import judge_config, run_judge
 
     cfg = judge_config(args)
     questions = load_questions(args.questions)
@@ -481,7 +481,7 @@ def _add_pred_args(p):
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m evals.scienceqa", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m llava_evals.scienceqa", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("convert", help="problems.json + pid_splits.json → LLaVA question file")
@@ -509,7 +509,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="ensembled predictions JSONL {question_id, text, source}")
     p.add_argument("--judge-log", default=None, help="judge replies JSONL (default OUT.judge.jsonl)")
     p.add_argument("--captions", default=None, help="captions.json: shown to the judge")
-    from evals.judge import add_judge_args
+    from llava_evals.judge import add_judge_args
     add_judge_args(p, temperature=0.0)
 
     args = ap.parse_args(argv)
@@ -523,7 +523,7 @@ def main(argv=None) -> int:
         write_json_atomic(args.out, out)
         print(f"wrote {len(out)} questions ({sum('image' in e for e in out)} with an image) to {args.out}")
     elif args.cmd == "answer":
-        from evals.common import CheckpointAnswerer, check_images
+        from llava_evals.common import CheckpointAnswerer, check_images
         log_config("scienceqa.answer", vars(args))
         items = answer_items(load_questions(args.questions), args.images, args.single_pred_prompt)
         check_images(items)  # before the model loads: a missing image should not cost a load
@@ -545,5 +545,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from evals.judge import JudgeFailed
+    from llava_evals.judge import JudgeFailed
     run_main(main, reported=(JudgeFailed,))
