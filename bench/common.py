@@ -44,7 +44,8 @@ def _smoke_setup() -> None:
                          f"of {RESULTS}; use {os.path.join(RESULTS, 'local', 'smoke')} or a tmp dir")
     os.environ["TRITON_INTERPRET"] = "1"  # before any @triton.jit function exists (tests/conftest.py does the same)
     # The kernels that automatic dispatch picks on a GPU without the csrc/ extension
-    # (llava_kernels.dispatch.AUTO_ORDER), so the training step and the runtime run them here too (auto gives torch for CPU tensors).
+    # (llava_kernels.dispatch.AUTO_ORDER), so the training step and the runtime run them here too (auto
+    # gives torch for CPU tensors).
     from llava_kernels.dispatch import AUTO_ORDER
     for op, order in AUTO_ORDER.items():
         os.environ.setdefault(f"LLAVA_KERNEL_BACKEND_{op.upper()}", next(b for b in order if b != "cuda"))
