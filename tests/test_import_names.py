@@ -33,13 +33,15 @@ root = Path(sys.argv[1]).resolve()
 import engine, llava_kernels, llava_evals, train
 import transformers.activations  # transformers >= 5.25 imports Hugging Face's `kernels` here
 
+# A package of ours is a folder directly under the checkout; a virtual environment may live inside the
+# checkout too (CI's .ci-venv), so "somewhere below the root" would not tell them apart.
 for mod in (engine, llava_kernels, llava_evals, train):
-    where = Path(mod.__file__).resolve()
-    assert root in where.parents, f"{mod.__name__} imported from {where}, not from the checkout {root}"
+    where = Path(mod.__file__).resolve().parent
+    assert where.parent == root, f"{mod.__name__} imported from {where}, not from the checkout {root}"
 hf = sys.modules.get("kernels")
 if hf is not None:
-    where = Path(hf.__file__).resolve()
-    assert root not in where.parents, f"'kernels' resolved to {where} inside the checkout"
+    where = Path(hf.__file__).resolve().parent
+    assert where.parent != root, f"'kernels' resolved to {where}, a folder of the checkout"
 
 import torch
 model = engine.load(sys.argv[2]).eval()
