@@ -106,6 +106,23 @@ def test_fake_kernels_give_the_contract_shapes():
     assert [r.dtype for r in res[:3]] == [torch.float32, torch.float32, torch.int64]
 
 
+def test_masked_loss_backward_scales_saved_grads_in_place_in_fp32():
+    """The CUDA op's backward multiplies its saved grads in place (no second [V, D]: the H200 run's 1130 MB
+    peak), by the upstream read in fp32 (not first rounded to bf16), skips an exact 1, and stays traceable."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    grad = torch.randn(64, 8, generator=torch.Generator().manual_seed(3)).bfloat16()
+    want = (grad.float() * 0.7).bfloat16()
+    assert (grad * torch.tensor(0.7).bfloat16()).ne(want).any(), "the case must tell the two roundings apart"
+    out = _cuda._scale_grad_(grad, torch.tensor(0.7))
+    assert out is grad and torch.equal(grad, want)
+    before = grad.clone()
+    assert _cuda._scale_grad_(grad, torch.tensor(1.0)) is grad and torch.equal(grad, before)
+    with FakeTensorMode():
+        fake = _cuda._scale_grad_(torch.empty(4, 8, dtype=torch.bfloat16), torch.empty(()))
+    assert fake.shape == (4, 8) and fake.dtype == torch.bfloat16
+
+
 # ---- GPU: opcheck (schema, fake kernels, autograd registration, aot dispatch) ---------------------------
 
 @pytest.mark.gpu
