@@ -323,3 +323,33 @@ def test_gpu_llava_shapes_bf16(backend):
         assert_close_rule(g_, w, r, what=f"{backend} {name}")
     # Never a [T, V] logits tensor: beyond the inputs' copies and grads (2·(T+V)·D bf16), well under T·V·2.
     assert peak - 4 * (T + V) * Dm < T * V, f"peak {peak / 2**20:.0f} MB"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+def test_gpu_fp32_accumulator_path_bf16(backend):
+    """Many chunks with a bf16 dW (the fp32 accumulator fed by cuBLAS with out_dtype=fp32): a narrow D makes
+    one chunk of all ~4096 target rows (263 MB of logits) dearer than the accumulator (8 MB), so the rows
+    come in ~256 chunks of 16. Summed in bf16 chunk by chunk, grad_head would be far outside the rule.
+    loss and seq_sum are a few numbers, whose bf16 error is one random draw: a 1e-4 floor (as in
+    tests/test_cuda_ops.py; a lost or doubled row costs ~2.5e-4)."""
+    from llava_kernels.dispatch import cuda_ops_available
+    from llava_kernels.masked_loss import DEFAULT_CONFIG, _chunk_rows
+    if backend == "cuda" and not cuda_ops_available("masked_loss"):
+        pytest.skip("csrc extension with masked_loss is not built")
+    T, Dm, V = 8192, 64, 32064
+    g = torch.Generator(device="cuda").manual_seed(1)
+    hidden = torch.randn(T, Dm, device="cuda", generator=g).bfloat16()
+    head = (torch.randn(V, Dm, device="cuda", generator=g) * 0.3).bfloat16()
+    targets = torch.randint(0, V, (T,), device="cuda", generator=g)
+    targets[torch.rand(T, device="cuda", generator=g) < 0.5] = -100
+    tt = int((targets != -100).sum())
+    assert _chunk_rows(T, Dm, V, tt, 2, DEFAULT_CONFIG, exact_dw=True) < tt, "the case must take several chunks"
+    cu = torch.tensor([0, 3000, 8192], device="cuda", dtype=torch.int32)
+    ref_lowp = run(masked_lm_loss_ref, hidden, head, targets, cu)
+    want = truth(hidden, head, targets, cu)
+    got = run(lambda *a, **k: masked_lm_loss(*a, backend=backend, **k), hidden, head, targets, cu)
+    assert torch.equal(got[2].cpu(), want[2].cpu())
+    for name, g_, r, w in zip(NAMES, floats(got), floats(ref_lowp), floats(want), strict=True):
+        floor = 1e-4 if name in ("loss", "seq_loss_sum") else 1e-6
+        assert_close_rule(g_, w, r, floor=floor, what=f"{backend} {name}, fp32 accumulator")
