@@ -169,14 +169,15 @@ def _scale_grad_(grad: torch.Tensor, grad_loss: torch.Tensor) -> torch.Tensor:
     """grad * grad_loss IN PLACE: the forward's grads (for an upstream 1) are saved tensors nothing else
     holds, and a scaled copy of d_head would hold a second [V, D] (the H200 run: 1130 MB peak at T=4096).
     grad_loss is multiplied as a CPU scalar so the kernel reads it in fp32 (a CUDA 0-dim tensor would be
-    cast to bf16 first: 0.7 -> 0.69921875). An exact 1 (plain training) skips the pass when the value can
-    be read; under tracing (fake or functional tensors: opcheck, torch.compile) it always multiplies.
-    The in-place change bumps the saved tensor's version, so a second backward through a retained graph
-    fails autograd's check instead of scaling twice."""
+    cast to bf16 first: 0.7 -> 0.69921875). An exact 1 (plain training) skips the pass. Under tracing
+    (fake or functional tensors: opcheck, torch.compile) the value cannot be read and the product is out
+    of place, as graph capture wants (no mutation of a backward input). The in-place change bumps the
+    saved tensor's version, so a second backward through a retained graph fails autograd's check
+    instead of scaling twice."""
     g = grad_loss.detach().to("cpu", torch.float32)
-    if type(g) is torch.Tensor and g.item() == 1.0:            # FakeTensor, FunctionalTensor: subclasses
-        return grad
-    return grad.mul_(g)
+    if type(g) is not torch.Tensor:                            # FakeTensor, FunctionalTensor: subclasses
+        return grad * g
+    return grad if g.item() == 1.0 else grad.mul_(g)
 
 
 _REGISTERED = False
