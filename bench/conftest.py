@@ -18,7 +18,7 @@ def pytest_collection_modifyitems(config, items):
     if SMOKE:  # the CPU benchmarks are measurements already: smoke mode only runs the GPU ones
         skip = pytest.mark.skip(reason="BENCH_SMOKE=1 runs only the GPU benchmarks")
         for item in items:
-            if "gpu" not in item.keywords:
+            if item.get_closest_marker("gpu") is None:
                 item.add_marker(skip)
         return
     if torch.cuda.is_available():
@@ -26,5 +26,5 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="GPU benchmark: no CUDA device on this machine (BENCH_SMOKE=1 runs it "
                                    "on the CPU at tiny shapes)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)

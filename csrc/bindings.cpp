@@ -19,7 +19,11 @@
 //   masked_lm_loss(hidden[T,D], head[V,D], targets[T], cu_seqlens?[B+1], num_targets?, needs[2])
 //       -> (loss[] f32, seq_loss_sum[B] f32, seq_count[B] i64, d_hidden[T,D] or [0], d_head[V,D] or [0])
 //       The gradients of `loss` (for an upstream gradient of 1) are computed in the forward, chunk by
-//       chunk, so the [R,V] logits never exist whole and are never recomputed.
+//       chunk, so the [T,V] logits never exist and are never recomputed. Memory and chunking follow the
+//       Triton path (llava_kernels/masked_loss.py, "dW precision"): two chunk buffers reused by every chunk
+//       (logits z[C,V], gathered rows h[C,D], which then take the chunk's d_hidden rows); in bf16/fp16 d_head
+//       is one fp32 sum rounded once (one chunk of all R rows, or an fp32 [V,D] accumulator when that costs
+//       less memory).
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -40,8 +44,19 @@ using at::Tensor;
     TORCH_CHECK(llava_err_ == cudaSuccess, "llava: ", #expr, " failed: ", cudaGetErrorString(llava_err_)); \
   } while (0)
 
-// Logits chunk budget for masked_lm_loss: rows per chunk = this / (V * element size) (>= 1 row).
-constexpr int64_t kLogitsChunkBytes = int64_t{256} << 20;
+// Bound on one chunk's buffers in masked_lm_loss (z[C,V] + h[C,D]), as MaskedLossConfig.max_chunk_bytes.
+constexpr int64_t kMaxChunkBytes = int64_t{128} << 20;
+
+// Rows per chunk: the rule of llava_kernels.masked_loss._chunk_rows (with its default config); keep them equal.
+int64_t loss_chunk_rows(int64_t T, int64_t D, int64_t V, int64_t R, int64_t elem, bool exact_dw) {
+  const int64_t row_bytes = (V + D) * elem;
+  const int64_t c_max = std::max<int64_t>(16, std::min(kMaxChunkBytes, T * D * elem) / row_bytes);
+  if (R == 0) return c_max;
+  if (exact_dw && R * row_bytes <= std::max(kMaxChunkBytes, 4 * V * D + c_max * row_bytes)) return R;
+  const int64_t n = (R + c_max - 1) / c_max;
+  const int64_t c = (R + n - 1) / n;
+  return std::min(c_max, (c + 15) / 16 * 16);
+}
 
 int dtype_code(at::ScalarType t) {
   switch (t) {
@@ -287,31 +302,51 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> masked_lm_loss_cuda(
   // scale = 1/n, or 0 when n == 0 (zero loss and zero grads, never NaN)
   const Tensor scale = at::where(n > 0, n.reciprocal(), at::zeros_like(n)).contiguous();
 
-  Tensor token_loss = at::zeros({T}, f32);
+  Tensor token_loss = at::zeros({T}, f32);  // the reduction sums all T rows: non-target rows stay 0
   Tensor d_hidden = need_dh ? at::zeros({T, D}, hidden.options()) : empty0(hidden);
-  Tensor d_head = need_dw ? at::zeros({V, D}, hidden.options()) : empty0(hidden);
+  Tensor d_head = need_dw ? (R > 0 ? at::empty({V, D}, hidden.options()) : at::zeros({V, D}, hidden.options()))
+                          : empty0(hidden);
   if (R > 0) {
     const Tensor W = head_weight.contiguous();
-    const Tensor h_c = hidden.index_select(0, rows);  // [R, D] target rows only
-    const Tensor tg_c = tg.index_select(0, rows);
-    const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(R, kLogitsChunkBytes / (V * hidden.element_size())));
-    // Several chunks add into dW with addmm_ in the element type: cuBLAS adds each chunk's fp32 product to
-    // the running sum and rounds once per chunk. (An fp32 side buffer fed by at::mm in bf16 - the earlier
-    // version - rounded each chunk's product to bf16 first, then the sum again: one rounding more, and
-    // V*D*6 bytes more memory.)
+    const Tensor tg_c = tg.index_select(0, rows);  // [R] compacted targets
+    const bool exact_dw = need_dw && dt != at::kFloat;
+    const int64_t chunk = loss_chunk_rows(T, D, V, R, hidden.element_size(), exact_dw);
+    // bf16/fp16 d_head over several chunks: one fp32 sum, rounded once at the end (an addmm_ per chunk into
+    // a bf16 d_head rounds every element once per chunk: 2.3x the reference's error at 4 chunks on an H200).
+    Tensor acc = exact_dw && R > chunk ? at::empty({V, D}, f32) : Tensor();
+    const int64_t cbuf = std::min(chunk, R);
+    Tensor z_buf = at::empty({cbuf, V}, hidden.options());
+    Tensor h_buf = at::empty({cbuf, D}, hidden.options());
     for (int64_t r0 = 0; r0 < R; r0 += chunk) {
       const int64_t nr = std::min(chunk, R - r0);
-      const Tensor hc = h_c.narrow(0, r0, nr);
       const Tensor rows_c = rows.narrow(0, r0, nr);
-      Tensor logits = at::mm(hc, W.t());  // [nr, V]
-      TORCH_INTERNAL_ASSERT(logits.is_contiguous());
-      LLAVA_CUDA_OK(llava_ce_chunk(logits.data_ptr(), tg_c.narrow(0, r0, nr).data_ptr<int64_t>(),
+      Tensor hc = h_buf.narrow(0, 0, nr);
+      Tensor z = z_buf.narrow(0, 0, nr);
+      at::index_select_out(hc, hidden, 0, rows_c);  // [nr, D] this chunk's target rows
+      at::mm_out(z, hc, W.t());                      // [nr, V] logits
+      LLAVA_CUDA_OK(llava_ce_chunk(z.data_ptr(), tg_c.narrow(0, r0, nr).data_ptr<int64_t>(),
                                    rows_c.data_ptr<int64_t>(), scale.data_ptr<float>(), token_loss.data_ptr<float>(),
                                    nr, V, code, /*write_grad=*/need_dh || need_dw, stream));
-      // logits now hold d loss / d logits for these rows
-      if (need_dh) d_hidden.index_copy_(0, rows_c, at::mm(logits, W));
-      if (need_dw) d_head.addmm_(logits.t(), hc);
+      // z now holds d loss / d logits for these rows
+      if (acc.defined()) {
+        if (r0 == 0) {
+          at::mm_out(acc, z.t(), hc, at::kFloat);
+        } else {
+          at::addmm_out(acc, acc, z.t(), hc, at::kFloat);
+        }
+      } else if (need_dw) {
+        if (r0 == 0) {
+          at::mm_out(d_head, z.t(), hc);
+        } else {
+          d_head.addmm_(z.t(), hc);  // fp32 inputs only (exact_dw is false)
+        }
+      }
+      if (need_dh) {
+        at::mm_out(hc, z, W);  // hc is free: its buffer takes the chunk's d_hidden rows
+        d_hidden.index_copy_(0, rows_c, hc);
+      }
     }
+    if (acc.defined()) d_head.copy_(acc);
   }
   Tensor loss = at::empty({}, f32);
   Tensor seq_sum = at::empty({B}, f32);

@@ -19,14 +19,25 @@ import torch
 BACKENDS = ("torch", "triton", "cuda")
 OPS = ("projector", "scatter", "masked_loss", "paged_decode")
 
-# What ``auto`` tries on a GPU, per op, fastest measured first. The fused projector is correct
-# but slower than two cuBLAS GEMMs on an H100 (0.21-0.83x fwd+bwd, bench/results/h100-dev/
-# projector.json), so automatic dispatch keeps torch for it. The csrc/ ops have not been run on a
-# GPU yet (compile-checked only), so Triton, measured correct and fast, comes first; move "cuda"
-# ahead once bench/device_run.sh shows it passing and faster. The paged decode attention kernel
-# (generation) has not been timed on a GPU either: the reference (gather + SDPA) stays automatic
-# until bench/bench_paged_decode.py shows the kernel faster. Explicit backend= always wins.
-AUTO_ORDER = {"projector": ("torch",), "scatter": ("triton", "cuda", "torch"),
+# What ``auto`` tries on a GPU, per op, fastest measured first (bench/results/h200/, H200, bf16, the
+# run of 2026-12-04 at commit 0e4beaf; bench/results/h100-dev/ before it):
+#   projector: torch. Two cuBLAS GEMMs beat both fused kernels everywhere (fwd+bwd: Triton 0.26-0.77x,
+#     CUDA 0.22-0.76x on the H200; 0.21-0.83x on an H100).
+#   scatter: cuda, then triton. Forward: CUDA 0.025-0.073 ms, Triton 0.098-0.108, torch 0.11-0.35.
+#     Backward with the embedding grad ("bwd2"): CUDA 1.9-3.3x torch, Triton 1.0-2.6x. Backward of the
+#     image rows only ("bwd1", frozen table): torch's gather is fastest (0.04-0.07 ms vs CUDA 0.06-0.11),
+#     so the op pairs the kernel forward with a torch gather there (llava_kernels/scatter.py).
+#   masked_loss: triton, then cuda. Both 1.4-3.5x torch and 1.5-3x Liger; CUDA slightly faster at 50-60%
+#     targets, Triton at 30%. That run failed both on the GPU test (Triton: grad_head precision; CUDA:
+#     2.5x Triton's memory); both are fixed since but not yet re-measured (bench/device_check.sh), so
+#     the path that needs no build stays first.
+#   paged_decode: torch (gather + SDPA). The Triton kernel was 0.81-0.86x the reference at batch 1,
+#     0.82x at b32 MHA, 1.26x at b32 GQA 8:1, all ~0.14-0.25 ms: launch overhead, timed outside a CUDA
+#     graph. The kernel now picks its split count from B, Hkv, context and SM count and combines splits
+#     in one kernel (2 launches at most, was ~9), and the benchmark times graph replays as the runtime
+#     runs; that is unmeasured, so the reference stays automatic.
+# Explicit backend= always wins.
+AUTO_ORDER = {"projector": ("torch",), "scatter": ("cuda", "triton", "torch"),
               "masked_loss": ("triton", "cuda", "torch"), "paged_decode": ("torch",)}
 
 

@@ -11,28 +11,33 @@ Algorithm (the forward also computes the gradients, as Liger-Kernel does):
        h_c[C, D]   = hidden[idx_c]                          gather (index_select)
        z[C, V]     = h_c @ Wᵀ                               cuBLAS, input dtype, fp32 accumulation
        Triton      row_loss = logsumexp(z) - z[target];  z <- (softmax(z) - onehot) * scale, in place
-       dW         (+)= zᵀ @ h_c                             first chunk writes dW, later ones addmm_
+       dW         (+)= zᵀ @ h_c                             see "dW precision" below
        dhidden[idx_c] = z @ W                               into h_c's buffer, then index_copy_
-  3. backward: hand back the stored grads, multiplied by grad_output unless it is exactly 1.
+  3. backward: hand back the stored grads, scaled in place by grad_output unless it is exactly 1.
 
 Why the gradients are computed in the forward (and not recomputed in the backward):
   * FLOPs: forward+backward with recomputation is 8·Tt·D·V (logits twice), this is 6·Tt·D·V: 25% less.
   * Memory: what is held from forward to backward is dhidden[T, D] and dW[V, D], exactly the tensors
-    backward has to produce anyway (autograd steals them into .grad without a copy), and the loss is
-    the last op of a training step, so they live only across a handful of kernels. Recomputing would
-    hold only the LSE but needs either the whole compacted hidden [Tt, D] plus a [Tt, D] fp32 dhidden
-    accumulator (V-chunked backward) or the same row-chunked pass again.
+    backward has to produce anyway (autograd steals them into .grad without a copy; an upstream
+    grad_output != 1 scales them in place, fp32 math and one rounding, never a second copy), and the
+    loss is the last op of a training step, so they live only across a handful of kernels.
   * No waste when gradients are not wanted: under no_grad (eval) only the loss is computed; with a
     frozen LM head (stage 1) the dW GEMM is skipped (a third of the FLOPs), likewise dhidden.
-  * Precision: each chunk's GEMMs accumulate in fp32. dW is summed over chunks in the weight's dtype
-    (one rounding per chunk, the same thing gradient accumulation over micro-batches does): an fp32
-    [V, D] accumulator would cost 4·V·D bytes (525 MB at LLaVA's V=32064, D=4096), more than every
-    other buffer here together. Chunks are sized so there are few of them.
-  * Chunk size: the transient memory is one z[C, V] + one h_c[C, D] buffer, together at most
-    min(max_chunk_bytes, bytes of hidden): below Liger, which holds a [C, V] chunk the size of hidden
-    plus a [C, D] temporary. Measured on an H100 (bf16, D=4096, V=32064, before the buffers were
-    preallocated and chunks balanced): T=4096 at 50% targets 3.08 ms vs torch CE 6.30 ms, Liger 5.89 ms;
-    T=16384 at 60% 12.9 ms vs 25.5 ms and 20.5 ms.
+
+dW precision (the H200 run of 2026-12-04, bench/results/h200/: grad_head 2.3x the bf16 reference's error
+at T=4096, D=4096, V=32064, 4 chunks). dW is a sum over all Tt target rows. The reference rounds it to
+bf16 once, at the end of one fp32-accumulated GEMM. Summing chunks in a bf16 dW (addmm_ per chunk)
+rounds every element once per chunk, so the error grows with the chunk count. In bf16/fp16 dW is
+therefore always one fp32 sum, rounded once, in whichever of two ways costs less memory:
+  * one chunk holding every target row (z[Tt, V] + h_c[Tt, D]; at LLaVA's shapes 70.6 KB a row), or
+  * chunks summed into an fp32 [V, D] accumulator (4·V·D bytes, 525 MB at V=32064, D=4096), copied
+    into dW at the end.
+  fp32 inputs keep chunk-wise addmm_ into dW (an fp32 rounding per chunk is far below the rule).
+Chunk size otherwise: without dW (frozen head, no_grad) or with the accumulator, a chunk's z[C, V] +
+h_c[C, D] hold at most min(max_chunk_bytes, bytes of hidden), below Liger's [C, V] chunk the size of
+hidden. Measured on an H100 (bf16, D=4096, V=32064, before the buffers were preallocated and chunks
+balanced): T=4096 at 50% targets 3.08 ms vs torch CE 6.30 ms, Liger 5.89 ms; T=16384 at 60% 12.9 ms vs
+25.5 ms and 20.5 ms.
 """
 from __future__ import annotations
 
@@ -107,7 +112,7 @@ def _lse_loss_grad_kernel(z_ptr, tgt_ptr, scale_ptr, loss_ptr, R, V, stride_z,
 class MaskedLossConfig:
     """Launch choices. None means automatic (see `_chunk_rows` and `_kernel_blocks`)."""
     chunk_rows: int | None = None          # target rows per chunk C
-    max_chunk_bytes: int = 128 << 20       # bound on a chunk's z[C, V] + h_c[C, D] buffers
+    max_chunk_bytes: int = 128 << 20       # bound on a chunk's z[C, V] + h_c[C, D] buffers (see _chunk_rows)
     block_v: int | None = None             # vocab columns per kernel block (power of two)
     block_r: int | None = None             # rows per kernel program (power of two)
 
@@ -125,17 +130,37 @@ class MaskedLossFwd(NamedTuple):
     grad_weight: torch.Tensor | None   # [V, D] input dtype, for grad_output = 1
 
 
-def _chunk_rows(T: int, D: int, V: int, Tt: int, elem: int, cfg: MaskedLossConfig) -> int:
-    """C: the chunk's transient buffers, z[C, V] + h_c[C, D], hold at most min(max_chunk_bytes, bytes of
-    hidden) (Liger sizes its [C, V] chunk like hidden, so ours stays under it); the Tt rows are then
-    split into that many chunks of equal size (rounded up to 16 rows when that still fits)."""
+def _chunk_rows(T: int, D: int, V: int, Tt: int, elem: int, cfg: MaskedLossConfig, *,
+                exact_dw: bool = False) -> int:
+    """C, the target rows per chunk. exact_dw (a bf16/fp16 dW is wanted, see "dW precision"): all Tt rows
+    in one chunk when its z[Tt, V] + h_c[Tt, D] take no more memory than the fp32 dW accumulator plus an
+    ordinary chunk would (or fit max_chunk_bytes). Otherwise the chunk's buffers hold at most
+    min(max_chunk_bytes, bytes of hidden) and the Tt rows are split into that many chunks of equal size
+    (rounded up to 16 rows when that still fits)."""
     if cfg.chunk_rows is not None:
         return cfg.chunk_rows
-    c_max = max(16, min(cfg.max_chunk_bytes, T * D * elem) // ((V + D) * elem))
+    row_bytes = (V + D) * elem
+    c_max = max(16, min(cfg.max_chunk_bytes, T * D * elem) // row_bytes)
     if Tt == 0:
         return c_max
+    if exact_dw and Tt * row_bytes <= max(cfg.max_chunk_bytes, 4 * V * D + c_max * row_bytes):
+        return Tt
     c = -(-Tt // -(-Tt // c_max))                                    # ceil(Tt / number of chunks)
     return min(c_max, -(-c // 16) * 16)
+
+
+def _mm_fp32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, accumulate: bool) -> None:
+    """acc[M, N] fp32 (+)= a @ b for bf16/fp16 a, b, with one fp32 accumulation and no low-precision
+    rounding: cuBLAS with an fp32 output on CUDA; on the CPU (tests) the fp32 product of the exact values."""
+    if a.is_cuda:
+        if accumulate:
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+        else:
+            torch.mm(a, b, out_dtype=torch.float32, out=acc)
+    elif accumulate:
+        acc.addmm_(a.float(), b.float())
+    else:
+        torch.mm(a.float(), b.float(), out=acc)
 
 
 def _kernel_blocks(V: int, cfg: MaskedLossConfig) -> tuple[int, int, int]:
@@ -217,7 +242,10 @@ def masked_loss_fwd(hidden: torch.Tensor, head_weight: torch.Tensor, targets: to
     scale = _inv_count(num_targets, Tt, dev)
     write_grad = need_grad_hidden or need_grad_weight
     tgt_rows = targets.index_select(0, row_index)                    # [Tt] compacted targets
-    C = max(1, _chunk_rows(T, D, V, Tt, hidden.element_size(), config))
+    exact_dw = dw is not None and dt in _LOW_PRECISION
+    C = max(1, _chunk_rows(T, D, V, Tt, hidden.element_size(), config, exact_dw=exact_dw))
+    # dW over several chunks in bf16/fp16: one fp32 sum, rounded once at the end (module docstring).
+    acc = torch.empty((V, D), device=dev, dtype=torch.float32) if exact_dw and Tt > C else None
     # Two buffers reused by every chunk: a loop that allocated per chunk would briefly hold two.
     z_buf = torch.empty((min(C, Tt), V), device=dev, dtype=dt)
     h_buf = torch.empty((min(C, Tt), D), device=dev, dtype=dt)
@@ -227,14 +255,19 @@ def masked_loss_fwd(hidden: torch.Tensor, head_weight: torch.Tensor, targets: to
         z = torch.mm(h_c, head_weight.t(), out=z_buf[:idx_c.numel()])             # [C, V] input dtype
         _lse_loss_grad(z, tgt_rows[c0:c0 + C], scale, row_loss[c0:c0 + C], write_grad=write_grad,
                        cfg=config)
-        if dw is not None:                                           # z now holds dlogits
+        if acc is not None:                                          # z now holds dlogits
+            _mm_fp32(acc, z.t(), h_c, accumulate=c0 > 0)
+        elif dw is not None:
             if c0 == 0:
                 torch.mm(z.t(), h_c, out=dw)
             else:
-                dw.addmm_(z.t(), h_c)
+                dw.addmm_(z.t(), h_c)                                # fp32 dW only (exact_dw is False)
         if dh is not None:
             torch.mm(z, head_weight, out=h_c)                        # h_c is free: reuse for dh_c
             dh.index_copy_(0, idx_c, h_c)
+    if acc is not None:
+        dw.copy_(acc)
+        del acc
     loss = row_loss.sum() * scale
     seq_sum, seq_count = _per_sequence(row_index, row_loss, cu_seqlens, T)
     return MaskedLossFwd(loss, seq_sum, seq_count, row_index, row_loss, dh, dw)
@@ -243,14 +276,19 @@ def masked_loss_fwd(hidden: torch.Tensor, head_weight: torch.Tensor, targets: to
 def masked_loss_bwd(grad_output: torch.Tensor, grad_hidden: torch.Tensor | None,
                     grad_weight: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Grads for an upstream grad_output (0-dim) from the forward's grads (made for grad_output = 1).
-    grad_output is exactly 1 in plain training: that case syncs once to skip two full passes over
-    dW and dhidden. Otherwise new tensors are returned, so a retained graph stays correct."""
+
+    Reads grad_output on the host (one sync). Exactly 1 (plain training): the grads as they are.
+    Otherwise they are scaled IN PLACE (fp32 math, one rounding): a scaled copy would hold a second
+    [V, D] (and an fp32 temporary before it). The tensors are the ones saved for backward, so a second
+    backward through a retained graph fails autograd's in-place check instead of seeing scaled grads."""
     if grad_hidden is None and grad_weight is None:
         return None, None
-    if bool(grad_output == 1):
-        return grad_hidden, grad_weight
-    g = grad_output.float()
-    return tuple(None if x is None else (x.float() * g).to(x.dtype) for x in (grad_hidden, grad_weight))
+    g = float(grad_output)
+    if g != 1.0:
+        for x in (grad_hidden, grad_weight):
+            if x is not None:
+                x.mul_(g)        # a Python float: computed in fp32 (not rounded to the tensor's dtype first)
+    return grad_hidden, grad_weight
 
 
 class MaskedLMLossFunction(torch.autograd.Function):

@@ -13,14 +13,21 @@ read again). Decode is bound by memory bandwidth, and at batch 32 with a few hun
 context the K/V bytes rival the weights'. The kernel reads each cached K/V row once.
 
 Split-K ("flash decoding"): program (b, hkv, s) runs an online softmax over context blocks
-[s·BPS, (s+1)·BPS) for the R query heads that share KV head hkv, and writes a partial (max m,
-sum l, unnormalised output acc); a few torch ops combine the S partials. The grid depends only
-on B, Hkv and nb, and lengths are read on the device, so a CUDA graph can capture it (the decode
-step's graph buckets fix B and nb).
+[s·BPS, (s+1)·BPS) for the R query heads that share KV head hkv. With one split it writes the
+output itself; with several it writes a partial (max m, sum l, unnormalised output acc) and a
+second small kernel combines the S partials of each (b, h): two launches at most per call.
+The split count comes from B, Hkv, nb and the device's SM count (`split_plan`): enough programs
+to fill the GPU (batch 1 with GQA has only Hkv programs per split), each reading 4..16 blocks.
+The grid depends only on B, Hkv and nb (host ints) and lengths are read on the device, so the op
+never syncs and a CUDA graph can capture it (the decode step's graph buckets fix B and nb).
+
+Timing note (the H200 run of 2026-12-04): 0.14-0.25 ms for 2-400 MB of K/V, far below bandwidth,
+was launch overhead timed outside a CUDA graph (then: one kernel plus ~8 torch ops for the combine),
+while the runtime replays decode steps as graphs; bench/bench_paged_decode.py times graph replays.
 """
 from __future__ import annotations
 
-import math
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -28,15 +35,21 @@ import triton
 import triton.language as tl
 
 from llava_kernels import dispatch
+from llava_kernels._triton_util import store_cast
 
-_BLOCKS_PER_SPLIT = 16  # context blocks per program (256 tokens at the runtime's default Bs = 16)
+_MIN_BLOCKS_PER_SPLIT = 4    # a split's partial (R·(Dh+2) fp32 written, read back) stays small next to its K/V
+_MAX_BLOCKS_PER_SPLIT = 16   # 256 tokens at Bs = 16: bounds the longest program when contexts differ
+_PROGRAMS_PER_SM = 4         # enough resident programs per SM to keep loads in flight
 
 
 @triton.jit
-def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr,
-                         nb, scale, S, stride_table,
+def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr, acc_ptr, out_ptr,
+                         nb, scale, S, BPS, stride_table,
                          HKV: tl.constexpr, R: tl.constexpr, DH: tl.constexpr, BS: tl.constexpr,
-                         R_PAD: tl.constexpr, DH_PAD: tl.constexpr, BS_PAD: tl.constexpr, BPS: tl.constexpr):
+                         R_PAD: tl.constexpr, DH_PAD: tl.constexpr, BS_PAD: tl.constexpr,
+                         ONE_SPLIT: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Split s of (b, KV head g). ONE_SPLIT: out[b, heads] = acc / l in out's dtype; else the partial
+    (m, l, acc) of each head goes to [B, H, S] (+ [Dh]) fp32 buffers for _combine_kernel."""
     b = tl.program_id(0)
     g = tl.program_id(1)          # KV head
     s = tl.program_id(2)          # context split
@@ -74,33 +87,82 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr,
         l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.sum(p[:, :, None] * v[None, :, :], axis=1)
         m = m_new
-    part = (b * HKV * R + heads) * S + s                                             # [R_PAD]
-    tl.store(m_ptr + part, m, mask=rmask)
-    tl.store(l_ptr + part, l, mask=rmask)
-    tl.store(acc_ptr + part[:, None] * DH + dims[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+    if ONE_SPLIT:
+        # seq_len >= 1 (the contract), so l > 0 for every real head.
+        out = acc / tl.where(rmask, l, 1.0)[:, None]
+        store_cast(out_ptr + (b * HKV * R + heads)[:, None] * DH + dims[None, :], out,
+                   rmask[:, None] & dmask[None, :], ROUND_BF16)
+    else:
+        part = (b * HKV * R + heads) * S + s                                         # [R_PAD]
+        tl.store(m_ptr + part, m, mask=rmask)
+        tl.store(l_ptr + part, l, mask=rmask)
+        tl.store(acc_ptr + part[:, None] * DH + dims[None, :], acc, mask=rmask[:, None] & dmask[None, :])
+
+
+@triton.jit
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, S, DH: tl.constexpr, S_PAD: tl.constexpr,
+                    DH_PAD: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Program (b·H + h): out = Σ_s w_s·acc_s / Σ_s w_s·l_s, w_s = exp(m_s - max m), in out's dtype."""
+    row = tl.program_id(0).to(tl.int64)
+    sp = tl.arange(0, S_PAD)
+    dims = tl.arange(0, DH_PAD)
+    smask = sp < S
+    dmask = dims < DH
+    m = tl.load(m_ptr + row * S + sp, mask=smask, other=-float("inf"))
+    lsum = tl.load(l_ptr + row * S + sp, mask=smask, other=0.0)
+    acc = tl.load(acc_ptr + (row * S + sp)[:, None] * DH + dims[None, :], mask=smask[:, None] & dmask[None, :],
+                  other=0.0)
+    w = tl.exp(m - tl.max(m, axis=0))                                                 # [S_PAD]
+    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * lsum, axis=0)
+    store_cast(out_ptr + row * DH + dims, out, dmask, ROUND_BF16)
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def split_plan(b: int, hkv: int, nb: int, sms: int) -> tuple[int, int]:
+    """(S splits, BPS blocks per split) for B·Hkv (b, hkv) programs over nb context blocks on `sms` SMs:
+    about _PROGRAMS_PER_SM·sms programs in all, each split reading _MIN.._MAX_BLOCKS_PER_SPLIT blocks
+    (fewer only when nb is smaller). Host ints only: no sync, the same plan for every graph replay."""
+    want = -(-_PROGRAMS_PER_SM * sms // (b * hkv))
+    lo, hi = -(-nb // _MAX_BLOCKS_PER_SPLIT), max(1, -(-nb // _MIN_BLOCKS_PER_SPLIT))
+    bps = -(-nb // min(max(want, lo), hi))
+    return -(-nb // bps), bps
 
 
 def paged_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-                     seq_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Launch the split kernel, then combine the splits: [B, H, Dh] in q's dtype."""
+                     seq_lens: torch.Tensor, scale: float, *, num_sms: int | None = None) -> torch.Tensor:
+    """Launch the split kernel (and the combine when there are several splits): [B, H, Dh] in q's dtype.
+    num_sms: the device's SM count by default (1 on the CPU interpreter); tests pass others."""
     b, h, dh = q.shape
     _, bs, hkv, _ = k_cache.shape
     nb = block_table.shape[1]
     r = h // hkv
-    splits = max(1, math.ceil(nb / _BLOCKS_PER_SPLIT))
-    m = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)       # (B, H, S)
-    lsum = torch.empty_like(m)
-    acc = torch.empty(b, h, splits, dh, dtype=torch.float32, device=q.device)  # (B, H, S, Dh)
+    if num_sms is None:
+        num_sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device()) \
+            if q.is_cuda else 1
+    splits, bps = split_plan(b, hkv, nb, num_sms)
+    out = torch.empty((b, h, dh), dtype=q.dtype, device=q.device)
+    if splits > 1:
+        m = torch.empty(b, h, splits, dtype=torch.float32, device=q.device)       # (B, H, S)
+        lsum = torch.empty_like(m)
+        acc = torch.empty(b, h, splits, dh, dtype=torch.float32, device=q.device)  # (B, H, S, Dh)
+    else:
+        m = lsum = acc = out                                                       # unused by ONE_SPLIT
     r_pad, dh_pad, bs_pad = max(2, triton.next_power_of_2(r)), triton.next_power_of_2(dh), triton.next_power_of_2(bs)
     # The [R, Bs, Dh] fp32 product tiles live in registers: spread wide ones (GQA) over 8 warps.
     warps = 8 if r_pad * bs_pad * dh_pad > 8192 else 4
+    round_bf16 = dispatch.triton_interpreting() and q.dtype == torch.bfloat16
     _paged_decode_kernel[(b, hkv, splits)](
-        q.contiguous(), k_cache, v_cache, block_table, seq_lens, m, lsum, acc, nb, scale, splits,
+        q.contiguous(), k_cache, v_cache, block_table, seq_lens, m, lsum, acc, out, nb, scale, splits, bps,
         block_table.stride(0), HKV=hkv, R=r, DH=dh, BS=bs, R_PAD=r_pad, DH_PAD=dh_pad, BS_PAD=bs_pad,
-        BPS=_BLOCKS_PER_SPLIT, num_warps=warps)
-    w = torch.exp(m - m.amax(-1, keepdim=True))                                  # (B, H, S)
-    out = (w[..., None] * acc).sum(-2) / (w * lsum).sum(-1, keepdim=True)        # (B, H, Dh)
-    return out.to(q.dtype)
+        ONE_SPLIT=splits == 1, ROUND_BF16=round_bf16, num_warps=warps)
+    if splits > 1:
+        _combine_kernel[(b * h,)](m, lsum, acc, out, splits, DH=dh, S_PAD=max(2, triton.next_power_of_2(splits)),
+                                  DH_PAD=dh_pad, ROUND_BF16=round_bf16, num_warps=4)
+    return out
 
 
 def _validate(q, k_cache, v_cache, block_table, seq_lens) -> None:

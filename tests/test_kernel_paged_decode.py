@@ -15,6 +15,7 @@ from helpers import assert_close_rule, hf_model, recompute_logits
 import engine
 from engine.generate import Runtime, RuntimeConfig, SamplingParams
 from llava_kernels import dispatch, paged_decode_attention, paged_decode_attention_ref
+from llava_kernels.paged_decode import paged_decode_fwd, split_plan
 
 CPU = torch.device("cpu")
 
@@ -73,6 +74,28 @@ def test_triton_and_reference_match_fp64_truth(lens, h, hkv, dh, bs):
     poison_unread(k_cache, v_cache, table, seq_lens, bs)
     got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
     assert_close_rule(got, want, what="triton")
+
+
+@pytest.mark.parametrize("num_sms", [1, 8, 1000])
+def test_split_plans_agree(num_sms):
+    """The split count follows the SM count: one split (the kernel writes the output), a few, and one
+    per 4 blocks (the combine kernel over 5 partials); every plan matches the truth."""
+    lens, bs = [300, 17, 64], 16
+    q, k_cache, v_cache, table, seq_lens, contexts = make_case(lens, h=4, hkv=2, dh=16, bs=bs)
+    want = truth(q, contexts)
+    poison_unread(k_cache, v_cache, table, seq_lens, bs)
+    got = paged_decode_fwd(q, k_cache, v_cache, table, seq_lens, 16 ** -0.5, num_sms=num_sms)
+    assert_close_rule(got, want, what=f"triton, {split_plan(3, 2, table.shape[1], num_sms)} splits")
+
+
+def test_split_plan_at_the_benchmark_shapes():
+    """(splits, blocks per split) on an H200 (132 SMs) at 1024 tokens of context (64 blocks of 16)."""
+    assert split_plan(1, 32, 64, 132) == (16, 4)     # batch 1, MHA: 512 programs instead of 128
+    assert split_plan(1, 8, 64, 132) == (16, 4)      # batch 1, GQA 8:1: 128 programs instead of 32
+    assert split_plan(32, 32, 64, 132) == (4, 16)    # batch 32: already 1024 programs per split
+    assert split_plan(32, 8, 64, 132) == (4, 16)
+    assert split_plan(1, 8, 2, 132) == (1, 2)        # a short context: one split, no combine
+    assert split_plan(4, 8, 1000, 1) == (63, 16)     # at most 16 blocks per split
 
 
 def test_bf16_within_twice_the_reference_error():
@@ -136,6 +159,11 @@ def test_gpu_real_shapes_and_cuda_graph(dtype):
         assert_close_rule(got.float().cpu(), want, ref, floor=1e-3, what=f"triton {dtype} H={h} Hkv={hkv}")
     graph = torch.cuda.CUDAGraph()
     paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")  # compile outside capture
+    torch.cuda.set_sync_debug_mode("error")        # the op must not sync with the host
+    try:
+        paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     with torch.cuda.graph(graph):
         out = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
     graph.replay()
