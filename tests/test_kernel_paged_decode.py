@@ -106,6 +106,10 @@ def test_bf16_within_twice_the_reference_error():
     got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
     assert got.dtype == torch.bfloat16
     assert_close_rule(got.float(), want, ref.float(), floor=1e-3, what="triton bf16")
+    # Many splits: the bf16 output is stored by the combine kernel instead of the split kernel.
+    got = paged_decode_fwd(q, k_cache, v_cache, table, seq_lens, 32 ** -0.5, num_sms=1000)
+    assert got.dtype == torch.bfloat16 and split_plan(4, 2, table.shape[1], 1000)[0] > 1
+    assert_close_rule(got.float(), want, ref.float(), floor=1e-3, what="triton bf16, combine kernel")
 
 
 def test_automatic_choice_and_bad_inputs():
