@@ -20,19 +20,17 @@ OUT="$(cd "$OUT" && pwd)"          # absolute: the benchmark step runs from benc
 exec > >(tee "$OUT/device_check.log") 2>&1
 export PYTHONUNBUFFERED=1 BENCH_OUT="$OUT" BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 T0=$SECONDS
-END=235                             # seconds after start by which every step has ended
+END=230                             # seconds after start by which every step has ended (+5 s kill grace)
 stamp() { echo "== [$((SECONDS - T0)) s] $*"; }
 # left CAP: the smaller of CAP and the seconds left before END (at least 1)
 left() { local l=$(( T0 + END - SECONDS )); [ "$l" -gt "$1" ] && l=$1; [ "$l" -lt 1 ] && l=1; echo "$l"; }
 
 stamp "device (commit $BENCH_COMMIT)"
 timeout 10 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
-timeout 30 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', \
-triton.__version__, 'transformers', transformers.__version__, 'cuda', torch.version.cuda)"
 
 stamp "optional peers (liger-kernel) from .whl/"
 if compgen -G ".whl/*.whl" >/dev/null; then
-  timeout 30 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
+  timeout -k 5 20 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl && \
     export PYTHONPATH="/tmp/site:${PYTHONPATH:-}"
 fi
 export PYTHONPATH="$PWD:${PYTHONPATH:-}"
@@ -42,15 +40,17 @@ python3 -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 python3 -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=80)
 
 stamp "build the CUDA ops"
-timeout "$(left 25)" cmake -S . -B build -G Ninja -DPython3_EXECUTABLE="$(command -v python3)" \
+timeout -k 5 "$(left 25)" cmake -S . -B build -G Ninja -DPython3_EXECUTABLE="$(command -v python3)" \
   -DCMAKE_CUDA_COMPILER="$(command -v nvcc || echo /usr/local/cuda/bin/nvcc)" 2>&1 && \
-  timeout "$(left 50)" cmake --build build -j 16 2>&1
+  timeout -k 5 "$(left 50)" cmake --build build -j 16 2>&1
 echo "build exit: $?"
-timeout 30 python3 -c "import torch; from llava_kernels import dispatch; \
-print({op: dispatch.cuda_ops_available(op) for op in dispatch.OPS}); print('auto:', dispatch.describe(torch.device('cuda')))"
+timeout -k 5 30 python3 -c "import torch, triton, transformers; from llava_kernels import dispatch; \
+print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__, \
+'cuda', torch.version.cuda); print('csrc ops:', {op: dispatch.cuda_ops_available(op) for op in dispatch.OPS}); \
+print('auto:', dispatch.describe(torch.device('cuda')))"
 
 stamp "GPU tests"
-timeout "$(left 95)" python3 -m pytest -q -m gpu tests/test_kernel_masked_loss.py tests/test_cuda_ops.py \
+timeout -k 5 "$(left 95)" python3 -m pytest -q -m gpu tests/test_kernel_masked_loss.py tests/test_cuda_ops.py \
   tests/test_kernel_paged_decode.py tests/test_dispatch.py -p no:cacheprovider --tb=short -rfEs \
   ${XDIST[@]+"${XDIST[@]}"} ${PER_TEST[@]+"${PER_TEST[@]}"} --junitxml="$OUT/gpu_tests.xml"
 echo "GPU tests exit: $?"
@@ -58,7 +58,7 @@ echo "GPU tests exit: $?"
 # Each case saves its JSON rows as it ends: if the timeout cuts this short, what finished is kept.
 stamp "GPU benchmarks"
 BENCH_S=$(left 240)
-(cd bench && timeout "$BENCH_S" python3 -m pytest -q -m gpu bench_masked_loss.py bench_paged_decode.py \
+(cd bench && timeout -k 5 "$BENCH_S" python3 -m pytest -q -m gpu bench_masked_loss.py bench_paged_decode.py \
   bench_scatter.py -k "not T8192" --benchmark-only -p no:cacheprovider --tb=short -rfEs \
   --benchmark-columns=min,median,max,rounds)
 echo "GPU benchmarks exit: $? (timeout ${BENCH_S} s)"

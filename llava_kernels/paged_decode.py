@@ -100,21 +100,30 @@ def _paged_decode_kernel(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, m_ptr, l_ptr,
 
 
 @triton.jit
-def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, S, DH: tl.constexpr, S_PAD: tl.constexpr,
-                    DH_PAD: tl.constexpr, ROUND_BF16: tl.constexpr):
-    """Program (b·H + h): out = Σ_s w_s·acc_s / Σ_s w_s·l_s, w_s = exp(m_s - max m), in out's dtype."""
+def _combine_kernel(m_ptr, l_ptr, acc_ptr, out_ptr, S, DH: tl.constexpr, DH_PAD: tl.constexpr,
+                    S_BLOCK: tl.constexpr, ROUND_BF16: tl.constexpr):
+    """Program (b·H + h): out = Σ_s w_s·acc_s / Σ_s w_s·l_s, w_s = exp(m_s - max m), in out's dtype.
+    S_BLOCK partials at a time, merged online (a long context has hundreds of splits)."""
     row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, S_PAD)
     dims = tl.arange(0, DH_PAD)
-    smask = sp < S
     dmask = dims < DH
-    m = tl.load(m_ptr + row * S + sp, mask=smask, other=-float("inf"))
-    lsum = tl.load(l_ptr + row * S + sp, mask=smask, other=0.0)
-    acc = tl.load(acc_ptr + (row * S + sp)[:, None] * DH + dims[None, :], mask=smask[:, None] & dmask[None, :],
-                  other=0.0)
-    w = tl.exp(m - tl.max(m, axis=0))                                                 # [S_PAD]
-    out = tl.sum(w[:, None] * acc, axis=0) / tl.sum(w * lsum, axis=0)
-    store_cast(out_ptr + row * DH + dims, out, dmask, ROUND_BF16)
+    m_run = tl.full([1], -1e30, tl.float32)            # the splits' own floor (see _paged_decode_kernel)
+    l_run = tl.zeros([1], tl.float32)
+    acc_run = tl.zeros([DH_PAD], tl.float32)
+    for s0 in range(0, S, S_BLOCK):
+        sp = s0 + tl.arange(0, S_BLOCK)
+        smask = sp < S
+        m = tl.load(m_ptr + row * S + sp, mask=smask, other=-float("inf"))
+        lsum = tl.load(l_ptr + row * S + sp, mask=smask, other=0.0)
+        acc = tl.load(acc_ptr + (row * S + sp)[:, None] * DH + dims[None, :],
+                      mask=smask[:, None] & dmask[None, :], other=0.0)
+        m_new = tl.maximum(m_run, tl.max(m, axis=0))
+        alpha = tl.exp(m_run - m_new)
+        w = tl.exp(m - m_new)                                                         # [S_BLOCK]
+        l_run = l_run * alpha + tl.sum(w * lsum, axis=0)
+        acc_run = acc_run * alpha + tl.sum(w[:, None] * acc, axis=0)
+        m_run = m_new
+    store_cast(out_ptr + row * DH + dims, acc_run / l_run, dmask, ROUND_BF16)
 
 
 @functools.cache
@@ -160,8 +169,8 @@ def paged_decode_fwd(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         block_table.stride(0), HKV=hkv, R=r, DH=dh, BS=bs, R_PAD=r_pad, DH_PAD=dh_pad, BS_PAD=bs_pad,
         ONE_SPLIT=splits == 1, ROUND_BF16=round_bf16, num_warps=warps)
     if splits > 1:
-        _combine_kernel[(b * h,)](m, lsum, acc, out, splits, DH=dh, S_PAD=max(2, triton.next_power_of_2(splits)),
-                                  DH_PAD=dh_pad, ROUND_BF16=round_bf16, num_warps=4)
+        _combine_kernel[(b * h,)](m, lsum, acc, out, splits, DH=dh, DH_PAD=dh_pad, S_BLOCK=16,
+                                  ROUND_BF16=round_bf16, num_warps=4)
     return out
 
 

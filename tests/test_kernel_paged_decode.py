@@ -76,16 +76,16 @@ def test_triton_and_reference_match_fp64_truth(lens, h, hkv, dh, bs):
     assert_close_rule(got, want, what="triton")
 
 
+@pytest.mark.parametrize("lens,bs", [([300, 17, 64], 16), ([700, 2], 4)])
 @pytest.mark.parametrize("num_sms", [1, 8, 1000])
-def test_split_plans_agree(num_sms):
-    """The split count follows the SM count: one split (the kernel writes the output), a few, and one
-    per 4 blocks (the combine kernel over 5 partials); every plan matches the truth."""
-    lens, bs = [300, 17, 64], 16
+def test_split_plans_agree(lens, bs, num_sms):
+    """The split count follows the SM count: one split (the kernel writes the output), a few, one per 4
+    blocks (5 partials, or 44: the combine merges them 16 at a time); every plan matches the truth."""
     q, k_cache, v_cache, table, seq_lens, contexts = make_case(lens, h=4, hkv=2, dh=16, bs=bs)
     want = truth(q, contexts)
     poison_unread(k_cache, v_cache, table, seq_lens, bs)
     got = paged_decode_fwd(q, k_cache, v_cache, table, seq_lens, 16 ** -0.5, num_sms=num_sms)
-    assert_close_rule(got, want, what=f"triton, {split_plan(3, 2, table.shape[1], num_sms)} splits")
+    assert_close_rule(got, want, what=f"triton, {split_plan(len(lens), 2, table.shape[1], num_sms)} splits")
 
 
 def test_split_plan_at_the_benchmark_shapes():
@@ -106,6 +106,10 @@ def test_bf16_within_twice_the_reference_error():
     got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
     assert got.dtype == torch.bfloat16
     assert_close_rule(got.float(), want, ref.float(), floor=1e-3, what="triton bf16")
+    # Many splits: the bf16 output is stored by the combine kernel instead of the split kernel.
+    got = paged_decode_fwd(q, k_cache, v_cache, table, seq_lens, 32 ** -0.5, num_sms=1000)
+    assert got.dtype == torch.bfloat16 and split_plan(4, 2, table.shape[1], 1000)[0] > 1
+    assert_close_rule(got.float(), want, ref.float(), floor=1e-3, what="triton bf16, combine kernel")
 
 
 def test_automatic_choice_and_bad_inputs():
