@@ -21,7 +21,9 @@ OUT="${OUT:-bench/results/device}"
 mkdir -p "$OUT"
 OUT="$(cd "$OUT" && pwd)"          # absolute: the benchmark step runs from bench/
 exec > >(tee "$OUT/device_run.log") 2>&1
-export PYTHONUNBUFFERED=1 BENCH_OUT="$OUT" BENCH_COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+# The device tool copies the working tree, and its .git may be stale (the 2026-12-04 re-check reported the
+# previous HEAD): pass BENCH_COMMIT=$(git rev-parse --short HEAD) from here in the command.
+export PYTHONUNBUFFERED=1 BENCH_OUT="$OUT" BENCH_COMMIT="${BENCH_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 T0=$SECONDS
 stamp() { echo "== [$((SECONDS - T0)) s] $*"; }
 
