@@ -27,7 +27,8 @@ setup(
         "uvicorn>=0.29",
         "pydantic>=2.6",
         # the teacher (train.make_instruct) and the judge (llava_evals) call OpenAI-compatible endpoints
-        "openai>=1.40",
+        "openai>=1.50",
+        "tqdm>=4.66",   # progress bars of the evaluators' answer runs
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
