@@ -6,8 +6,10 @@ replaced, on the same tiny checkpoint, with the same load, in one run.
 The old server is not kept in the tree: its ``engine/serve.py`` is read from git history
 (``--old-rev``, default the last commit before the rewrite) into a temporary file and run from
 the repository root, so it imports today's runtime. Each server runs in its own subprocess
-(``--max-batch`` slots); the load generator is plain asyncio sockets (no client library on
-either side's critical path).
+(``--max-batch`` slots); both are up for the whole run and the phases alternate between them,
+``--repeats`` times (the median run by tokens/s is shown; every run is in the JSON), so that a
+busy neighbour on a shared machine weighs on both alike. The load generator is plain asyncio
+sockets (no client library on either side's critical path).
 
 Load, two phases per server: ``clean``: ``--clients`` concurrent clients, each sending
 ``--requests`` streaming chat requests one after another (greedy, ``--max-tokens``, prompts from a
@@ -180,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--bad", type=int, default=6, help="extra clients sending malformed requests")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3, help="runs of each phase per server (the median is shown)")
     args = p.parse_args(argv)
     print(json.dumps({"run": "serve_load", "config": vars(args)}), file=sys.stderr)
 
@@ -194,32 +197,43 @@ def main(argv=None) -> int:
                   str(max(args.max_tokens, 64))]
         servers = {"old (http.server)": [sys.executable, old_file, *common],
                    "new (fastapi+uvicorn)": [sys.executable, "-m", "engine.serve", *common]}
-        for name, cmd in servers.items():
-            proc, port = start(cmd, os.path.join(tmp, f"{len(results)}.log"))
-            try:
-                tokens = {}
-                for prompt in PROMPTS:   # warm-up, and each prompt's reference answer and token count
-                    tokens[prompt] = usage_tokens(port, prompt, args.max_tokens)
-                runs = {phase: asyncio.run(load(port, args, mixed=phase == "mixed")) for phase in ("clean", "mixed")}
-                health = get(port, "/health")
-            finally:
+        procs = {}
+        try:
+            for k, (name, cmd) in enumerate(servers.items()):   # both up; only one is loaded at a time
+                procs[name] = start(cmd, os.path.join(tmp, f"{k}.log"))
+            tokens = {}
+            for name, (_, port) in procs.items():  # warm-up, and each prompt's answer and token count
+                tokens[name] = {q: usage_tokens(port, q, args.max_tokens) for q in PROMPTS}
+            runs = {name: {"clean": [], "mixed": []} for name in servers}
+            for _ in range(args.repeats):   # interleaved: a noisy neighbour hits both servers alike
+                for phase in ("clean", "mixed"):
+                    for name, (_, port) in procs.items():
+                        runs[name][phase].append(asyncio.run(load(port, args, mixed=phase == "mixed")))
+            health = {name: get(port, "/health") for name, (_, port) in procs.items()}
+        finally:
+            for proc, _ in procs.values():
                 proc.terminate()
                 proc.wait(timeout=30)
-            answers[name] = {q: t for q, (t, _) in tokens.items()}
-            results[name] = {}
-            for phase, run in runs.items():
-                wrong = [q for q, text in run["texts"] if text != tokens[q][0]]
+    for name in servers:
+        answers[name] = {q: t for q, (t, _) in tokens[name].items()}
+        results[name] = {}
+        for phase, reps in runs[name].items():
+            rows = []
+            for run in reps:
+                wrong = [q for q, text in run["texts"] if text != tokens[name][q][0]]
                 if wrong:
                     raise RuntimeError(f"{name}: {len(wrong)} streamed answers differ from the non-streamed ones")
-                n_tokens = sum(tokens[q][1] for q, _ in run["texts"])
-                results[name][phase] = {
+                n_tokens = sum(tokens[name][q][1] for q, _ in run["texts"])
+                rows.append({
                     "requests": len(run["texts"]), "completion_tokens": n_tokens, "wall_s": round(run["wall_s"], 3),
                     "ttft_p50_ms": round(1e3 * percentile(run["ttfts"], 50), 1),
                     "ttft_p99_ms": round(1e3 * percentile(run["ttfts"], 99), 1),
                     "tokens_per_s": round(n_tokens / run["wall_s"], 1),
                     "bad_requests": len(run["bad_statuses"]),
-                    "bad_answered_4xx": sum(400 <= s < 500 for s in run["bad_statuses"])}
-            results[name]["health_after"] = health
+                    "bad_answered_4xx": sum(400 <= s < 500 for s in run["bad_statuses"])})
+            median = sorted(rows, key=lambda r: r["tokens_per_s"])[len(rows) // 2]   # the median run by tokens/s
+            results[name][phase] = median | {"runs": rows}
+        results[name]["health_after"] = health[name]
     same = len({json.dumps(a, sort_keys=True) for a in answers.values()}) == 1
     old, new = results.values()
     print(f"{'server':24} {'load':6} {'requests':>8} {'TTFT p50 ms':>12} {'TTFT p99 ms':>12} {'tok/s':>8} "

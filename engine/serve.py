@@ -382,15 +382,29 @@ class EngineLoop(threading.Thread):
                         r.error = f"{type(e).__name__}: {e}"
                         events.append(StepEvent(r, None, "error"))
                 for ev in events:
-                    self._event(ev, out)
+                    try:
+                        self._event(ev, out)
+                    except Exception as e:  # a bug in turning one token into text fails that request only
+                        log.exception("handling a token failed")
+                        owner = self._owner.get(id(ev.request))
+                        if owner is not None:
+                            self._cancel(owner[0])
+                            out.setdefault(owner[0], []).append(RuntimeError(f"{type(e).__name__}: {e}"))
                 for r in {id(ev.request): ev.request for ev in events}.values():
                     r.logits.clear()  # this step's rows are consumed: memory stays one row per sequence
             self._deliver(out)
 
     def _deliver(self, out: dict[Job, list]) -> None:
-        if out:
-            loop = next(iter(out)).loop
-            loop.call_soon_threadsafe(_put_all, list(out.items()))
+        """One hand-off per event loop per step (not one wake-up per token)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for job, items in out.items():
+            by_loop.setdefault(job.loop, []).append((job, items))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the loop has closed (the server stopped): nobody waits for these jobs
+                for job, _ in items:
+                    self._cancel(job)
 
     def _handle(self, op: str, job: Job | None, out: dict) -> None:
         rt = self.runtime
@@ -543,9 +557,11 @@ def create_app(state: ServerState) -> FastAPI:
                            for i, p in enumerate(plan.params)])
         state.engine.submit(job)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        # A client that goes away wakes its handler through the job's queue (None): no per-token asyncio.wait.
         watcher = asyncio.ensure_future(_disconnected(request))
+        watcher.add_done_callback(lambda t: t.cancelled() or job.queue.put_nowait(None))
         try:
-            first = await _next(job, watcher)   # the first output decides between an error status and a 200
+            first = await _next(job)   # the first output decides between an error status and a 200
         except BaseException:
             watcher.cancel()
             state.engine.cancel(job)
@@ -613,15 +629,10 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _next(job: Job, watcher: asyncio.Future) -> list[Delta] | None:
+async def _next(job: Job) -> list[Delta] | None:
     """The engine's next output for ``job``; None when the client disconnected first."""
-    get = asyncio.ensure_future(job.queue.get())
-    done, _ = await asyncio.wait({get, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    if get not in done:
-        get.cancel()
-        return None
-    out = get.result()
-    for item in out:
+    out = await job.queue.get()
+    for item in out or ():
         if isinstance(item, Exception):
             raise item
     return out
@@ -638,7 +649,7 @@ async def _collect(state: ServerState, job: Job, out: list[Delta], watcher, rid,
             reasons[d.index] = d.finish_reason or reasons[d.index]
         if all(reasons):  # (job.finished can turn true in the engine thread before its last output arrives)
             break
-        out = await _next(job, watcher)
+        out = await _next(job)
         if out is None:
             return JSONResponse({}, status_code=499)   # nobody reads it
     n = sum(c.tokens for c in job.choices)
@@ -682,7 +693,7 @@ async def _stream(state: ServerState, job: Job, plan: Plan, out: list[Delta] | N
             if len(ended) == len(job.choices):
                 break
             try:
-                out = await _next(job, watcher)
+                out = await _next(job)
             except RuntimeError as e:  # headers are sent: report the failure inside the stream
                 yield b"data: " + json.dumps({"error": {"message": str(e), "type": "server_error",
                                                         "param": None, "code": None}}).encode() + b"\n\n"
