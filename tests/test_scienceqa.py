@@ -390,9 +390,11 @@ def test_continuous_batching_answers_equal_batch_size_one(sensitive_checkpoint, 
     the same answers as one at a time, and as engine.chat; sampled answers are seeded per question."""
     import argparse
 
+    import torch
     from PIL import Image
 
-    from engine.chat import chat
+    from engine.chat import chat, encode_chat
+    from engine.generate import generate
     from llava_evals.common import CheckpointAnswerer
 
     for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
@@ -400,29 +402,63 @@ def test_continuous_batching_answers_equal_batch_size_one(sensitive_checkpoint, 
     asks = ["Which shape is it?", "Name the colour.", "Is it red or blue?", "How big is the square?",
             "Count the circles."]
     items = [{"question_id": f"q{k}", "prompt": ("<image>\n" if k % 3 == 0 else "") + asks[k % 5] + " Think." * (k % 4),
-              "image": str(tmp_path / f"{k % 2}.png") if k % 3 == 0 else None} for k in range(9)]
+              "image": str(tmp_path / f"{k % 2}.png") if k % 3 == 0 else None} for k in range(8)]
 
-    def run(batch, temperature=0.0, seed=None):
-        args = argparse.Namespace(model=sensitive_checkpoint, template="vicuna_v1", batch_size=batch,
-                                  max_new_tokens=10,
-                                  temperature=temperature, seed=seed, device=None, dtype=None)
-        answerer = CheckpointAnswerer(args)
-        out = tmp_path / f"a{batch}-{temperature}.jsonl"
+    def answerer(batch):
+        return CheckpointAnswerer(argparse.Namespace(model=sensitive_checkpoint, template="vicuna_v1", batch_size=batch,
+                                                     max_new_tokens=8, temperature=0.0, seed=None, device=None,
+                                                     dtype=None))
+
+    def run(answerer, tag):
+        out = tmp_path / f"{tag}.jsonl"
         assert answer_all(answerer, items, str(out), name="t") == len(items)
-        rows = {r["question_id"]: (r["text"], r["finish_reason"]) for r in map(json.loads, open(out))}
-        return rows, answerer
+        return {r["question_id"]: (r["text"], r["finish_reason"]) for r in map(json.loads, open(out))}
 
-    one, _ = run(1)
-    many, answerer = run(4)
-    assert answerer.runtime.peak_batch == 4                  # questions decoded together
+    single, batched = answerer(1), answerer(4)
+    # Make some answers end early: EOS wins wherever a token t, said by some answers but not all, would win.
+    encoded = [encode_chat(single.tokenizer, single.template, [{"role": "user", "content": it["prompt"]}],
+                           [Image.open(it["image"]).convert("RGB")] if it["image"] else [], single.model, single.spec)
+               for it in items]
+
+    def greedy_outputs():
+        return [generate(single.model, [ids], images=px, max_new_tokens=8, stop_token_ids=list(single.stop_ids))[0]
+                for ids, px in encoded]
+
+    answers = [o.tokens for o in greedy_outputs()]
+    eos = single.model.config.text.eos_token_id
+    for t in sorted({t for a in answers for t in a[1:]} - {eos}):
+        if not 0 < sum(t in a[1:] for a in answers) < len(answers) - 1:
+            continue
+        for a in (single, batched):
+            with torch.no_grad():
+                head = a.model.decoder.lm_head.weight
+                head[eos] = head[t] * 1.001
+        if len({o.finish_reason for o in greedy_outputs()}) == 2:
+            break
+    else:
+        pytest.fail("no token turns some answers into early stops")
+
+    rt, step, joins = batched.runtime, batched.runtime.step, []
+
+    def watched_step():  # a question admitted while others are mid-answer: no fixed batch waits on its slowest
+        running, waiting = len(rt.running), len(rt.waiting)
+        events = step()
+        joins.append(running > 0 and len(rt.waiting) < waiting)
+        return events
+
+    rt.step = watched_step
+    one, many = run(single, "one"), run(batched, "many")
+    assert {reason for _, reason in one.values()} == {"stop", "length"} and any(joins)
+    assert batched.runtime.peak_batch == 4                   # questions decoded together
     assert sorted(many) == sorted(it["question_id"] for it in items) and many == one
     assert len({text for text, _ in one.values()}) > 3       # the questions get different answers
-    assert answerer.runtime.cache.free_blocks == answerer.runtime.cache.num_blocks - 1   # nothing left held
+    assert batched.runtime.cache.free_blocks == batched.runtime.cache.num_blocks - 1   # nothing left held
     for it in items[:4]:   # and the text engine.chat gives for the same message
         images = [Image.open(it["image"]).convert("RGB")] if it["image"] else []
-        want = chat(answerer.model, [{"role": "user", "content": it["prompt"]}], images,
-                    tokenizer=answerer.tokenizer, max_new_tokens=10)
+        want = chat(single.model, [{"role": "user", "content": it["prompt"]}], images,
+                    tokenizer=single.tokenizer, max_new_tokens=8)
         assert one[it["question_id"]][0] == want.strip()
-    sampled_one, _ = run(1, temperature=0.8, seed=3)
-    sampled_many, _ = run(4, temperature=0.8, seed=3)
+    for a in (single, batched):   # sampled: question k uses seed + k, whatever runs beside it
+        a.temperature, a.seed = 0.8, 3
+    sampled_one, sampled_many = run(single, "sampled-one"), run(batched, "sampled-many")
     assert sampled_many == sampled_one and sampled_one != one
