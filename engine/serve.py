@@ -542,7 +542,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": 0,
                                             "owned_by": "engine"}]}
 
-    schema = ChatCompletionRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    schema = ChatCompletionRequest.model_json_schema()  # self-contained: its $refs point into its own $defs
     body_doc = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
     @app.post("/v1/chat/completions", openapi_extra=body_doc)

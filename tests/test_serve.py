@@ -284,10 +284,34 @@ def test_n_seed_stop_and_logprobs(server, ckpt):
         assert entry.top_logprobs[0].logprob == entry.logprob   # greedy: the chosen token is the most likely
         assert [x.logprob for x in entry.top_logprobs] == sorted((x.logprob for x in entry.top_logprobs),
                                                                  reverse=True)
+    streamed = [c.choices[0] for c in client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6,
+                                                                      logprobs=True, top_logprobs=3, stream=True)]
+    assert [e.model_dump() for c in streamed if c.logprobs for e in c.logprobs.content] == \
+        [e.model_dump() for e in content]
     with pytest.raises(openai.BadRequestError, match="requires 'logprobs'"):
         client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6, top_logprobs=3)
     with pytest.raises(openai.BadRequestError, match="'n'=9 is out of range"):
         client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6, n=9)
+
+
+def test_chunked_bodies_are_read_and_limited_and_the_schema_is_published(server):
+    def chunked(parts):
+        conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=iter(parts), encode_chunked=True,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read())
+        conn.close()
+        return out
+
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
+    status, obj = chunked([body[:10], body[10:]])     # no Content-Length: read in pieces
+    assert status == 200 and obj["choices"][0]["message"]["role"] == "assistant"
+    status, obj = chunked([b"x" * (1 << 19)] * 3)      # 1.5 MiB against the 1 MiB limit
+    assert status == 413 and "exceeds the limit" in obj["error"]["message"]
+    status, payload = request(server, "GET", "/openapi.json")
+    body_schema = json.loads(payload)["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    assert "messages" in body_schema["application/json"]["schema"]["properties"]
 
 
 def test_api_key_is_required_when_set(ckpt):
