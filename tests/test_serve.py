@@ -314,6 +314,34 @@ def test_chunked_bodies_are_read_and_limited_and_the_schema_is_published(server)
     assert "messages" in body_schema["application/json"]["schema"]["properties"]
 
 
+def test_a_client_leaving_a_non_streamed_request_frees_it(ckpt):
+    path, model, tok = ckpt
+    srv = build_server(ServerConfig(model=path, port=0, max_tokens_limit=1500, max_batch=2), model=model,
+                       tokenizer=tok)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+
+        def health():
+            return json.loads(request(port, "GET", "/health")[1])
+
+        body = json.dumps({"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 1500})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while health()["running"] == 0:   # decoding (1500 tokens take seconds here)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        conn.close()                       # gone before the answer
+        while (h := health())["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert h["running"] == h["waiting"] == 0 and h["cancelled_requests"] == 1
+        assert h["kv_blocks_free"] == h["kv_blocks_total"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
 def test_api_key_is_required_when_set(ckpt):
     import openai
 
