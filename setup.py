@@ -22,10 +22,16 @@ setup(
         "tokenizers>=0.20",
         "pillow>=10",
         "numpy>=1.26",
+        # serving (engine.serve): the stack of vLLM's and SGLang's OpenAI servers
+        "fastapi>=0.110",
+        "uvicorn>=0.29",
+        "pydantic>=2.6",
+        # the teacher (train.make_instruct) and the judge (llava_evals) call OpenAI-compatible endpoints
+        "openai>=1.50",
+        "tqdm>=4.66",   # progress bars of the evaluators' answer runs
     ],
     extras_require={
-        # openai: the server tests check that the official client works against engine.serve
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "openai>=1.0"],
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6"],
         "flash": ["flash-attn>=2.6"],
         "xformers": ["xformers>=0.0.28"],
         "nvtx": ["nvtx>=0.2.10"],

@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from engine.io import write_text_atomic
 
@@ -162,21 +162,7 @@ def log_config(name: str, config: dict) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def batched(items: Iterable, size: int):
-    """Consecutive lists of at most ``size`` items."""
-    if size < 1:
-        raise ValueError(f"batch size must be >= 1, got {size}")
-    batch = []
-    for x in items:
-        batch.append(x)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
-# ---- answer generation over a checkpoint (the runtime API: engine.load / engine.generate) ---------------
+# ---- answer generation over a checkpoint (the runtime API: engine.generate's Runtime) ----------------------
 
 def add_answer_args(p) -> None:
     """Checkpoint and decoding flags shared by the ``answer`` commands."""
@@ -184,65 +170,94 @@ def add_answer_args(p) -> None:
     g.add_argument("--model", required=True, help="checkpoint directory (HF llava layout, with a tokenizer)")
     g.add_argument("--model-id", default=None, help="name in each answer row (default: the directory name)")
     g.add_argument("--template", default="vicuna_v1", help="conversation template (vicuna_v1, llava_v0, ...)")
-    g.add_argument("--batch-size", type=int, default=16, help="prompts per engine.generate call")
+    g.add_argument("--batch-size", type=int, default=16,
+                   help="most questions decoded at once (continuous batching: a finished one's slot is refilled "
+                        "at the next step)")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--seed", type=int, default=None, help="sampling seed (prompt i of a batch uses seed + i)")
+    g.add_argument("--seed", type=int, default=None,
+                   help="sampling seed (question k of the file uses seed + k, whatever runs beside it)")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))  # engine.chat.DTYPES
 
 
 class CheckpointAnswerer:
-    """Text (+ one image) in, text out, a batch at a time, through the engine runtime.
+    """Text (+ one image) in, text out, through the engine runtime's continuous batching.
 
     Prompts, images and stops are handled by ``engine.chat``'s helpers, so an answer here equals
-    what ``engine.chat`` / ``engine.serve`` return for the same message. ``answer(prompts, images)``
-    takes user messages (``<image>`` marks the image) and either ``images=None`` or one PIL image
-    per prompt; returns ``(text, finish_reason)`` per prompt.
+    what ``engine.chat`` / ``engine.serve`` return for the same message. ``stream(jobs)`` takes
+    ``(key, user message, PIL image | None)`` triples (``<image>`` marks the image) and yields
+    ``(key, text, finish_reason)`` as each answer ends: up to ``--batch-size`` questions decode at
+    once and a finished question's slot goes to the next at the following step, so no question
+    waits on the slowest of a fixed batch. Under greedy decoding the answers equal batch size 1's.
     """
 
     def __init__(self, args):
         from engine.chat import image_spec_for, load_model, load_tokenizer, stop_token_ids
         from engine.conversation import get_template, stop_strings
+        from engine.generate import Runtime, RuntimeConfig
 
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
         self.model = load_model(args.model, device=args.device, dtype=args.dtype)
         self.tokenizer = load_tokenizer(args.model)
         self.template = get_template(args.template)
         self.spec = image_spec_for(args.model, self.model)
-        self.stop_ids = stop_token_ids(self.tokenizer, self.model)
+        self.stop_ids = tuple(stop_token_ids(self.tokenizer, self.model))
         self.stop_strings = stop_strings(self.template)
         self.max_new_tokens, self.temperature, self.seed = args.max_new_tokens, args.temperature, args.seed
+        self.max_batch = args.batch_size
+        self.runtime = Runtime(self.model, RuntimeConfig(max_batch=args.batch_size))
 
-    def answer(self, prompts: list[str], images: list | None) -> list[tuple[str, str]]:
-        import torch
-
+    def stream(self, jobs: Iterable[tuple[int, str, object]]) -> Iterator[tuple[int, str, str]]:
         from engine.chat import TextDecoder, encode_chat
-        from engine.generate import generate
+        from engine.generate import SamplingParams
 
-        if images is not None and len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images for {len(prompts)} prompts")
-        ids, pixels = [], []
-        for i, prompt in enumerate(prompts):
-            x, px = encode_chat(self.tokenizer, self.template, [{"role": "user", "content": prompt}],
-                                [images[i]] if images is not None else [], self.model, self.spec)
-            ids.append(x)
-            if px is not None:
-                pixels.append(px)                                    # (1, 3, H, W)
-        outs = generate(self.model, ids, images=torch.cat(pixels) if pixels else None,
-                        max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                        stop_token_ids=self.stop_ids, seed=self.seed)
-        answers = []
-        for o in outs:
-            # engine.chat's decoder: a template whose stop is a string ("###" for llava_v0) ends the answer
-            # there, and the text is the one engine.chat / engine.serve give for the same tokens.
-            decoder = TextDecoder(self.tokenizer, self.stop_strings)
-            for t in o.tokens:
-                decoder.push(t)
-                if decoder.stopped:
-                    break
-            decoder.finish()
-            answers.append((decoder.text.strip(), "stop" if decoder.stopped else o.finish_reason))
-        return answers
+        rt, jobs = self.runtime, iter(jobs)
+        live: dict[int, tuple[int, TextDecoder, object]] = {}   # id(request) → (key, decoder, request)
+        exhausted = False
+        try:
+            while True:
+                # Keep the runtime fed: up to 2 × batch requests submitted (prompts encoded and images
+                # preprocessed ahead, not all at once), the runtime admits them as slots free up.
+                while not exhausted and len(live) < 2 * self.max_batch:
+                    try:
+                        key, prompt, image = next(jobs)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    ids, pixels = encode_chat(self.tokenizer, self.template, [{"role": "user", "content": prompt}],
+                                              [image] if image is not None else [], self.model, self.spec)
+                    params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(self.temperature),
+                                            stop_token_ids=self.stop_ids,
+                                            seed=None if self.seed is None else self.seed + key)
+                    req = rt.submit(ids, pixel_values=pixels, params=params)
+                    live[id(req)] = (key, TextDecoder(self.tokenizer, self.stop_strings), req)
+                if not live:
+                    return
+                for ev in rt.step():
+                    entry = live.get(id(ev.request))
+                    if entry is None:   # ended earlier in this step (a stop string, then its length event)
+                        continue
+                    key, decoder, req = entry
+                    if ev.finish_reason == "error":
+                        raise RuntimeError(f"generation failed for question {key}: {req.error}")
+                    if ev.token is not None:
+                        # engine.chat's decoder: a template whose stop is a string ("###" for llava_v0) ends
+                        # the answer there, and the text is the one engine.chat / engine.serve give.
+                        decoder.push(ev.token)
+                        if not decoder.stopped:
+                            continue
+                        rt.cancel(req)  # its slot and blocks go to the next question at the next step
+                        reason = "stop"
+                    else:
+                        decoder.finish()
+                        reason = ev.finish_reason
+                    del live[id(req)]
+                    yield key, decoder.text.strip(), reason
+        finally:  # an interrupted run leaves nothing behind in the runtime
+            for _, _, req in live.values():
+                rt.cancel(req)
 
 
 def check_images(items: list[dict]) -> None:
@@ -252,29 +267,34 @@ def check_images(items: list[dict]) -> None:
             raise FileNotFoundError(f"question {it['question_id']}: image not found: {it['image']}")
 
 
-def answer_all(answerer, items: list[dict], out_path: str, *, batch_size: int, name: str,
-               row: dict | None = None) -> int:
+def answer_all(answerer, items: list[dict], out_path: str, *, name: str, row: dict | None = None) -> int:
     """Answer ``items`` (``{"question_id", "prompt", "image": path | None}``) into an append-only JSONL.
 
-    Ids already in ``out_path`` are skipped (resume). Image and text-only questions go in separate
-    batches. Each output row: ``{"question_id", "prompt", "text", "finish_reason"} | row``. Every image
-    must exist before any generation starts (FileNotFoundError names the question). Returns the number
-    of new answers.
+    Ids already in ``out_path`` are skipped (resume). Every question goes through ``answerer.stream``
+    (continuous batching: image and text-only questions share the batch); each answer is written the
+    moment it ends, in completion order, as ``{"question_id", "prompt", "text", "finish_reason"} | row``;
+    a progress bar counts them. Every image must exist before any generation starts
+    (FileNotFoundError names the question). Question k of ``items`` is the stream's key k (its
+    sampling seed offset). Returns the number of new answers.
     """
     from PIL import Image
+    from tqdm import tqdm
 
     check_images(items)
     done = done_keys(out_path, lambda r: str(r["question_id"]))
-    todo = [it for it in items if str(it["question_id"]) not in done]
-    progress = Progress(name, len(items), done=len(items) - len(todo))
-    with JsonlAppender(out_path) as out:
-        for has_image in (True, False):
-            group = [it for it in todo if (it["image"] is not None) == has_image]
-            for batch in batched(group, batch_size):
-                images = [Image.open(it["image"]).convert("RGB") for it in batch] if has_image else None
-                for it, (text, finish) in zip(batch, answerer.answer([it["prompt"] for it in batch], images),
-                                              strict=True):
-                    out.write({"question_id": it["question_id"], "prompt": it["prompt"], "text": text,
-                               "finish_reason": finish} | (row or {}))
-                progress.update(len(batch))
+    todo = [k for k, it in enumerate(items) if str(it["question_id"]) not in done]
+
+    def jobs():
+        for k in todo:
+            it = items[k]
+            image = Image.open(it["image"]).convert("RGB") if it["image"] is not None else None
+            yield k, it["prompt"], image
+
+    with JsonlAppender(out_path) as out, tqdm(total=len(items), initial=len(items) - len(todo), desc=name,
+                                              unit="q", file=sys.stderr, mininterval=1.0) as bar:
+        for k, text, finish in answerer.stream(jobs()):
+            it = items[k]
+            out.write({"question_id": it["question_id"], "prompt": it["prompt"], "text": text,
+                       "finish_reason": finish} | (row or {}))
+            bar.update(1)
     return len(todo)

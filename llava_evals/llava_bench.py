@@ -312,7 +312,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m llava_evals.llava_bench", description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    p = sub.add_parser("answer", help="answer a question file with a checkpoint (batched, resumable)")
+    p = sub.add_parser("answer", help="answer a question file with a checkpoint (continuous batching, resumable)")
     p.add_argument("--questions", required=True)
     p.add_argument("--images", required=True, help="folder holding the questions' images")
     p.add_argument("--out", required=True, help="answers JSONL (appended; ids already there are skipped)")
@@ -346,8 +346,8 @@ def main(argv=None) -> int:
         items = answer_items(args.questions, args.images)
         check_images(items)  # before the model loads: a missing image should not cost a load
         model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
-        n = answer_all(CheckpointAnswerer(args), items, args.out, batch_size=args.batch_size,
-                       name="llava-bench-answer", row={"model_id": model_id, "metadata": {}})
+        n = answer_all(CheckpointAnswerer(args), items, args.out, name="llava-bench-answer",
+                       row={"model_id": model_id, "metadata": {}})
         print(f"answered {n} new questions; {args.out} holds answers for {len(items)}")
     elif args.cmd == "review":
         review(args)

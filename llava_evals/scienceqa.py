@@ -493,7 +493,7 @@ def main(argv=None) -> int:
     p.add_argument("--images", default=None, help="image root ({pid}/image.png), checked")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("answer", help="answer a question file with a checkpoint (batched, resumable)")
+    p = sub.add_parser("answer", help="answer a question file with a checkpoint (continuous batching, resumable)")
     p.add_argument("--questions", required=True)
     p.add_argument("--images", default=None, help="image root the question file's paths are relative to")
     p.add_argument("--out", required=True, help="answers JSONL (appended; ids already there are skipped)")
@@ -528,8 +528,8 @@ def main(argv=None) -> int:
         items = answer_items(load_questions(args.questions), args.images, args.single_pred_prompt)
         check_images(items)  # before the model loads: a missing image should not cost a load
         model_id = args.model_id or os.path.basename(os.path.normpath(args.model))
-        n = answer_all(CheckpointAnswerer(args), items, args.out, batch_size=args.batch_size,
-                       name="sqa-answer", row={"model_id": model_id})
+        n = answer_all(CheckpointAnswerer(args), items, args.out, name="sqa-answer",
+                       row={"model_id": model_id})
         print(f"answered {n} new questions; {args.out} holds answers for {len(items)}")
     elif args.cmd == "score":
         log_config("scienceqa.score", vars(args))

@@ -99,15 +99,17 @@ class FakeServer:
                 length = int(self.headers.get("Content-Length", 0))
                 request = json.loads(self.rfile.read(length))
                 key = json.dumps(request.get("messages"))
+                # header names are case-insensitive (httpx sends them in lower case): one spelling here
+                headers = {k.title(): v for k, v in self.headers.items()}
                 with outer._lock:
                     n = outer._counts.get(key, 0)
                     outer._counts[key] = n + 1
                     outer.requests.append(request)
-                    outer.headers.append(dict(self.headers))
+                    outer.headers.append(headers)
                     outer.in_flight += 1
                     outer.max_in_flight = max(outer.max_in_flight, outer.in_flight)
                 try:
-                    reply = outer.script(request, dict(self.headers), n)
+                    reply = outer.script(request, headers, n)
                     if reply.delay:
                         time.sleep(reply.delay)
                     body = reply.body

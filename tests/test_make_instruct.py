@@ -294,7 +294,7 @@ def test_fault_handling_every_id_ends_in_output_or_rejects(tmp_path, monkeypatch
     with FakeServer(faulty_teacher) as srv:
         summary = run(InstructConfig(input=str(tmp_path / "in.jsonl"), kind="conversation", output=out,
                                      teacher_url=srv.url, teacher_model="fake", concurrency=4, timeout=0.5,
-                                     max_retries=2, malformed_retries=1, backoff=0.01))
+                                     max_retries=2, malformed_retries=1))
     samples = json.loads(read(out))
     rejects = [json.loads(line) for line in read(out + ".rejects.jsonl").splitlines()]
     want_out = [i for i in ids if FAULTS.get(i, (None, "output"))[1] == "output"]

@@ -303,19 +303,25 @@ def test_ensemble_judge_failure_is_retried_on_rerun(sqa_files, tmp_path):
     assert len(open(out).readlines()) == 4
 
 
-# ---- resumable answering (the runtime is faked: the loop, batching and resume are ours) -----------------
+# ---- resumable answering (the runtime is faked: the loop, the order and resume are ours) ------------------
 
 class _FakeAnswerer:
+    """Answers in reverse order of arrival (a continuous batch ends questions out of order)."""
+
     def __init__(self):
-        self.calls = []
+        self.keys = []
 
-    def answer(self, prompts, images):
-        self.calls.append((len(prompts), images is None or len(images)))
-        assert images is None or all(im.size == (4, 3) for im in images)
-        return [(f"A ({p[:7]})", "stop") for p in prompts]
+    def stream(self, jobs):
+        jobs = list(jobs)
+        for key, prompt, image in jobs:
+            self.keys.append(key)
+            assert image is None or image.size == (4, 3)
+            assert ("<image>" in prompt) == (image is not None)
+        for key, prompt, _ in reversed(jobs):
+            yield key, f"A ({prompt[:7]})", "stop"
 
 
-def test_answer_batched_and_resumable(sqa_files, tmp_path):
+def test_answer_resumable_in_completion_order(sqa_files, tmp_path):
     from PIL import Image
     qs = sqa.load_questions(sqa_files["questions"])
     with pytest.raises(ValueError, match="question 2 has an image"):
@@ -325,18 +331,20 @@ def test_answer_batched_and_resumable(sqa_files, tmp_path):
         sqa.SINGLE_PRED_PROMPT)
     out = tmp_path / "answers.jsonl"
     with pytest.raises(FileNotFoundError, match="question 2: image not found"):
-        answer_all(_FakeAnswerer(), items, str(out), batch_size=2, name="t")
+        answer_all(_FakeAnswerer(), items, str(out), name="t")
     for q in ("2", "4"):
         os.makedirs(tmp_path / q, exist_ok=True)
         Image.new("RGB", (4, 3)).save(tmp_path / q / "image.png")
     # An interrupted earlier run: one finished answer and a torn last line.
     out.write_text(json.dumps({"question_id": "1", "text": "B"}) + "\n" + '{"question_id": "3", "te')
     fake = _FakeAnswerer()
-    assert answer_all(fake, items, str(out), batch_size=1, name="t", row={"model_id": "m"}) == 3
-    assert fake.calls == [(1, 1), (1, 1), (1, True)]  # image batches, then text-only, never mixed
+    assert answer_all(fake, items, str(out), name="t", row={"model_id": "m"}) == 3
+    assert fake.keys == [1, 2, 3]  # keys are positions in the question file (the seed offsets)
     rows = [json.loads(line) for line in open(out)]
-    assert sorted(r["question_id"] for r in rows) == ["1", "2", "3", "4"]
-    assert answer_all(fake, items, str(out), batch_size=4, name="t") == 0
+    assert [r["question_id"] for r in rows] == ["1", "4", "3", "2"]   # written as they end
+    assert all(r["prompt"] == items[int(r["question_id"]) - 1]["prompt"] for r in rows[1:])
+    assert all(r["text"] == f"A ({r['prompt'][:7]})" and r["model_id"] == "m" for r in rows[1:])
+    assert answer_all(fake, items, str(out), name="t") == 0
     qsx = sqa.load_questions(sqa_files["questions"])
     idx, counts = sqa.predicted_indices(qsx, sqa.load_predictions(str(out)))
     assert counts["unparsable"] == 3 and idx["1"] == 1
@@ -361,3 +369,96 @@ def test_answer_end_to_end_tiny_checkpoint(sqa_files, tiny_checkpoint, tmp_path)
     assert len(open(out).readlines()) == 4
     sqa.main(["score", "--questions", sqa_files["questions"], "--predictions", str(out), "--json", str(res)])
     assert json.load(open(res))["n"] == 4
+
+
+@pytest.fixture(scope="module")
+def sensitive_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint with its matrices scaled ×4: a default-initialized tiny model says nearly the same
+    thing whatever it is asked, which would make "the same answers" a weak check."""
+    import engine
+    from engine.weights import write_hf_checkpoint
+
+    model = engine.load(tiny_checkpoint)
+    sd = {k: v * 4 if v.dim() >= 2 else v for k, v in model.state_dict().items()}
+    path = str(tmp_path_factory.mktemp("sensitive") / "ckpt")
+    write_hf_checkpoint(sd, model.config, path, tokenizer_dir=tiny_checkpoint)
+    return path
+
+
+def test_continuous_batching_answers_equal_batch_size_one(sensitive_checkpoint, tmp_path):
+    """Questions of different lengths, with and without an image, through the runtime's continuous batching:
+    the same answers as one at a time, and as engine.chat; sampled answers are seeded per question."""
+    import argparse
+
+    import torch
+    from PIL import Image
+
+    from engine.chat import chat, encode_chat
+    from engine.generate import generate
+    from llava_evals.common import CheckpointAnswerer
+
+    for i, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        Image.new("RGB", (40, 30), colour).save(tmp_path / f"{i}.png")
+    asks = ["Which shape is it?", "Name the colour.", "Is it red or blue?", "How big is the square?",
+            "Count the circles."]
+    items = [{"question_id": f"q{k}", "prompt": ("<image>\n" if k % 3 == 0 else "") + asks[k % 5] + " Think." * (k % 4),
+              "image": str(tmp_path / f"{k % 2}.png") if k % 3 == 0 else None} for k in range(8)]
+
+    def answerer(batch):
+        return CheckpointAnswerer(argparse.Namespace(model=sensitive_checkpoint, template="vicuna_v1", batch_size=batch,
+                                                     max_new_tokens=8, temperature=0.0, seed=None, device=None,
+                                                     dtype=None))
+
+    def run(answerer, tag):
+        out = tmp_path / f"{tag}.jsonl"
+        assert answer_all(answerer, items, str(out), name="t") == len(items)
+        return {r["question_id"]: (r["text"], r["finish_reason"]) for r in map(json.loads, open(out))}
+
+    single, batched = answerer(1), answerer(4)
+    # Make some answers end early: EOS wins wherever a token t, said by some answers but not all, would win.
+    encoded = [encode_chat(single.tokenizer, single.template, [{"role": "user", "content": it["prompt"]}],
+                           [Image.open(it["image"]).convert("RGB")] if it["image"] else [], single.model, single.spec)
+               for it in items]
+
+    def greedy_outputs():
+        return [generate(single.model, [ids], images=px, max_new_tokens=8, stop_token_ids=list(single.stop_ids))[0]
+                for ids, px in encoded]
+
+    answers = [o.tokens for o in greedy_outputs()]
+    eos = single.model.config.text.eos_token_id
+    for t in sorted({t for a in answers for t in a[1:]} - {eos}):
+        if not 0 < sum(t in a[1:] for a in answers) < len(answers) - 1:
+            continue
+        for a in (single, batched):
+            with torch.no_grad():
+                head = a.model.decoder.lm_head.weight
+                head[eos] = head[t] * 1.001
+        if len({o.finish_reason for o in greedy_outputs()}) == 2:
+            break
+    else:
+        pytest.fail("no token turns some answers into early stops")
+
+    rt, step, joins = batched.runtime, batched.runtime.step, []
+
+    def watched_step():  # a question admitted while others are mid-answer: no fixed batch waits on its slowest
+        running, waiting = len(rt.running), len(rt.waiting)
+        events = step()
+        joins.append(running > 0 and len(rt.waiting) < waiting)
+        return events
+
+    rt.step = watched_step
+    one, many = run(single, "one"), run(batched, "many")
+    assert {reason for _, reason in one.values()} == {"stop", "length"} and any(joins)
+    assert batched.runtime.peak_batch == 4                   # questions decoded together
+    assert sorted(many) == sorted(it["question_id"] for it in items) and many == one
+    assert len({text for text, _ in one.values()}) > 3       # the questions get different answers
+    assert batched.runtime.cache.free_blocks == batched.runtime.cache.num_blocks - 1   # nothing left held
+    for it in items[:4]:   # and the text engine.chat gives for the same message
+        images = [Image.open(it["image"]).convert("RGB")] if it["image"] else []
+        want = chat(single.model, [{"role": "user", "content": it["prompt"]}], images,
+                    tokenizer=single.tokenizer, max_new_tokens=8)
+        assert one[it["question_id"]][0] == want.strip()
+    for a in (single, batched):   # sampled: question k uses seed + k, whatever runs beside it
+        a.temperature, a.seed = 0.8, 3
+    sampled_one, sampled_many = run(single, "sampled-one"), run(batched, "sampled-many")
+    assert sampled_many == sampled_one and sampled_one != one

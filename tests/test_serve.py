@@ -3,20 +3,25 @@
 A tiny checkpoint with the project's tiny tokenizer is exported to a directory; the server is
 built from that directory exactly as ``python -m engine.serve --model DIR`` builds it.
 """
+import asyncio
 import base64
 import concurrent.futures as cf
 import http.client
 import io
 import json
+import re
 import threading
+import time
 
 import pytest
 import torch
 from PIL import Image
 
 import engine
-from engine.chat import TextDecoder, chat, load_tokenizer
+from engine.chat import TextDecoder, chat, encode_chat, load_tokenizer
 from engine.client import ChatClient
+from engine.conversation import get_template
+from engine.generate import generate
 from engine.serve import ServerConfig, build_server
 from engine.tokenizer import build_tiny_tokenizer
 
@@ -38,7 +43,8 @@ def live_server(ckpt):
     """The server as ``python -m engine.serve --model DIR --port 0`` builds it, serving in a thread."""
     path, _, _ = ckpt
     srv = build_server(ServerConfig(model=path, port=0, max_tokens_limit=64, default_max_tokens=16,
-                                    max_images=2, max_body_bytes=1 << 20, max_batch=16))
+                                    max_images=2, max_body_bytes=1 << 20, max_batch=16,
+                                    max_image_pixels=64 * 64))
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield srv
@@ -194,7 +200,7 @@ def test_32_concurrent_requests_complete_with_batch_invariant_answers(server, li
     client = ChatClient(f"http://127.0.0.1:{server}/v1", "ckpt", max_retries=0, concurrency=32, timeout=120)
     results = dict(client.chat_many([[{"role": "user", "content": q}] for q in questions], max_tokens=12))
     assert sorted(results) == list(range(32))
-    assert live_server.scheduler.runtime.peak_batch > 1   # requests were batched together
+    assert live_server.engine.runtime.peak_batch > 1   # requests were batched together
     for i, q in enumerate(questions):
         want = chat(model, [{"role": "user", "content": q}], tokenizer=tok, max_new_tokens=12)
         assert results[i].text == want
@@ -205,14 +211,236 @@ def test_32_concurrent_requests_complete_with_batch_invariant_answers(server, li
     assert outs == [results[i].text for i in range(8)]
 
 
-def test_openai_client_if_installed(server):
-    openai = pytest.importorskip("openai", reason="the openai package is not installed in this environment")
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="none")
-    hi = [{"role": "user", "content": "Hi"}]
-    out = client.chat.completions.create(model="ckpt", messages=hi, max_tokens=8)
-    assert isinstance(out.choices[0].message.content, str)
-    chunks = list(client.chat.completions.create(model="ckpt", messages=hi, max_tokens=8, stream=True))
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == out.choices[0].message.content
+def test_official_openai_client_sync_async_and_streaming(server, ckpt):
+    import openai
+
+    _, model, tok = ckpt
+    q = "What color is the square?"
+    want = chat(model, [{"role": "user", "content": q}], tokenizer=tok, max_new_tokens=10)
+    msgs = [{"role": "user", "content": q}]
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="none", max_retries=0)
+    assert [m.id for m in client.models.list()] == ["ckpt"]
+    out = client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=10)
+    assert out.choices[0].message.content == want and out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.completion_tokens <= 10 and out.usage.total_tokens == out.usage.prompt_tokens + \
+        out.usage.completion_tokens
+    chunks = list(client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=10, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+    with pytest.raises(openai.BadRequestError, match="out of range"):
+        client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=1000)
+
+    async def run_async():
+        aclient = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="none", max_retries=0)
+        many = await asyncio.gather(*[aclient.chat.completions.create(model="ckpt", messages=msgs, max_tokens=10)
+                                      for _ in range(4)])
+        stream = await aclient.chat.completions.create(model="ckpt", messages=msgs, max_tokens=10, stream=True)
+        text = "".join([c.choices[0].delta.content or "" async for c in stream])
+        await aclient.close()
+        return [m.choices[0].message.content for m in many], text
+
+    many, streamed = asyncio.run(run_async())
+    assert many == [want] * 4 and streamed == want
+
+
+def test_n_seed_stop_and_logprobs(server, ckpt):
+    import openai
+
+    _, model, tok = ckpt
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{server}/v1", api_key="none", max_retries=0)
+    msgs = [{"role": "user", "content": "Name three shapes."}]
+    kw = dict(model="ckpt", messages=msgs, max_tokens=12, temperature=1.0)
+    three = client.chat.completions.create(n=3, seed=5, **kw)
+    texts = [c.message.content for c in sorted(three.choices, key=lambda c: c.index)]
+    assert [c.index for c in three.choices] == [0, 1, 2] and len(set(texts)) > 1  # seeds 5, 6, 7 differ
+    # choice i samples with seed + i, whatever else runs beside it
+    assert texts == [client.chat.completions.create(seed=5 + i, **kw).choices[0].message.content for i in range(3)]
+    streamed = {}
+    for c in client.chat.completions.create(n=3, seed=5, stream=True, **kw):
+        for ch in c.choices:
+            streamed[ch.index] = streamed.get(ch.index, "") + (ch.delta.content or "")
+    assert [streamed[i] for i in range(3)] == texts
+    assert three.usage.completion_tokens == sum(
+        client.chat.completions.create(seed=5 + i, **kw).usage.completion_tokens for i in range(3))
+
+    # a stop string cuts the text before it and ends with "stop"
+    greedy = client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=24).choices[0].message.content
+    cut = greedy[len(greedy) // 2:len(greedy) // 2 + 3]
+    assert len(cut) == 3
+    stopped = client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=24, stop=[cut]).choices[0]
+    assert stopped.message.content == greedy[:greedy.index(cut)] and stopped.finish_reason == "stop"
+
+    # logprobs: the model's own log-softmax at each step (fp32), the greedy token on top
+    out = client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=3)
+    content = out.choices[0].logprobs.content
+    ids, _ = encode_chat(tok, get_template("vicuna_v1"), msgs, [], model)
+    ref = generate(model, [ids], max_new_tokens=6, output_logits=True)[0]
+    assert len(content) == len(ref.tokens)
+    ref_lp = torch.log_softmax(ref.logits[:len(ref.tokens)].double(), -1)
+    for step, (entry, t) in enumerate(zip(content, ref.tokens, strict=True)):
+        assert entry.token == tok.decode([t]) and len(entry.top_logprobs) == 3
+        assert entry.logprob == pytest.approx(float(ref_lp[step, t]), abs=1e-4)
+        assert entry.top_logprobs[0].logprob == entry.logprob   # greedy: the chosen token is the most likely
+        assert [x.logprob for x in entry.top_logprobs] == sorted((x.logprob for x in entry.top_logprobs),
+                                                                 reverse=True)
+    streamed = [c.choices[0] for c in client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6,
+                                                                      logprobs=True, top_logprobs=3, stream=True)]
+    assert [e.model_dump() for c in streamed if c.logprobs for e in c.logprobs.content] == \
+        [e.model_dump() for e in content]
+    with pytest.raises(openai.BadRequestError, match="requires 'logprobs'"):
+        client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6, top_logprobs=3)
+    with pytest.raises(openai.BadRequestError, match="'n'=9 is out of range"):
+        client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6, n=9)
+
+
+def test_chunked_bodies_are_read_and_limited_and_the_schema_is_published(server):
+    def chunked(parts):
+        conn = http.client.HTTPConnection("127.0.0.1", server, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=iter(parts), encode_chunked=True,
+                     headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        out = resp.status, json.loads(resp.read())
+        conn.close()
+        return out
+
+    body = json.dumps({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}).encode()
+    status, obj = chunked([body[:10], body[10:]])     # no Content-Length: read in pieces
+    assert status == 200 and obj["choices"][0]["message"]["role"] == "assistant"
+    status, obj = chunked([b"x" * (1 << 19)] * 3)      # 1.5 MiB against the 1 MiB limit
+    assert status == 413 and "exceeds the limit" in obj["error"]["message"]
+    status, payload = request(server, "GET", "/openapi.json")
+    body_schema = json.loads(payload)["paths"]["/v1/chat/completions"]["post"]["requestBody"]["content"]
+    assert "messages" in body_schema["application/json"]["schema"]["properties"]
+
+
+def test_a_client_leaving_a_non_streamed_request_frees_it(ckpt):
+    path, model, tok = ckpt
+    srv = build_server(ServerConfig(model=path, port=0, max_tokens_limit=1500, max_batch=2), model=model,
+                       tokenizer=tok)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        port = srv.server_address[1]
+
+        def health():
+            return json.loads(request(port, "GET", "/health")[1])
+
+        body = json.dumps({"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 1500})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        deadline = time.monotonic() + 30
+        while health()["running"] == 0:   # decoding (1500 tokens take seconds here)
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        conn.close()                       # gone before the answer
+        while (h := health())["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert h["running"] == h["waiting"] == 0 and h["cancelled_requests"] == 1
+        assert h["kv_blocks_free"] == h["kv_blocks_total"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_api_key_is_required_when_set(ckpt):
+    import openai
+
+    path, model, tok = ckpt
+    srv = build_server(ServerConfig(model=path, port=0, api_key="s3cret-key", max_batch=2), model=model,
+                       tokenizer=tok)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = srv.server_address[1]
+        assert request(port, "GET", "/health")[0] == 200          # health needs no key
+        status, payload = request(port, "GET", "/v1/models")
+        assert status == 401 and json.loads(payload)["error"]["type"] == "authentication_error"
+        url = f"http://127.0.0.1:{port}/v1"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=url, api_key="wrong", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=url, api_key="s3cret-key", max_retries=0)
+        out = good.chat.completions.create(model="ckpt", messages=[{"role": "user", "content": "Hi"}], max_tokens=4)
+        assert isinstance(out.choices[0].message.content, str)
+        assert "s3cret-key" not in repr(srv.cfg) and "s3cret-key" not in json.dumps(srv.cfg.public())
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# ---- a bounded load test: 64 streaming clients, some leaving mid-stream, some sending garbage ----------
+
+async def _raw_post(port: int, body: bytes, *, leave_after_first_token: bool = False) -> tuple[int, bytes]:
+    """POST over a raw socket; with ``leave_after_first_token`` close the connection after the first content
+    chunk (a client that goes away mid-stream). Returns (status, the body read)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    while (await reader.readline()).strip():
+        pass
+    data = b""
+    while chunk := await reader.read(1 << 16):
+        data += chunk
+        if leave_after_first_token and b'"content": "' in data.split(b"\n\n", 1)[-1]:
+            break
+    writer.close()
+    return status, data
+
+
+def _sse_text(data: bytes) -> str:
+    """The content of a chunked (Transfer-Encoding) SSE body, joined."""
+    events = re.findall(rb"data: (\{.*?\}|\[DONE\])\n", data)
+    assert events and events[-1] == b"[DONE]", data[-300:]
+    return "".join(json.loads(e)["choices"][0]["delta"].get("content", "") for e in events[:-1])
+
+
+def test_load_64_streaming_clients_with_disconnects_and_bad_requests(server, live_server):
+    questions = [f"Describe shape {i}." for i in range(4)]
+    bad_b64 = "data:image/png;base64,@@not-base64@@"
+    big = "data:image/png;base64," + base64.b64encode(png_bytes(9, size=(80, 80))).decode()   # over 64×64 pixels
+
+    def body(content, **kw):
+        return json.dumps({"model": "ckpt", "messages": [{"role": "user", "content": content}], **kw}).encode()
+
+    def img(url):
+        return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "What is it?"}]
+
+    kinds = (["good"] * 40 + ["leave"] * 8 + ["json"] * 6 + ["b64"] * 5 + ["big"] * 5)
+    before = json.loads(request(server, "GET", "/health")[1])
+
+    async def one(i, kind):
+        if kind == "good":
+            return await _raw_post(server, body(questions[i % 4], max_tokens=12, stream=True))
+        if kind == "leave":
+            return await _raw_post(server, body("Tell a long story.", max_tokens=64, stream=True),
+                                   leave_after_first_token=True)
+        raw = {"json": b'{"messages": [', "b64": body(img(bad_b64), stream=True), "big": body(img(big))}[kind]
+        return await _raw_post(server, raw)
+
+    async def run():
+        return await asyncio.gather(*[one(i, k) for i, k in enumerate(kinds)])
+
+    results = asyncio.run(run())
+    want = {q: complete(server, [{"role": "user", "content": q}], max_tokens=12)[0] for q in questions}
+    for i, (kind, (status, data)) in enumerate(zip(kinds, results, strict=True)):
+        if kind == "good":
+            assert status == 200 and _sse_text(data) == want[questions[i % 4]]
+        elif kind == "leave":
+            assert status == 200
+        else:
+            expect = {"json": (400, "not valid JSON"), "b64": (400, "invalid base64"), "big": (413, "exceeds")}[kind]
+            assert status == expect[0] and expect[1] in data.decode(), data
+    deadline = time.monotonic() + 10
+    while True:  # the engine frees a departed client's blocks at its next step
+        health = json.loads(request(server, "GET", "/health")[1])
+        if health["running"] == health["waiting"] == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert health["running"] == health["waiting"] == 0
+    assert health["kv_blocks_free"] == health["kv_blocks_total"]
+    assert health["cancelled_requests"] - before["cancelled_requests"] == kinds.count("leave")
+    assert complete(server, [{"role": "user", "content": questions[0]}], max_tokens=12)[0] == want[questions[0]]
 
 
 def test_text_decoder_stops_at_stop_strings_and_streams_consistently(ckpt):

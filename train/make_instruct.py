@@ -113,7 +113,6 @@ class InstructConfig:
     timeout: float = 60.0
     max_retries: int = 5
     malformed_retries: int = 2
-    backoff: float = 1.0
     temperature: float = 0.0
     max_tokens: int | None = 1024
 
@@ -477,9 +476,8 @@ def run(config: InstructConfig) -> dict:
     client = None
     if not config.offline:
         client = ChatClient(config.teacher_url, config.teacher_model, api_key_env=config.api_key_env,
-                            timeout=config.timeout, max_retries=config.max_retries, backoff=config.backoff,
-                            concurrency=config.concurrency, malformed_retries=config.malformed_retries,
-                            seed=config.seed)
+                            timeout=config.timeout, max_retries=config.max_retries,
+                            concurrency=config.concurrency, malformed_retries=config.malformed_retries)
     # A teacher's answer costs money and minutes: each line is fsync'd. Offline lines are free to redo.
     durable = not config.offline
     reasons: Counter = Counter()
