@@ -57,13 +57,13 @@ print(json.dumps({"tokens": [o.tokens for o in out], "hf_kernels": None if hf is
 """
 
 
-def _installed_from_checkout() -> bool:
-    """True when llava-engine is installed (editable or not) so a process outside the checkout finds it."""
-    try:
-        md.distribution(DIST)
-    except md.PackageNotFoundError:
-        return False
-    return True
+def _installed_engine(cwd: Path) -> Path | None:
+    """Where a fresh interpreter outside the checkout finds ``engine`` (None: not installed)."""
+    proc = subprocess.run([sys.executable, "-c", "import importlib.util as u; s = u.find_spec('engine'); "
+                           "print(s.origin if s else '')"], cwd=cwd, capture_output=True, text=True, timeout=60,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    origin = proc.stdout.strip()
+    return Path(origin).resolve() if origin else None
 
 
 def _run(cwd: Path, ckpt: str) -> dict:
@@ -81,10 +81,13 @@ def _check(result: dict) -> None:
 
 
 def test_user_program_from_outside_the_checkout(tiny_checkpoint, tmp_path):
-    if not _installed_from_checkout():
-        pytest.skip(f"{DIST} is not installed (pip install -e .), so no program outside the checkout can import it")
     outside = tmp_path / "elsewhere"
     outside.mkdir()
+    found = _installed_engine(outside)
+    if found is None:
+        pytest.skip(f"{DIST} is not installed (pip install -e .), so no program outside the checkout can import it")
+    if found.parent.parent != ROOT:
+        pytest.skip(f"the installed {DIST} is another checkout ({found.parent.parent}), not this one")
     _check(_run(outside, tiny_checkpoint))
 
 
