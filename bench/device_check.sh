@@ -52,16 +52,18 @@ print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', 
 print('auto:', dispatch.describe(torch.device('cuda')))"
 
 stamp "GPU tests"
-timeout -k 5 "$(left 95)" python3 -m pytest -q -m gpu tests/test_kernel_masked_loss.py tests/test_cuda_ops.py \
-  tests/test_kernel_paged_decode.py tests/test_dispatch.py -p no:cacheprovider --tb=short -rfEs \
+# CHECK_TESTS / CHECK_BENCH / CHECK_K replace the default selection (a later re-check of other files).
+read -r -a TESTS <<< "${CHECK_TESTS:-tests/test_kernel_masked_loss.py tests/test_cuda_ops.py tests/test_kernel_paged_decode.py tests/test_dispatch.py}"
+read -r -a BENCHES <<< "${CHECK_BENCH:-bench_masked_loss.py bench_paged_decode.py bench_scatter.py}"
+timeout -k 5 "$(left 95)" python3 -m pytest -q -m gpu "${TESTS[@]}" -p no:cacheprovider --tb=short -rfEs \
   ${XDIST[@]+"${XDIST[@]}"} ${PER_TEST[@]+"${PER_TEST[@]}"} --junitxml="$OUT/gpu_tests.xml"
 echo "GPU tests exit: $?"
 
 # Each case saves its JSON rows as it ends: if the timeout cuts this short, what finished is kept.
 stamp "GPU benchmarks"
 BENCH_S=$(left 240)
-(cd bench && timeout -k 5 "$BENCH_S" python3 -m pytest -q -m gpu bench_masked_loss.py bench_paged_decode.py \
-  bench_scatter.py -k "not T8192" --benchmark-only -p no:cacheprovider --tb=short -rfEs \
+(cd bench && timeout -k 5 "$BENCH_S" python3 -m pytest -q -m gpu "${BENCHES[@]}" \
+  -k "${CHECK_K:-not T8192}" --benchmark-only -p no:cacheprovider --tb=short -rfEs \
   --benchmark-columns=min,median,max,rounds)
 echo "GPU benchmarks exit: $? (timeout ${BENCH_S} s)"
 stamp "done"
