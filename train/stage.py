@@ -16,7 +16,8 @@ import torch
 import engine
 from engine.weights import compose, load_projector
 from train.data import load_samples
-from train.loop import LoopConfig, setup_distributed, train
+from train.distributed import setup_distributed
+from train.loop import LoopConfig, train
 
 # (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
 DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
