@@ -37,6 +37,7 @@ from train.checkpoint import (
 )
 from train.data import StepDataset, count_targets, plan_steps
 from train.distributed import StopFlag, agreed_stop, rank_world, shard_model
+from train.memory import GiB, advice, choose_checkpointing, device_capacity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,7 +54,8 @@ class LoopConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     fused: bool = False
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None    # None: on only when the memory plan needs it
+    memory_capacity_gib: float | None = None  # plan for this much device memory (default: the device's)
     nvtx: bool = False
     save_every: int | None = None
     eval_every: int | None = None
@@ -155,13 +157,20 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     image_size = image_size or model.config.vision.image_size
-    model.decoder.gradient_checkpointing = cfg.grad_checkpointing
     model.nvtx = cfg.nvtx
     # One switch for every op: the model's projector/scatter and micro_loss's masked loss all read
     # model.kernel_backend (None = the dispatcher's choice, which env overrides can still steer).
     model.kernel_backend = None if cfg.fused else "torch"
     if not cfg.fused:
         model.attention_backend = "sdpa"
+    # The memory plan, before sharding, optimizer state or activations exist: a run that cannot fit
+    # stops here saying what to change.
+    capacity = int(cfg.memory_capacity_gib * GiB) if cfg.memory_capacity_gib else device_capacity(device)
+    plan = choose_checkpointing(model, requested=cfg.grad_checkpointing, device=device, world=world,
+                                tokens=cfg.max_tokens_per_batch, capacity=capacity)
+    if not plan.fits:
+        raise ValueError(f"this run will not fit in memory:\n{plan.report()}\nto fit: {advice(plan)}")
+    model.decoder.gradient_checkpointing = plan.grad_checkpointing
     if world > 1:
         shard_model(model)
     params = [p for p in model.parameters() if p.requires_grad]   # after sharding: FSDP2 swaps in DTensors
@@ -188,8 +197,10 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                      "device": str(device),
                      "kernels": llava_kernels.dispatch.describe(device, None if cfg.fused else "torch"),
                      "attention": resolve_backend(device, model.attention_backend),
-                     "total_steps": total, "resumed_from": ckpt}
+                     "total_steps": total, "resumed_from": ckpt, "grad_checkpointing": plan.grad_checkpointing,
+                     "memory_plan_gib": round(plan.peak / GiB, 3)}
         print(json.dumps({"effective_config": effective}, default=str), flush=True)
+        print(plan.report(), flush=True)
 
     use_bf16 = device.type == "cuda"
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())

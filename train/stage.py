@@ -48,7 +48,8 @@ class StageConfig:
     resume: bool
     seed: int
     device: str
-    grad_checkpointing: bool
+    grad_checkpointing: bool | None
+    memory_capacity_gib: float | None
     max_grad_norm: float | None
     nvtx: bool
     save_every: int | None
@@ -83,7 +84,10 @@ def parser(stage: int) -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each decoder layer in the backward (default: only when the memory plan needs it)")
+    p.add_argument("--memory-capacity-gib", type=float,
+                   help="plan for this much memory per rank instead of the device's own (a shared or smaller GPU)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--nvtx", action="store_true")
     p.add_argument("--save-every", type=int)
@@ -103,6 +107,7 @@ def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
         max_tokens_per_batch=args.max_tokens_per_batch, epochs=args.epochs or epochs, max_steps=args.max_steps,
         max_length=args.max_length, truncate=args.truncate, on_bad_record=args.on_bad_record, fused=args.fused,
         resume=args.resume, seed=args.seed, device=args.device, grad_checkpointing=args.grad_checkpointing,
+        memory_capacity_gib=args.memory_capacity_gib,
         max_grad_norm=args.max_grad_norm or None, nvtx=args.nvtx, save_every=args.save_every,
         eval_every=args.eval_every, num_workers=args.num_workers, vision_feature_layer=args.vision_feature_layer,
         answer_first=args.answer_first)
@@ -153,7 +158,8 @@ def loop_config(cfg: StageConfig) -> LoopConfig:
     return LoopConfig(output=cfg.output, lr=cfg.lr, global_batch=cfg.global_batch,
                       max_tokens_per_batch=cfg.max_tokens_per_batch, epochs=cfg.epochs, max_steps=cfg.max_steps,
                       max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, fused=cfg.fused,
-                      grad_checkpointing=cfg.grad_checkpointing, nvtx=cfg.nvtx, save_every=cfg.save_every,
+                      grad_checkpointing=cfg.grad_checkpointing, memory_capacity_gib=cfg.memory_capacity_gib,
+                      nvtx=cfg.nvtx, save_every=cfg.save_every,
                       eval_every=cfg.eval_every, num_workers=cfg.num_workers)
 
 
