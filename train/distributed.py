@@ -43,7 +43,9 @@ def shard_model(model) -> None:
     over ranks would be wrong, and undoing it by scaling the loss would make the masked loss's
     backward see grad_output != 1 (its slow path).
     """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    if isinstance(model, FSDPModule):      # already sharded (composed on the meta device)
+        return
     units = [fully_shard(block) for block in model.decoder.layers]
     units.append(fully_shard(model))
     for unit in units:

@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 
 import engine
-from engine.weights import compose, load_projector
+from engine.weights import load_projector
 from train.data import load_samples
-from train.distributed import setup_distributed
+from train.distributed import rank_world, setup_distributed, shard_model
 from train.loop import LoopConfig, train
+from train.materialize import materialize, meta_compose, read_projector
 
 # (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
 DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
@@ -121,9 +122,15 @@ def _checkpoint_dir(path: str) -> str:
     return path
 
 
-def build_model(cfg: StageConfig) -> tuple[engine.Llava, str]:
-    """The starting model and the directory its tokenizer comes from."""
+def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[engine.Llava, str]:
+    """The starting model (frozen for the stage) and the directory its tokenizer comes from.
+
+    Composed from ``--vision`` + ``--llm`` it is built on the meta device, sharded first when
+    there are several ranks, and each rank materialises only its shards on ``device``
+    (train/materialize.py); loaded checkpoints are read whole, on the host.
+    """
     backend = None if cfg.fused else "torch"
+    device = device or torch.device(cfg.device)
     init = cfg.init
     if init and not init.endswith(".bin") and not os.path.isfile(os.path.join(init, "mm_projector.bin")):
         source = _checkpoint_dir(init)            # a full LLaVA (or our stage-1 output) to start from
@@ -133,13 +140,22 @@ def build_model(cfg: StageConfig) -> tuple[engine.Llava, str]:
         source = _checkpoint_dir(cfg.model)
         model, tok = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend), source
     elif cfg.vision and cfg.llm:
-        model, tok = compose(cfg.vision, cfg.llm, dtype=torch.float32, seed=cfg.seed, kernel_backend=backend), cfg.llm
+        meta = meta_compose(cfg.vision, cfg.llm, seed=cfg.seed, kernel_backend=backend)
+        if init:                                  # an upstream stage-1 projector replaces the fresh one
+            meta.overrides = read_projector(init)
+        if cfg.vision_feature_layer is not None:
+            meta.model.config = meta.model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
+        freeze_for_stage(meta.model, cfg.stage)
+        if rank_world()[1] > 1:
+            shard_model(meta.model)
+        return materialize(meta, device=device), cfg.llm
     else:
         raise ValueError("give --model DIR, or --vision DIR with --llm DIR")
     if init:                                      # an upstream stage-1 projector
         load_projector(model, init)
     if cfg.vision_feature_layer is not None:
         model.config = model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
+    freeze_for_stage(model, cfg.stage)
     return model, tok
 
 
@@ -171,8 +187,7 @@ def run_stage(cfg: StageConfig):
         raise ValueError("--data is required (the embedded default runs only with no --model/--data at all)")
     device = torch.device(cfg.device)
     setup_distributed(device)
-    model, tok_dir = build_model(cfg)
-    freeze_for_stage(model, cfg.stage)
+    model, tok_dir = build_model(cfg, device)
     model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     kw = dict(template=cfg.template, image_token_id=model.config.image_token_id,
