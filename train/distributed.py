@@ -30,8 +30,15 @@ def setup_distributed(device: torch.device) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
 
-def shard_model(model) -> None:
+def shard_model(model, *, mixed_precision: bool = False) -> None:
     """FSDP2: each decoder block its own unit, the root (everything else) last.
+
+    ``mixed_precision`` (the GPU default, ``uses_mixed_precision``): FSDP2's MixedPrecisionPolicy
+    instead of autocast. Parameters are all-gathered in bf16 for compute and freed again after each
+    unit's forward (re-gathered for its backward), so no bf16 copy of a weight lives from forward to
+    backward; gradients are reduced in fp32 into the fp32 master shards the optimizer updates.
+    Frozen parameters (the vision tower; the LLM in stage 1) are stored in bf16 (they never need a
+    master copy) and get no optimizer state: the optimizer only sees what requires grad.
 
     The frozen vision tower stays in the root unit: a rank whose micro-batch has no image skips
     the tower, so per-block vision units would issue all-gathers the other ranks do not match.
@@ -43,17 +50,29 @@ def shard_model(model) -> None:
     over ranks would be wrong, and undoing it by scaling the loss would make the masked loss's
     backward see grad_output != 1 (its slow path).
     """
-    from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
     if isinstance(model, FSDPModule):      # already sharded (composed on the meta device)
         return
-    units = [fully_shard(block) for block in model.decoder.layers]
-    units.append(fully_shard(model))
+    kw = {}
+    if mixed_precision:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(torch.bfloat16)
+    units = [fully_shard(block, **kw) for block in model.decoder.layers]
+    units.append(fully_shard(model, **kw))
     for unit in units:
         unit.set_gradient_divide_factor(1.0)
         # a plain SUM collective: with factor 1 FSDP would otherwise ask for PREMUL_SUM(1), which
         # gloo lacks and NCCL does not need
         unit.set_force_sum_reduction_for_comms(True)
     register_fsdp_forward_method(model, "forward_packed")
+
+
+def uses_mixed_precision(device: torch.device, world: int) -> bool:
+    """bf16 compute through FSDP2's MixedPrecisionPolicy: on GPUs with several ranks. One GPU process
+    (no FSDP) keeps autocast; the CPU computes in fp32."""
+    return device.type == "cuda" and world > 1
 
 
 class StopFlag:

@@ -36,7 +36,7 @@ from train.checkpoint import (
     truncate_metrics,
 )
 from train.data import StepDataset, count_targets, plan_steps
-from train.distributed import StopFlag, agreed_stop, rank_world, shard_model
+from train.distributed import StopFlag, agreed_stop, rank_world, shard_model, uses_mixed_precision
 from train.memory import GiB, advice, choose_checkpointing, device_capacity
 
 
@@ -171,8 +171,9 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     if not plan.fits:
         raise ValueError(f"this run will not fit in memory:\n{plan.report()}\nto fit: {advice(plan)}")
     model.decoder.gradient_checkpointing = plan.grad_checkpointing
+    mixed_precision = uses_mixed_precision(device, world)
     if world > 1:
-        shard_model(model)
+        shard_model(model, mixed_precision=mixed_precision)
     params = [p for p in model.parameters() if p.requires_grad]   # after sharding: FSDP2 swaps in DTensors
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
@@ -202,8 +203,9 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
         print(json.dumps({"effective_config": effective}, default=str), flush=True)
         print(plan.report(), flush=True)
 
-    use_bf16 = device.type == "cuda"
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    # bf16 on a GPU: FSDP2's policy with several ranks (shard_model), autocast for one process
+    use_autocast = device.type == "cuda" and not mixed_precision
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
     eval_ds = None
     if eval_samples and cfg.eval_every:
         eval_steps = [list(range(k, min(k + cfg.global_batch, len(eval_samples))))

@@ -3,18 +3,18 @@
 Letters: N parameter counts (all / trainable), W ranks, T tokens of one micro-batch, L decoder
 layers, D width, Dq = H·Dh query width, Dkv key/value width, F MLP width, V vocab.
 
-Per rank, in bytes (``r`` = 4: the residual stream, norms and master weights are fp32; ``c`` =
-the compute dtype's size: 4 in fp32, 2 under bf16 autocast):
+Per rank, in bytes (``c``: the compute dtype's size, 4 in fp32, 2 in bf16; ``r``: the residual
+stream's, 4 in fp32 and under autocast, 2 under FSDP2's bf16 MixedPrecisionPolicy):
 
-- parameters  4·N_all / W       fp32 master weights, FSDP2-sharded (frozen ones too)
+- parameters  4·N_train / W + (2 or 4)·N_frozen / W  fp32 masters; frozen weights bf16 under the policy
 - gradients   4·N_train / W     only what trains
 - optimizer   8·N_train / W     AdamW exp_avg + exp_avg_sq
-- gathered    (W > 1) FSDP2's unsharded units: the root unit (tower, projector, embedding, head)
+- gathered    (W > 1) FSDP2's unsharded units, bf16 under the policy: the root unit (tower, projector, embedding, head)
               stays gathered from forward to backward, plus two decoder blocks (current + prefetch)
 - weight copies  (bf16 autocast) autocast's bf16 casts of the weights, saved for backward: every
               decoder layer (one, with checkpointing) + the head
 - activations saved for backward; per token and layer (``_layer_bytes``): each RMSNorm keeps its
-              fp32 input, 1/rms and normalised input plus the linear's input (c·D); attention keeps
+              fp32 input, 1/rms, normalised input (r·D) plus the linear's input (c·D); attention keeps
               q, k, v and the output (k, v repeated to H heads by the reference ``sdpa`` path, which
               also keeps a copy of the output for ``o``) and the fp32 log-sum-exp; the SwiGLU MLP
               keeps gate, up, silu(gate) and the product (4·c·F). With checkpointing each layer keeps
@@ -104,29 +104,47 @@ def parameter_counts(config, stage: int) -> dict[str, int]:
     return counts
 
 
-def _layer_bytes(text, c: int, kv_repeated: bool) -> int:
+def _norm_bytes(d: int, c: int, r: int) -> int:
+    """One RMSNorm per token: its fp32 input (x itself when the residual is fp32, else an fp32 copy),
+    1/rms, the normalised input in the residual's dtype (kept for the weight's grad) and the output
+    in the compute dtype (kept by the next linear)."""
+    return 4 * d + 4 + r * d + c * d
+
+
+def _layer_bytes(text, c: int, r: int, kv_repeated: bool) -> int:
     """Bytes one decoder layer saves for backward per token (see the module docstring)."""
     d, f = text.hidden_size, text.intermediate_size
     dq, dkv = text.num_heads * text.head_dim, text.num_kv_heads * text.head_dim
-    norms = 2 * (4 * d + 4 + 4 * d + c * d)
+    norms = 2 * _norm_bytes(d, c, r)
     kv = dq if kv_repeated else dkv
     attention = c * (dq + 2 * kv + dq + (dq if kv_repeated else 0)) + 4 * text.num_heads
     return norms + attention + 4 * c * f
 
 
-def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointing: bool, autocast_bf16: bool,
+PRECISIONS = ("fp32", "autocast", "fsdp_bf16")
+
+
+def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointing: bool, precision: str,
                 kv_repeated: bool, fused_loss: bool, foreach_optimizer: bool, capacity: int | None) -> MemoryPlan:
-    """The plan for one rank (module docstring). ``tokens``: packed tokens per micro-batch."""
+    """The plan for one rank (module docstring). ``tokens``: packed tokens per micro-batch.
+
+    ``precision``: ``fp32`` (the CPU), ``autocast`` (one GPU process: fp32 weights and residual
+    stream, bf16 GEMMs) or ``fsdp_bf16`` (several GPU ranks: FSDP2's MixedPrecisionPolicy, bf16
+    compute and residual stream, fp32 masters for what trains, frozen weights stored in bf16).
+    """
     if world < 1 or tokens < 1:
         raise ValueError(f"plan_memory: world={world} and tokens={tokens} must be >= 1")
+    if precision not in PRECISIONS:
+        raise ValueError(f"plan_memory: precision {precision!r} is not one of {PRECISIONS}")
     n = parameter_counts(config, stage)
     text = config.text
-    c = 2 if autocast_bf16 else 4
+    c = 4 if precision == "fp32" else 2
+    r = 2 if precision == "fsdp_bf16" else 4          # the residual stream's bytes
     layers = text.num_layers
-    per_layer = _layer_bytes(text, c, kv_repeated)
-    final = 4 * text.hidden_size + 4 + 4 * text.hidden_size + c * text.hidden_size  # final norm
+    per_layer = _layer_bytes(text, c, r, kv_repeated)
+    final = _norm_bytes(text.hidden_size, c, r)
     if grad_checkpointing:
-        activations, recompute = tokens * (layers * 4 * text.hidden_size + final), tokens * per_layer
+        activations, recompute = tokens * (layers * r * text.hidden_size + final), tokens * per_layer
     else:
         activations, recompute = tokens * (layers * per_layer + final), 0
     if fused_loss:
@@ -134,14 +152,17 @@ def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointi
     else:
         loss = 3 * 4 * tokens * text.vocab_size
     copies = 0
-    if autocast_bf16:
+    if precision == "autocast":
         copies = 2 * ((1 if grad_checkpointing else layers) * n["block"] + n["head"])
-    gathered = 4 * (n["root"] + 2 * n["block"]) if world > 1 else 0
+    gathered_bytes = 2 if precision == "fsdp_bf16" else 4
+    gathered = gathered_bytes * (n["root"] + 2 * n["block"]) if world > 1 else 0
+    frozen_bytes = 2 if precision == "fsdp_bf16" else 4
     # AdamW's sqrt(v)/bias-correction temporaries: per tensor (two of the largest) in the CPU's
     # single-tensor path, one of the whole shard in the foreach path (CUDA's default)
     step = 4 * n["trainable"] // world if foreach_optimizer else 2 * 4 * -(-n["largest"] // world)
     return MemoryPlan(world=world, tokens=tokens, grad_checkpointing=grad_checkpointing, compute_bytes=c,
-                      parameters=4 * n["all"] // world, gradients=4 * n["trainable"] // world,
+                      parameters=(4 * n["trainable"] + frozen_bytes * (n["all"] - n["trainable"])) // world,
+                      gradients=4 * n["trainable"] // world,
                       optimizer=8 * n["trainable"] // world, gathered=gathered, weight_copies=copies,
                       activations=activations, recompute=recompute, loss=loss, step_workspace=step,
                       capacity=capacity)
@@ -170,13 +191,17 @@ def device_capacity(device: torch.device) -> int | None:
 def plan_for_model(model, *, device: torch.device, world: int, tokens: int, grad_checkpointing: bool,
                    capacity: int | None) -> MemoryPlan:
     """The plan of the loop's own set-up for ``model`` (frozen parts as marked by requires_grad, its
-    attention and kernel backends) on ``device``: bf16 autocast and foreach AdamW on CUDA, fp32 on the CPU."""
+    attention and kernel backends) on ``device``: on CUDA bf16 (FSDP2's policy with several ranks,
+    autocast for one) and foreach AdamW, fp32 on the CPU."""
     import llava_kernels
     from engine.attention import resolve_backend
     loss_backend = llava_kernels.dispatch.resolve("masked_loss", device, model.kernel_backend)
     decoder_trains = any(p.requires_grad for n, p in model.named_parameters() if n.startswith("decoder."))
+    from train.distributed import uses_mixed_precision
+    precision = "fp32" if device.type != "cuda" else (
+        "fsdp_bf16" if uses_mixed_precision(device, world) else "autocast")
     return plan_memory(model.config, stage=2 if decoder_trains else 1, world=world, tokens=tokens,
-                       grad_checkpointing=grad_checkpointing, autocast_bf16=device.type == "cuda",
+                       grad_checkpointing=grad_checkpointing, precision=precision,
                        kv_repeated=resolve_backend(device, model.attention_backend) == "sdpa",
                        fused_loss=loss_backend != "torch",
                        foreach_optimizer=device.type == "cuda", capacity=capacity)

@@ -16,7 +16,7 @@ import torch
 import engine
 from engine.weights import load_projector
 from train.data import load_samples
-from train.distributed import rank_world, setup_distributed, shard_model
+from train.distributed import rank_world, setup_distributed, shard_model, uses_mixed_precision
 from train.loop import LoopConfig, train
 from train.materialize import materialize, meta_compose, read_projector
 
@@ -146,8 +146,9 @@ def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[e
         if cfg.vision_feature_layer is not None:
             meta.model.config = meta.model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
         freeze_for_stage(meta.model, cfg.stage)
-        if rank_world()[1] > 1:
-            shard_model(meta.model)
+        world = rank_world()[1]
+        if world > 1:
+            shard_model(meta.model, mixed_precision=uses_mixed_precision(device, world))
         return materialize(meta, device=device), cfg.llm
     else:
         raise ValueError("give --model DIR, or --vision DIR with --llm DIR")
