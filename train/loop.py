@@ -223,7 +223,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                              rank=rank, world=world, first_step=max(first - start, 0), image_mode=cfg.image_mode)
             # Worker processes decode images and pack the next steps while this one trains.
             loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-                                                 persistent_workers=False)
+                                                 persistent_workers=False, pin_memory=device.type == "cuda")
             t0 = time.time()
             batches = iter(loader)
             while True:

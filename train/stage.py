@@ -81,7 +81,8 @@ def parser(stage: int) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--truncate", action="store_true", help="truncate over-long samples instead of dropping them")
     p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
-    p.add_argument("--fused", action="store_true", help="fused kernels + varlen flash attention")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction,
+                   help="fused kernels + varlen flash attention (default: on for stage 1 on a GPU)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -99,6 +100,13 @@ def parser(stage: int) -> argparse.ArgumentParser:
     return p
 
 
+def default_fused(stage: int, device: str) -> bool:
+    """Stage 1 runs the fused path by default on a GPU: only the projector trains, so the step is
+    dominated by the frozen LLM's forward/backward through the masked loss, which the fused loss
+    (no [T, V] logits) and varlen flash attention make cheaper; the CPU keeps the reference path."""
+    return stage == 1 and torch.device(device).type == "cuda"
+
+
 def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
     lr, batch, epochs = DEFAULTS[stage]["paper" if args.paper else "1.5"]
     return StageConfig(
@@ -106,7 +114,8 @@ def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
         data=args.data, image_folder=args.image_folder, eval_data=args.eval_data, output=args.output,
         template=args.template, lr=args.lr or lr, global_batch=args.global_batch or batch,
         max_tokens_per_batch=args.max_tokens_per_batch, epochs=args.epochs or epochs, max_steps=args.max_steps,
-        max_length=args.max_length, truncate=args.truncate, on_bad_record=args.on_bad_record, fused=args.fused,
+        max_length=args.max_length, truncate=args.truncate, on_bad_record=args.on_bad_record,
+        fused=default_fused(stage, args.device) if args.fused is None else args.fused,
         resume=args.resume, seed=args.seed, device=args.device, grad_checkpointing=args.grad_checkpointing,
         memory_capacity_gib=args.memory_capacity_gib,
         max_grad_norm=args.max_grad_norm or None, nvtx=args.nvtx, save_every=args.save_every,
@@ -210,7 +219,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     args = parser(stage).parse_args(argv)
     if stage == 2 and not any((args.model, args.data, args.init, args.vision, args.llm)):
         from train.default import run_default
-        run_default(fused=args.fused, output=args.output if args.output != "runs/stage2" else "runs/default",
+        run_default(fused=bool(args.fused), output=args.output if args.output != "runs/stage2" else "runs/default",
                     device=args.device, seed=args.seed, max_steps=args.max_steps)
         return
     try:
