@@ -4,6 +4,9 @@
   ``train_step`` (fp32, CPU, one process), read from the profiler's allocation events, plus the
   parameters and optimizer state alive before it; the plan must be within 5% (the issue asks 15%)
   in three regimes: activations + loss dominate, checkpointing on, and the optimizer step dominates;
+- the same with FSDP2's bf16 policy on 2 gloo ranks (bf16 runs on the CPU too), each rank measuring
+  its own step, within 15% (measured: ~0.5% when activations dominate, ~3-7% when the optimizer
+  and reduce-scatter side does);
 - LLaVA-1.5-7B / 13B on 8×80 GB: the parameter counts match the published model sizes; the plans
   with and without checkpointing, and the loop refuses a run that will not fit, naming what to change.
 """
@@ -11,9 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
 import torch
+import torch.distributed as dist
+from helpers import ENV, REPO, ok
 from torch.profiler import ProfilerActivity, profile
 
 import engine
@@ -67,6 +75,70 @@ def test_plan_matches_a_measured_cpu_step(tokens, checkpointing, tmp_path):
     plan = plan_memory(config, stage=2, world=1, tokens=tokens, grad_checkpointing=checkpointing,
                        precision="fp32", kv_repeated=True, fused_loss=False, foreach_optimizer=False, capacity=None)
     assert abs(plan.peak - got) <= 0.05 * got, (plan.report(), got / 2**20)
+
+
+FSDP_MEASURE = """
+import contextlib, json, sys, torch, torch.distributed as dist
+from torch.profiler import profile, ProfilerActivity
+from engine.config import tiny_config
+from engine.model import Llava
+from train.data import MicroBatch
+from train.distributed import shard_model
+from train.loop import LoopConfig, train_step
+from train.memory import plan_memory
+from train.stage import freeze_for_stage
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+config = tiny_config(vocab_size=4000, hidden_size=128, intermediate_size=344, num_heads=4, num_kv_heads=2,
+                     head_dim=32, num_layers=4)
+out = []
+for tokens, ckpt in ((1024, False), (2048, True), (16, False)):
+    torch.manual_seed(0)
+    model = Llava(config, kernel_backend="torch", attention_backend="sdpa")
+    model.decoder.gradient_checkpointing = ckpt
+    freeze_for_stage(model, 2)
+    shard_model(model, mixed_precision=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    g = torch.Generator().manual_seed(rank)
+    ids, targets = (torch.randint(0, 3999, (tokens,), generator=g) for _ in range(2))
+    mb = MicroBatch(ids, targets, torch.tensor([0, tokens], dtype=torch.int32), torch.arange(tokens), tokens, None,
+                    ["x"])
+    cfg = LoopConfig(output=sys.argv[1], lr=1e-4, global_batch=1)
+    def step():
+        return train_step(model, opt, sched, params, [mb], tokens * world, cfg, contextlib.nullcontext(),
+                          torch.device("cpu"))
+    step()
+    local = lambda t: (t.to_local() if hasattr(t, "to_local") else t).untyped_storage().nbytes()
+    live = sum(local(p) for p in model.parameters())
+    live += sum(local(t) for s in opt.state.values() for t in s.values() if t.ndim)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for e in events:
+        current += e.nbytes()
+        peak = max(peak, current)
+    plan = plan_memory(config, stage=2, world=world, tokens=tokens, grad_checkpointing=ckpt, precision="fsdp_bf16",
+                       kv_repeated=True, fused_loss=False, foreach_optimizer=False, capacity=None)
+    out.append({"tokens": tokens, "ckpt": ckpt, "measured": live + peak, "plan": plan.peak})
+with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
+    json.dump(out, f)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
+def test_plan_matches_measured_fsdp_bf16_steps_on_two_ranks(tmp_path):
+    script = tmp_path / "measure.py"
+    script.write_text(FSDP_MEASURE)
+    ok(subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                       str(script), str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180))
+    for rank in (0, 1):
+        for r in json.loads((tmp_path / f"rank{rank}.json").read_text()):
+            assert abs(r["plan"] - r["measured"]) <= 0.15 * r["measured"], (rank, r)
 
 
 # --------------------------------------------------------------------------- LLaVA-1.5 at scale

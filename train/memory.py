@@ -24,12 +24,15 @@ stream's, 4 in fp32 and under autocast, 2 under FSDP2's bf16 MixedPrecisionPolic
               of the hidden states and the head (c·(T + V)·D)
 
 - optimizer step temps  AdamW's temporaries (``plan_memory``)
+- reduce-scatter temps  (W > 1) at the end of the backward: the largest unit's unsharded gradients
+              and their fp32 reduce-scatter input
 
 Peak = parameters + optimizer + gathered + max(activations + weight copies + max(loss, recompute),
-gradients + optimizer step temps): the loss's forward and backward run with every saved activation alive; then the
-saved activations are freed layer by layer as the gradients appear, so their sum peaks at one
-end of the backward or the other. Not modelled: the vision tower's forward (no grad,
-transient), allocator fragmentation and the CUDA context (``headroom`` covers them).
+gradients + max(optimizer step temps, reduce-scatter temps)): the loss's forward and backward run
+with every saved activation alive; then the saved activations are freed layer by layer as the
+gradients appear, so their sum peaks at one end of the backward or the other. Not modelled: the
+vision tower's forward (no grad, transient), allocator fragmentation and the CUDA context
+(``headroom`` covers them).
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ class MemoryPlan:
     recompute: int
     loss: int
     step_workspace: int
+    reduce_scatter: int = 0
     capacity: int | None
     headroom: float = 0.9
 
@@ -63,7 +67,8 @@ class MemoryPlan:
     def peak(self) -> int:
         # the loss's workspace is gone before checkpointing recomputes the first layer
         saved = self.activations + self.weight_copies
-        transient = max(saved + max(self.loss, self.recompute), self.gradients + self.step_workspace)
+        transient = max(saved + max(self.loss, self.recompute),
+                        self.gradients + max(self.step_workspace, self.reduce_scatter))
         return self.parameters + self.optimizer + self.gathered + transient
 
     @property
@@ -75,6 +80,7 @@ class MemoryPlan:
                 ("FSDP gathered", self.gathered), ("bf16 weight copies", self.weight_copies),
                 ("activations", self.activations), ("recomputed layer", self.recompute),
                 ("loss workspace", self.loss), ("optimizer step temps", self.step_workspace),
+                ("reduce-scatter temps", self.reduce_scatter),
                 ("peak", self.peak)]
         head = (f"memory plan per rank ({self.world} rank{'s' if self.world > 1 else ''}, {self.tokens} tokens per "
                 f"micro-batch, checkpointing {'on' if self.grad_checkpointing else 'off'}):")
@@ -90,7 +96,7 @@ def parameter_counts(config, stage: int) -> dict[str, int]:
     from engine.model import Llava
     with torch.device("meta"):
         model = Llava(config)
-    counts = {"all": 0, "trainable": 0, "root": 0, "block": 0, "largest": 0}
+    counts = {"all": 0, "trainable": 0, "root": 0, "root_trainable": 0, "block": 0, "largest": 0}
     for name, p in model.named_parameters():
         counts["all"] += p.numel()
         trains = name.startswith("projector.") or (stage == 2 and name.startswith("decoder."))
@@ -100,6 +106,7 @@ def parameter_counts(config, stage: int) -> dict[str, int]:
             counts["block"] += p.numel() if name.startswith("decoder.layers.0.") else 0
         else:
             counts["root"] += p.numel()
+            counts["root_trainable"] += p.numel() if trains else 0
     counts["head"] = config.text.vocab_size * config.text.hidden_size
     return counts
 
@@ -157,6 +164,8 @@ def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointi
     gathered_bytes = 2 if precision == "fsdp_bf16" else 4
     gathered = gathered_bytes * (n["root"] + 2 * n["block"]) if world > 1 else 0
     frozen_bytes = 2 if precision == "fsdp_bf16" else 4
+    # the largest unit's unsharded gradients (compute dtype) and their fp32 reduce-scatter input
+    reduce_scatter = (c + 4) * max(n["root_trainable"], n["block"]) if world > 1 else 0
     # AdamW's sqrt(v)/bias-correction temporaries: per tensor (two of the largest) in the CPU's
     # single-tensor path, one of the whole shard in the foreach path (CUDA's default)
     step = 4 * n["trainable"] // world if foreach_optimizer else 2 * 4 * -(-n["largest"] // world)
@@ -165,6 +174,7 @@ def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointi
                       gradients=4 * n["trainable"] // world,
                       optimizer=8 * n["trainable"] // world, gathered=gathered, weight_copies=copies,
                       activations=activations, recompute=recompute, loss=loss, step_workspace=step,
+                      reduce_scatter=reduce_scatter,
                       capacity=capacity)
 
 
