@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -58,6 +60,12 @@ def torchrun(assets, out: str, *extra: str, script: str | None = None) -> subpro
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *target, *extra]
     return ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240))
+
+
+def metrics_so_far(path: str) -> list[str]:
+    """The complete lines of a metrics file being written."""
+    with open(path) as f:
+        return f.read().split("\n")[:-1]
 
 
 def single_process(assets, out: str, *extra: str) -> subprocess.CompletedProcess:
@@ -109,6 +117,37 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_resumes_bitwise(
         [(m["step"], m["loss"], m["grad_norm"]) for m in metrics(two)]
     a, b = weights(os.path.join(two, "final")), weights(os.path.join(out, "final"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigterm_to_torchrun_stops_every_rank_with_one_checkpoint_within_the_grace_period(assets, tmp_path):
+    """A scheduler's SIGTERM goes to torchrun, which forwards it to every worker and SIGKILLs those
+    still alive after its grace period (30 s): the workers must agree, save and exit before that."""
+    out = str(tmp_path / "term")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "train.stage2", "--model", assets.model_dir, "--data", assets.mixed_data, "--image-folder",
+           assets.image_folder, "--output", out, "--global-batch", "3", "--max-tokens-per-batch", "256",
+           "--max-steps", "500", "--epochs", "100", "--device", "cpu", "--num-workers", "0", "--lr", "1e-3"]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        path = os.path.join(out, "metrics.jsonl")
+        while not (os.path.exists(path) and len(metrics_so_far(path)) >= 2):
+            assert proc.poll() is None, proc.communicate()[1][-3000:]
+            assert time.time() < deadline, "the run wrote no metrics in time"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "stopped by signal 15 after step" in stdout, stderr[-3000:]
+    assert "SIGKILL" not in stderr and "exitcode  : -9" not in stderr       # no rank outlived the grace period
+    done = len(metrics(out))
+    assert 2 <= done < 500
+    assert os.listdir(os.path.join(out, "checkpoints")) == [f"step-{done:06d}"]
+    ckpt = os.path.join(out, "checkpoints", f"step-{done:06d}")
+    assert {"__0_0.distcp", "__1_0.distcp", "training_state.pt"} <= set(os.listdir(ckpt))
+    assert torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=True)["step"] == done
 
 
 @pytest.mark.parametrize("direction", ["2to1", "1to2"])
