@@ -200,3 +200,14 @@ def test_stage1_from_vision_and_llm_on_two_ranks_follows_one_process(assets, tmp
     assert [m["step"] for m in runs[2]] == [m["step"] for m in runs[1]] == [1, 2]
     for a, b in zip(runs[1], runs[2], strict=True):
         assert abs(b["loss"] - a["loss"]) <= 1e-5 * abs(a["loss"]) and b["tokens"] == a["tokens"], (a, b)
+
+
+def test_meta_load_materialises_what_engine_load_reads(assets):
+    """An HF llava directory (here the tiny assets' model) on the meta device: the same weights."""
+    import engine
+    from train.materialize import meta_load
+    ref = engine.load(assets.model_dir, dtype=torch.float32).state_dict()
+    meta = meta_load(assets.model_dir)
+    assert all(p.is_meta for p in meta.model.parameters())
+    got = materialize(meta, device=torch.device("cpu")).state_dict()
+    assert got.keys() == ref.keys() and all(torch.equal(got[k], ref[k]) for k in ref)

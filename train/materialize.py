@@ -22,9 +22,16 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
-from engine.config import LlavaConfig, read_config_json, text_config_from_dict, vision_config_from_dir
+from engine.config import (
+    LlavaConfig,
+    config_from_dict,
+    is_original_llava,
+    read_config_json,
+    text_config_from_dict,
+    vision_config_from_dir,
+)
 from engine.model import Llava, Projector
-from engine.weights import CLIP_DIR, LLAMA_DIR, rename
+from engine.weights import CLIP_DIR, HF_LLAVA, LLAMA_DIR, rename
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,41 @@ class MetaModel:
     overrides: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
 
+def _meta_model(config: LlavaConfig, sources: dict[str, Source], where: str, *, seed: int,
+                kernel_backend: str | None) -> MetaModel:
+    """The model on the meta device; every parameter must have a source (or be one we make fresh)."""
+    if config.text.tie_word_embeddings:
+        sources.pop("decoder.lm_head.weight", None)
+    with torch.device("meta"):
+        model = Llava(config, kernel_backend=kernel_backend)
+    expected = {n for n, _ in model.named_parameters()}
+    fresh = {n for n in expected if n.startswith("projector.") or n.startswith("vision.post_norm.")}
+    missing = sorted(expected - set(sources) - fresh)
+    unexpected = sorted(set(sources) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{where}: missing keys {missing[:20]} ({len(missing)}), unexpected keys "
+                         f"{unexpected[:20]} ({len(unexpected)})")
+    return MetaModel(model, sources, seed)
+
+
+def meta_load(path: str, *, kernel_backend: str | None = "torch") -> MetaModel | None:
+    """An HF llava checkpoint directory (e.g. our stage-1 output) on the meta device, like
+    ``engine.load``; None for the layouts whose import transforms whole tensors (original LLaVA
+    checkpoints, a ``linear`` projector folded from two matrices): load those with ``engine.load``."""
+    file, raw = read_config_json(path)
+    if is_original_llava(raw):
+        return None
+    config = config_from_dict(raw, file)
+    if config.projector_type == "linear":
+        return None
+    sources = rename(_tensor_index(path), HF_LLAVA, path, keep_unknown=True)
+    meta = _meta_model(config, sources, path, seed=0, kernel_backend=kernel_backend)
+    missing = sorted(n for n, _ in meta.model.named_parameters() if n.startswith("projector.") and n not in sources)
+    if missing:
+        raise ValueError(f"{path}: missing keys {missing}")
+    return meta
+
+
 def meta_compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu",
                  image_token_id: int | None = None, vision_feature_layer: int = -2, seed: int = 0,
                  kernel_backend: str | None = "torch") -> MetaModel:
@@ -70,18 +112,7 @@ def meta_compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_
     sources.update(rename(_tensor_index(llama_dir), LLAMA_DIR, llama_dir))
     if config.image_token_id >= text.vocab_size:   # as engine.weights._add_image_token_row
         config = config.replace(text=dataclasses.replace(text, vocab_size=config.image_token_id + 1))
-    if config.text.tie_word_embeddings:
-        sources.pop("decoder.lm_head.weight", None)
-    with torch.device("meta"):
-        model = Llava(config, kernel_backend=kernel_backend)
-    expected = {n for n, _ in model.named_parameters()}
-    fresh = {n for n in expected if n.startswith("projector.") or n.startswith("vision.post_norm.")}
-    missing = sorted(expected - set(sources) - fresh)
-    unexpected = sorted(set(sources) - expected)
-    if missing or unexpected:
-        raise ValueError(f"{clip_dir} + {llama_dir}: missing keys {missing[:20]} ({len(missing)}), unexpected keys "
-                         f"{unexpected[:20]} ({len(unexpected)})")
-    return MetaModel(model, sources, seed)
+    return _meta_model(config, sources, f"{clip_dir} + {llama_dir}", seed=seed, kernel_backend=kernel_backend)
 
 
 def read_projector(source: str) -> dict[str, torch.Tensor]:

@@ -18,7 +18,7 @@ from engine.weights import load_projector
 from train.data import load_samples
 from train.distributed import rank_world, setup_distributed, shard_model, uses_mixed_precision
 from train.loop import LoopConfig, train
-from train.materialize import materialize, meta_compose, read_projector
+from train.materialize import materialize, meta_compose, meta_load, read_projector
 
 # (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
 DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
@@ -134,22 +134,30 @@ def _checkpoint_dir(path: str) -> str:
 def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[engine.Llava, str]:
     """The starting model (frozen for the stage) and the directory its tokenizer comes from.
 
-    Composed from ``--vision`` + ``--llm`` it is built on the meta device, sharded first when
-    there are several ranks, and each rank materialises only its shards on ``device``
-    (train/materialize.py); loaded checkpoints are read whole, on the host.
+    Composed from ``--vision`` + ``--llm``, or read from an HF llava directory (``--model``,
+    ``--init`` with a full LLaVA), it is built on the meta device, sharded first when there are
+    several ranks, and each rank materialises only its shards on ``device`` (train/materialize.py).
+    Original-LLaVA checkpoints and ``linear`` projectors are read whole on the host (engine.load).
     """
     backend = None if cfg.fused else "torch"
     device = device or torch.device(cfg.device)
     init = cfg.init
+    meta, model = None, None
     if init and not init.endswith(".bin") and not os.path.isfile(os.path.join(init, "mm_projector.bin")):
-        source = _checkpoint_dir(init)            # a full LLaVA (or our stage-1 output) to start from
-        model, tok = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend), source
-        init = None
+        source, init = _checkpoint_dir(init), None   # a full LLaVA (or our stage-1 output) to start from
     elif cfg.model:
         source = _checkpoint_dir(cfg.model)
-        model, tok = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend), source
     elif cfg.vision and cfg.llm:
+        source = None
         meta = meta_compose(cfg.vision, cfg.llm, seed=cfg.seed, kernel_backend=backend)
+    else:
+        raise ValueError("give --model DIR, or --vision DIR with --llm DIR")
+    if source is not None:
+        meta = None if cfg.vision else meta_load(source, kernel_backend=backend)
+        if meta is None:
+            model = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend)
+    tok = source or cfg.llm
+    if meta is not None:
         if init:                                  # an upstream stage-1 projector replaces the fresh one
             meta.overrides = read_projector(init)
         if cfg.vision_feature_layer is not None:
@@ -158,9 +166,7 @@ def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[e
         world = rank_world()[1]
         if world > 1:
             shard_model(meta.model, mixed_precision=uses_mixed_precision(device, world))
-        return materialize(meta, device=device), cfg.llm
-    else:
-        raise ValueError("give --model DIR, or --vision DIR with --llm DIR")
+        return materialize(meta, device=device), tok
     if init:                                      # an upstream stage-1 projector
         load_projector(model, init)
     if cfg.vision_feature_layer is not None:
