@@ -28,9 +28,25 @@ from helpers import ENV, REPO, metrics, ok, rel_err, weights
 
 # train.stage2 under torchrun, where rank 1 (only) sends itself SIGTERM right after its third
 # optimizer step: the signal reaches one rank, mid-epoch, while rank 0 knows nothing of it.
+# It also records the upstream gradient each masked loss receives (FSDP sums the ranks' gradients,
+# so nothing may scale the loss: grad_output must be exactly 1, the masked loss's fast path).
 SIGTERM_RANK1_AFTER_STEP_3 = """
-import os, signal, sys
+import atexit, json, os, signal, sys
+import llava_kernels
 import train.loop
+grads = []
+real_loss = llava_kernels.masked_lm_loss
+def masked_lm_loss(*args, **kw):
+    out = real_loss(*args, **kw)
+    loss = out[0] if isinstance(out, tuple) else out
+    if loss.requires_grad:
+        loss.register_hook(lambda g: grads.append(float(g)))
+    return out
+llava_kernels.masked_lm_loss = masked_lm_loss
+def dump():
+    with open(sys.argv[1] + ".grad_output.rank" + os.environ["RANK"], "w") as f:
+        json.dump(grads, f)
+atexit.register(dump)
 real = train.loop.train_step
 calls = [0]
 def train_step(*args, **kw):
@@ -41,7 +57,7 @@ def train_step(*args, **kw):
     return out
 train.loop.train_step = train_step
 from train.stage import main
-main(2, sys.argv[1:])
+main(2, sys.argv[2:])
 """
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
@@ -56,7 +72,7 @@ def args(assets, out: str) -> list[str]:
 
 def torchrun(assets, out: str, *extra: str, script: str | None = None) -> subprocess.CompletedProcess:
     """2 ranks of train.stage2 (or of ``script``, a file that runs it) with ``args`` + ``extra``."""
-    target = [script, *args(assets, out)[2:]] if script else args(assets, out)
+    target = [script, out, *args(assets, out)[2:]] if script else args(assets, out)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *target, *extra]
     return ok(subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240))
@@ -110,6 +126,10 @@ def test_sigterm_to_one_rank_stops_both_with_one_checkpoint_and_resumes_bitwise(
     assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng-00000.pt", "rng-00001.pt", "training_state.pt"} <= files
     state = torch.load(os.path.join(ck, "step-000003", "training_state.pt"), weights_only=True)
     assert state["step"] == 3 and state["world_size"] == 2
+    for rank in (0, 1):                       # every backward started from grad_output = 1 (no world-size scaling)
+        with open(f"{out}.grad_output.rank{rank}") as f:
+            seen = json.load(f)
+        assert len(seen) >= 3 and set(seen) == {1.0}, seen
 
     p = torchrun(assets, out, "--resume")
     assert "step-000003" in p.stdout.splitlines()[0]                     # effective config: resumed_from
