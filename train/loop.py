@@ -166,11 +166,11 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     # The memory plan, before sharding, optimizer state or activations exist: a run that cannot fit
     # stops here saying what to change.
     capacity = int(cfg.memory_capacity_gib * GiB) if cfg.memory_capacity_gib else device_capacity(device)
-    plan = choose_checkpointing(model, requested=cfg.grad_checkpointing, device=device, world=world,
-                                tokens=cfg.max_tokens_per_batch, capacity=capacity)
-    if not plan.fits:
-        raise ValueError(f"this run will not fit in memory:\n{plan.report()}\nto fit: {advice(plan)}")
-    model.decoder.gradient_checkpointing = plan.grad_checkpointing
+    memory = choose_checkpointing(model, requested=cfg.grad_checkpointing, device=device, world=world,
+                                  tokens=cfg.max_tokens_per_batch, capacity=capacity)
+    if not memory.fits:
+        raise ValueError(f"this run will not fit in memory:\n{memory.report()}\nto fit: {advice(memory)}")
+    model.decoder.gradient_checkpointing = memory.grad_checkpointing
     mixed_precision = uses_mixed_precision(device, world)
     if world > 1:
         shard_model(model, mixed_precision=mixed_precision)
@@ -198,10 +198,10 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                      "device": str(device),
                      "kernels": llava_kernels.dispatch.describe(device, None if cfg.fused else "torch"),
                      "attention": resolve_backend(device, model.attention_backend),
-                     "total_steps": total, "resumed_from": ckpt, "grad_checkpointing": plan.grad_checkpointing,
-                     "memory_plan_gib": round(plan.peak / GiB, 3)}
+                     "total_steps": total, "resumed_from": ckpt, "grad_checkpointing": memory.grad_checkpointing,
+                     "memory_plan_gib": round(memory.peak / GiB, 3)}
         print(json.dumps({"effective_config": effective}, default=str), flush=True)
-        print(plan.report(), flush=True)
+        print(memory.report(), flush=True)
 
     # bf16 on a GPU: FSDP2's policy with several ranks (shard_model), autocast for one process
     use_autocast = device.type == "cuda" and not mixed_precision
