@@ -22,8 +22,9 @@ from transformers import AutoTokenizer, LlavaForConditionalGeneration
 import engine
 from engine.conversation import IGNORE_INDEX
 from engine.weights import to_hf_state
+from train.checkpoint import latest_checkpoint, remove_stale_temporaries
 from train.data import collate
-from train.loop import LoopConfig, cosine_lr, latest_checkpoint, micro_loss, remove_stale_temporaries, train
+from train.loop import LoopConfig, cosine_lr, micro_loss, train
 from train.stage import freeze_for_stage
 
 NO_AUTOCAST = contextlib.nullcontext()

@@ -24,29 +24,28 @@ import time
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from helpers import ENV, IMAGE_SIZE, REPO, load_tiny, metrics, ok, rel_err, weights, write_bad_data
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 import engine
+from train.checkpoint import read_model_state
 from train.data import collate, plan_steps
 
 COMMON = ["--device", "cpu", "--num-workers", "0", "--lr", "1e-3", "--seed", "0"]
 
-# Runs train.stage2 with the checkpoint writer wrapped so the process SIGKILLs itself inside the
-# atomic write of step-000004: after training_state.pt is in the temporary directory, before the rename.
+# Runs train.stage2 with the checkpoint publisher wrapped so the process SIGKILLs itself inside the
+# atomic write of step-000004: the temporary directory is complete (DCP shards, RNG, training_state.pt),
+# the rename has not happened.
 KILL_DURING_SECOND_SAVE = """
 import os, signal, sys
-import train.loop
-real = train.loop.write_hf_checkpoint
-def write(state, config, path, **kw):
+import train.checkpoint
+real = train.checkpoint.publish
+def publish(tmp, path):
     if path.endswith("step-000004"):
-        extra = kw["extra_write"]
-        def extra_then_die(tmp):
-            extra(tmp)
-            os.kill(os.getpid(), signal.SIGKILL)
-        kw["extra_write"] = extra_then_die
-    return real(state, config, path, **kw)
-train.loop.write_hf_checkpoint = write
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(tmp, path)
+train.checkpoint.publish = publish
 from train.stage import main
 main(2, sys.argv[1:])
 """
@@ -70,7 +69,7 @@ def param_hashes(path: str) -> dict[str, str]:
 
 def assert_no_partial_checkpoints(out: str) -> None:
     for d in glob.glob(os.path.join(out, "checkpoints", "step-*")):
-        assert {"config.json", "model.safetensors", "training_state.pt"} <= set(os.listdir(d)), d
+        assert {".metadata", "__0_0.distcp", "rng-00000.pt", "training_state.pt"} <= set(os.listdir(d)), d
     hidden = glob.glob(os.path.join(out, "**", ".*"), recursive=True)
     leftovers = [p for p in hidden if ".tmp-" in p or ".old-" in p]
     assert not leftovers, leftovers
@@ -166,8 +165,9 @@ def test_sigkill_mid_checkpoint_then_resume_is_bitwise(assets, uninterrupted, tm
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # The intermediate checkpoints match too (the resumed run rewrote step 4 from the same state).
     for step in ("step-000002", "step-000004"):
-        x, y = weights(os.path.join(uninterrupted, "checkpoints", step)), weights(os.path.join(ck, step))
-        assert all(torch.equal(x[k], y[k]) for k in x)
+        x, y = read_model_state(os.path.join(uninterrupted, "checkpoints", step)), read_model_state(
+            os.path.join(ck, step))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(assets, tmp_path):
@@ -192,9 +192,11 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(assets, tmp_path):
     done = len(metrics(out))
     assert 2 <= done < 500 and f"stopped by signal {int(signal.SIGTERM)} after step {done}" in stdout
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == [f"step-{done:06d}"]
-    state = torch.load(os.path.join(out, "checkpoints", f"step-{done:06d}", "training_state.pt"),
-                       weights_only=True)
-    assert state["step"] == done and state["optimizer"]["state"]
+    ckpt = os.path.join(out, "checkpoints", f"step-{done:06d}")
+    state = torch.load(os.path.join(ckpt, "training_state.pt"), weights_only=True)
+    assert state["step"] == done and state["world_size"] == 1
+    keys = dcp.FileSystemReader(ckpt).read_metadata().state_dict_metadata
+    assert any(k.startswith("optim.state.") and k.endswith(".exp_avg") for k in keys)
     assert not os.path.exists(os.path.join(out, "final"))
     assert_no_partial_checkpoints(out)
 

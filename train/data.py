@@ -222,6 +222,13 @@ class MicroBatch:
     def num_targets(self) -> int:
         return int((self.targets != IGNORE_INDEX).sum())
 
+    def pin_memory(self) -> MicroBatch:
+        """Page-locked copies (the DataLoader calls this with ``pin_memory=True``), so that ``to``'s
+        non-blocking host-to-GPU copies overlap with compute."""
+        pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
+        return MicroBatch(pin(self.input_ids), pin(self.targets), pin(self.cu_seqlens), pin(self.position_ids),
+                          self.max_seqlen, pin(self.pixel_values), self.ids)
+
     def to(self, device) -> MicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.cu_seqlens), move(self.position_ids),

@@ -3,21 +3,20 @@
 Per optimizer step: the step's samples (``global_batch``) are packed into micro-batches; each
 micro-batch runs vision (no grad) → projector → scatter → decoder → masked loss normalised by
 the step's global target-token count, so accumulating micro-batches equals one big batch;
-then clip, AdamW, cosine schedule. Checkpoints (HF llava layout + ``training_state.pt``) are
-written atomically; ``--resume`` continues bit-for-bit from the latest one. Several processes
-(``torchrun``) shard the model with FSDP2 (NCCL on GPU, gloo on CPU).
+then clip, AdamW, cosine schedule. Several processes (``torchrun``) shard the model with FSDP2
+(train/distributed.py: process group, sharding policy, the coordinated stop); checkpoints are
+sharded ``torch.distributed.checkpoint`` directories written atomically, and ``--resume``
+continues bit-for-bit from the latest one, on the same or another world size
+(train/checkpoint.py). The final model is an HF llava directory.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
 import random
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -28,8 +27,17 @@ import torch.distributed as dist
 import llava_kernels
 from engine.attention import resolve_backend
 from engine.model import nvtx_range
-from engine.weights import write_hf_checkpoint
+from train.checkpoint import (
+    export_final,
+    latest_checkpoint,
+    remove_stale_temporaries,
+    restore_checkpoint,
+    save_checkpoint,
+    truncate_metrics,
+)
 from train.data import StepDataset, count_targets, plan_steps
+from train.distributed import StopFlag, agreed_stop, rank_world, shard_model, uses_mixed_precision
+from train.memory import GiB, advice, choose_checkpointing, device_capacity
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -46,7 +54,8 @@ class LoopConfig:
     max_grad_norm: float | None = 1.0
     seed: int = 0
     fused: bool = False
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool | None = None    # None: on only when the memory plan needs it
+    memory_capacity_gib: float | None = None  # plan for this much device memory (default: the device's)
     nvtx: bool = False
     save_every: int | None = None
     eval_every: int | None = None
@@ -65,83 +74,6 @@ def cosine_lr(step: int, total: int, warmup_ratio: float) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-class StopFlag:
-    """SIGINT/SIGTERM ask the loop to save and stop after the current step."""
-
-    def __init__(self):
-        self.signal = None
-        self._old = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.signal = signum
-
-    def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-def rank_world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def setup_distributed(device: torch.device) -> None:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if device.type == "cuda":
-            # before the process group: NCCL binds each rank's communicator to the current device, and
-            # every later ``.to("cuda")`` (model, micro-batches, all-reduce buffers) means this GPU
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-
-def shard_model(model) -> None:
-    """FSDP2: each decoder block its own unit, the root (everything else) last.
-
-    The frozen vision tower stays in the root unit: a rank whose micro-batch has no image skips
-    the tower, so per-block vision units would issue all-gathers the other ranks do not match.
-    The loop calls ``model.forward_packed``, not ``model()``: it is registered so the root unit
-    is gathered for it as it would be for ``forward``.
-    """
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
-    for block in model.decoder.layers:
-        fully_shard(block)
-    fully_shard(model)
-    register_fsdp_forward_method(model, "forward_packed")
-
-
-def rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def remove_stale_temporaries(output: str) -> None:
-    """Delete the temporary directories of checkpoint writes that a killed run left behind
-    (``atomic_dir`` names them ``.NAME.tmp-*``); they never hold a complete checkpoint."""
-    for pattern in (os.path.join("checkpoints", ".step-*.tmp-*"), ".final.tmp-*"):
-        for path in glob.glob(os.path.join(output, pattern)):
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def latest_checkpoint(output: str) -> str | None:
-    """The newest complete checkpoint (directories appear only by atomic rename)."""
-    found = sorted(glob.glob(os.path.join(output, "checkpoints", "step-*", "training_state.pt")))
-    return os.path.dirname(found[-1]) if found else None
 
 
 class Progress:
@@ -225,15 +157,23 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     image_size = image_size or model.config.vision.image_size
-    model.decoder.gradient_checkpointing = cfg.grad_checkpointing
     model.nvtx = cfg.nvtx
     # One switch for every op: the model's projector/scatter and micro_loss's masked loss all read
     # model.kernel_backend (None = the dispatcher's choice, which env overrides can still steer).
     model.kernel_backend = None if cfg.fused else "torch"
     if not cfg.fused:
         model.attention_backend = "sdpa"
+    # The memory plan, before sharding, optimizer state or activations exist: a run that cannot fit
+    # stops here saying what to change.
+    capacity = int(cfg.memory_capacity_gib * GiB) if cfg.memory_capacity_gib else device_capacity(device)
+    memory = choose_checkpointing(model, requested=cfg.grad_checkpointing, device=device, world=world,
+                                  tokens=cfg.max_tokens_per_batch, capacity=capacity)
+    if not memory.fits:
+        raise ValueError(f"this run will not fit in memory:\n{memory.report()}\nto fit: {advice(memory)}")
+    model.decoder.gradient_checkpointing = memory.grad_checkpointing
+    mixed_precision = uses_mixed_precision(device, world)
     if world > 1:
-        shard_model(model)
+        shard_model(model, mixed_precision=mixed_precision)
     params = [p for p in model.parameters() if p.requires_grad]   # after sharding: FSDP2 swaps in DTensors
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
@@ -249,8 +189,8 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     first = 0
     ckpt = latest_checkpoint(cfg.output) if resume else None
     if ckpt:
-        first = _restore(model, opt, sched, ckpt, device)
-        _truncate_metrics(metrics_path, first)
+        first = restore_checkpoint(model, opt, sched, ckpt)
+        truncate_metrics(metrics_path, first)
     elif rank == 0 and os.path.exists(metrics_path):
         os.remove(metrics_path)
     if rank == 0:
@@ -258,11 +198,14 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                      "device": str(device),
                      "kernels": llava_kernels.dispatch.describe(device, None if cfg.fused else "torch"),
                      "attention": resolve_backend(device, model.attention_backend),
-                     "total_steps": total, "resumed_from": ckpt}
+                     "total_steps": total, "resumed_from": ckpt, "grad_checkpointing": memory.grad_checkpointing,
+                     "memory_plan_gib": round(memory.peak / GiB, 3)}
         print(json.dumps({"effective_config": effective}, default=str), flush=True)
+        print(memory.report(), flush=True)
 
-    use_bf16 = device.type == "cuda"
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext())
+    # bf16 on a GPU: FSDP2's policy with several ranks (shard_model), autocast for one process
+    use_autocast = device.type == "cuda" and not mixed_precision
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
     eval_ds = None
     if eval_samples and cfg.eval_every:
         eval_steps = [list(range(k, min(k + cfg.global_batch, len(eval_samples))))
@@ -271,7 +214,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                               rank=rank, world=world, image_mode=cfg.image_mode)
 
     progress = Progress(total, cfg.progress)
-    last_loss, interrupted, step = None, False, first - 1
+    last_loss, stopped_by, step = None, 0, first - 1
     with StopFlag() as stop:
         for epoch, (start, plan) in enumerate(zip(_epoch_starts(plans), plans, strict=True)):
             if start + len(plan) <= first or start >= total:
@@ -280,7 +223,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                              rank=rank, world=world, first_step=max(first - start, 0), image_mode=cfg.image_mode)
             # Worker processes decode images and pack the next steps while this one trains.
             loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-                                                 persistent_workers=False)
+                                                 persistent_workers=False, pin_memory=device.type == "cuda")
             t0 = time.time()
             batches = iter(loader)
             while True:
@@ -304,28 +247,26 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                     with open(metrics_path, "a") as f:
                         f.write(json.dumps(m) + "\n")
                 progress.update(step, m, first)
-                if stop.signal is not None:
-                    interrupted = True
+                # A signal on any rank stops all of them here, after the same step (one all-reduce).
+                stopped_by = agreed_stop(stop, device)
+                if stopped_by:
                     break
                 if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-                    save_checkpoint(model, opt, sched, step + 1, cfg, tokenizer_dir, run_config)
+                    save_checkpoint(model, opt, sched, step + 1, cfg, run_config)
                 t0 = time.time()
             del batches, loader
-            if interrupted:
+            if stopped_by:
                 break
-    progress.close()
-    steps_done = step + 1
-    if interrupted:
-        save_checkpoint(model, opt, sched, steps_done, cfg, tokenizer_dir, run_config)
-        if rank == 0:
-            print(f"stopped by signal {stop.signal} after step {steps_done}; checkpoint saved in "
-                  f"{latest_checkpoint(cfg.output)}", flush=True)
-        return TrainResult(steps_done, None, True, last_loss)
-    final = os.path.join(cfg.output, "final")
-    state = _full_state(model)
-    if rank == 0:
-        write_hf_checkpoint(state, model.config, final, tokenizer_dir=tokenizer_dir,
-                            extra_files={"run_config.json": json.dumps(run_config or {}, indent=2, default=str)})
+        progress.close()
+        steps_done = step + 1
+        if stopped_by:
+            # Still inside StopFlag: a second signal during the save is recorded, not fatal.
+            path = save_checkpoint(model, opt, sched, steps_done, cfg, run_config)
+            if rank == 0:
+                print(f"stopped by signal {stopped_by} after step {steps_done}; checkpoint saved in {path}",
+                      flush=True)
+            return TrainResult(steps_done, None, True, last_loss)
+    final = export_final(model, cfg.output, tokenizer_dir, run_config)
     return TrainResult(steps_done, final, False, last_loss)
 
 
@@ -344,13 +285,13 @@ def train_step(model, opt, sched, params, mbs, num_targets: int, cfg: LoopConfig
     # before it can launch the next micro-batch; the one sync is float(loss_sum) at the end.
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     tokens = 0
-    # FSDP2 averages gradients over ranks, but each rank's loss is already its share of the
-    # global mean (normalised by the global target count): undo the average so they add up.
-    grad_scale = rank_world()[1]
+    # Each rank's loss is its share of the global mean (normalised by the global target count);
+    # FSDP sums the ranks' gradients (shard_model sets the divide factor to 1), so the backward
+    # starts from grad_output = 1, the masked loss's fast path.
     for mb in mbs:
         mb = mb.to(device)
         loss, _ = micro_loss(model, mb, num_targets, cfg, autocast)
-        (loss * grad_scale if grad_scale > 1 else loss).backward()
+        loss.backward()
         loss_sum += loss.detach().double()
         tokens += int(mb.input_ids.numel()) if mb.ids else 0   # padding micro-batches are not data
     with nvtx_range("optimizer", cfg.nvtx):
@@ -373,61 +314,3 @@ def _clip(params, max_norm: float | None) -> float:
         return 0.0
     norm = torch.nn.utils.clip_grad_norm_(grads, max_norm if max_norm else float("inf"))
     return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-
-
-def _full_state(model) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    if not dist.is_initialized():
-        return {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def save_checkpoint(model, opt, sched, step: int, cfg: LoopConfig, tokenizer_dir, run_config) -> str:
-    """``OUTPUT/checkpoints/step-NNNNNN``: weights (HF llava layout) + training_state.pt, one atomic rename."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-    state = _full_state(model)
-    if dist.is_initialized():
-        optim = get_optimizer_state_dict(model, opt, options=StateDictOptions(full_state_dict=True,
-                                                                              cpu_offload=True))
-    else:
-        optim = opt.state_dict()
-    path = os.path.join(cfg.output, "checkpoints", f"step-{step:06d}")
-    if rank_world()[0] == 0:
-        training = {"step": step, "optimizer": optim, "scheduler": sched.state_dict(), "rng": rng_state(),
-                    "loop": dataclasses.asdict(cfg), "run": run_config or {}}
-        write_hf_checkpoint(state, model.config, path, tokenizer_dir=tokenizer_dir,
-                            extra_write=lambda tmp: torch.save(training, os.path.join(tmp, "training_state.pt")))
-    if dist.is_initialized():
-        dist.barrier()
-    return path
-
-
-def _restore(model, opt, sched, ckpt: str, device) -> int:
-    """Load weights, optimizer, scheduler and RNG from a checkpoint; returns the step to run next."""
-    from engine.weights import load_state
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_state(ckpt)[0].items()}
-    training = torch.load(os.path.join(ckpt, "training_state.pt"), map_location="cpu", weights_only=True)
-    if dist.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-        set_state_dict(model, opt, model_state_dict=state, optim_state_dict=training["optimizer"],
-                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
-    else:
-        with torch.no_grad():
-            for k, v in model.state_dict().items():
-                v.copy_(state[k])
-        opt.load_state_dict(training["optimizer"])
-    sched.load_state_dict(training["scheduler"])
-    set_rng_state(training["rng"])
-    return int(training["step"])
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
-    if not os.path.exists(path) or rank_world()[0] != 0:
-        return
-    with open(path) as f:
-        keep = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(keep)
-    os.replace(tmp, path)

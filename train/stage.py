@@ -14,9 +14,11 @@ from dataclasses import dataclass
 import torch
 
 import engine
-from engine.weights import compose, load_projector
+from engine.weights import load_projector
 from train.data import load_samples
-from train.loop import LoopConfig, setup_distributed, train
+from train.distributed import rank_world, setup_distributed, shard_model, uses_mixed_precision
+from train.loop import LoopConfig, train
+from train.materialize import materialize, meta_compose, meta_load, read_projector
 
 # (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
 DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
@@ -47,7 +49,8 @@ class StageConfig:
     resume: bool
     seed: int
     device: str
-    grad_checkpointing: bool
+    grad_checkpointing: bool | None
+    memory_capacity_gib: float | None
     max_grad_norm: float | None
     nvtx: bool
     save_every: int | None
@@ -78,11 +81,15 @@ def parser(stage: int) -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--truncate", action="store_true", help="truncate over-long samples instead of dropping them")
     p.add_argument("--on-bad-record", choices=("error", "skip"), default="error")
-    p.add_argument("--fused", action="store_true", help="fused kernels + varlen flash attention")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction,
+                   help="fused kernels + varlen flash attention (default: on for stage 1 on a GPU)")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
+                   help="recompute each decoder layer in the backward (default: only when the memory plan needs it)")
+    p.add_argument("--memory-capacity-gib", type=float,
+                   help="plan for this much memory per rank instead of the device's own (a shared or smaller GPU)")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="0 disables clipping")
     p.add_argument("--nvtx", action="store_true")
     p.add_argument("--save-every", type=int)
@@ -93,6 +100,13 @@ def parser(stage: int) -> argparse.ArgumentParser:
     return p
 
 
+def default_fused(stage: int, device: str) -> bool:
+    """Stage 1 runs the fused path by default on a GPU: only the projector trains, so the step is
+    dominated by the frozen LLM's forward/backward through the masked loss, which the fused loss
+    (no [T, V] logits) and varlen flash attention make cheaper; the CPU keeps the reference path."""
+    return stage == 1 and torch.device(device).type == "cuda"
+
+
 def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
     lr, batch, epochs = DEFAULTS[stage]["paper" if args.paper else "1.5"]
     return StageConfig(
@@ -100,8 +114,10 @@ def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
         data=args.data, image_folder=args.image_folder, eval_data=args.eval_data, output=args.output,
         template=args.template, lr=args.lr or lr, global_batch=args.global_batch or batch,
         max_tokens_per_batch=args.max_tokens_per_batch, epochs=args.epochs or epochs, max_steps=args.max_steps,
-        max_length=args.max_length, truncate=args.truncate, on_bad_record=args.on_bad_record, fused=args.fused,
+        max_length=args.max_length, truncate=args.truncate, on_bad_record=args.on_bad_record,
+        fused=default_fused(stage, args.device) if args.fused is None else args.fused,
         resume=args.resume, seed=args.seed, device=args.device, grad_checkpointing=args.grad_checkpointing,
+        memory_capacity_gib=args.memory_capacity_gib,
         max_grad_norm=args.max_grad_norm or None, nvtx=args.nvtx, save_every=args.save_every,
         eval_every=args.eval_every, num_workers=args.num_workers, vision_feature_layer=args.vision_feature_layer,
         answer_first=args.answer_first)
@@ -115,25 +131,47 @@ def _checkpoint_dir(path: str) -> str:
     return path
 
 
-def build_model(cfg: StageConfig) -> tuple[engine.Llava, str]:
-    """The starting model and the directory its tokenizer comes from."""
+def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[engine.Llava, str]:
+    """The starting model (frozen for the stage) and the directory its tokenizer comes from.
+
+    Composed from ``--vision`` + ``--llm``, or read from an HF llava directory (``--model``,
+    ``--init`` with a full LLaVA), it is built on the meta device, sharded first when there are
+    several ranks, and each rank materialises only its shards on ``device`` (train/materialize.py).
+    Original-LLaVA checkpoints and ``linear`` projectors are read whole on the host (engine.load).
+    """
     backend = None if cfg.fused else "torch"
+    device = device or torch.device(cfg.device)
     init = cfg.init
+    meta, model = None, None
     if init and not init.endswith(".bin") and not os.path.isfile(os.path.join(init, "mm_projector.bin")):
-        source = _checkpoint_dir(init)            # a full LLaVA (or our stage-1 output) to start from
-        model, tok = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend), source
-        init = None
+        source, init = _checkpoint_dir(init), None   # a full LLaVA (or our stage-1 output) to start from
     elif cfg.model:
         source = _checkpoint_dir(cfg.model)
-        model, tok = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend), source
     elif cfg.vision and cfg.llm:
-        model, tok = compose(cfg.vision, cfg.llm, dtype=torch.float32, seed=cfg.seed, kernel_backend=backend), cfg.llm
+        source = None
+        meta = meta_compose(cfg.vision, cfg.llm, seed=cfg.seed, kernel_backend=backend)
     else:
         raise ValueError("give --model DIR, or --vision DIR with --llm DIR")
+    if source is not None:
+        meta = None if cfg.vision else meta_load(source, kernel_backend=backend)
+        if meta is None:
+            model = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend)
+    tok = source or cfg.llm
+    if meta is not None:
+        if init:                                  # an upstream stage-1 projector replaces the fresh one
+            meta.overrides = read_projector(init)
+        if cfg.vision_feature_layer is not None:
+            meta.model.config = meta.model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
+        freeze_for_stage(meta.model, cfg.stage)
+        world = rank_world()[1]
+        if world > 1:
+            shard_model(meta.model, mixed_precision=uses_mixed_precision(device, world))
+        return materialize(meta, device=device), tok
     if init:                                      # an upstream stage-1 projector
         load_projector(model, init)
     if cfg.vision_feature_layer is not None:
         model.config = model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
+    freeze_for_stage(model, cfg.stage)
     return model, tok
 
 
@@ -152,7 +190,8 @@ def loop_config(cfg: StageConfig) -> LoopConfig:
     return LoopConfig(output=cfg.output, lr=cfg.lr, global_batch=cfg.global_batch,
                       max_tokens_per_batch=cfg.max_tokens_per_batch, epochs=cfg.epochs, max_steps=cfg.max_steps,
                       max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, fused=cfg.fused,
-                      grad_checkpointing=cfg.grad_checkpointing, nvtx=cfg.nvtx, save_every=cfg.save_every,
+                      grad_checkpointing=cfg.grad_checkpointing, memory_capacity_gib=cfg.memory_capacity_gib,
+                      nvtx=cfg.nvtx, save_every=cfg.save_every,
                       eval_every=cfg.eval_every, num_workers=cfg.num_workers)
 
 
@@ -164,8 +203,7 @@ def run_stage(cfg: StageConfig):
         raise ValueError("--data is required (the embedded default runs only with no --model/--data at all)")
     device = torch.device(cfg.device)
     setup_distributed(device)
-    model, tok_dir = build_model(cfg)
-    freeze_for_stage(model, cfg.stage)
+    model, tok_dir = build_model(cfg, device)
     model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     kw = dict(template=cfg.template, image_token_id=model.config.image_token_id,
@@ -187,7 +225,7 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     args = parser(stage).parse_args(argv)
     if stage == 2 and not any((args.model, args.data, args.init, args.vision, args.llm)):
         from train.default import run_default
-        run_default(fused=args.fused, output=args.output if args.output != "runs/stage2" else "runs/default",
+        run_default(fused=bool(args.fused), output=args.output if args.output != "runs/stage2" else "runs/default",
                     device=args.device, seed=args.seed, max_steps=args.max_steps)
         return
     try:
