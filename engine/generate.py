@@ -286,6 +286,7 @@ class Runtime:
 
     def __init__(self, model: Llava, config: RuntimeConfig | None = None):
         self.config = config = config or RuntimeConfig()
+        model.fuse_weights()  # one q/k/v and one gate/up GEMM per layer; state dict and training unchanged
         self._model = weakref.ref(model)
         w = model.decoder.embed.weight
         self.device, self.dtype = w.device, w.dtype
@@ -603,6 +604,7 @@ def default_runtime(model: Llava) -> Runtime:
     rt = _RUNTIMES.get(model)
     if rt is None or rt.device != w.device or rt.dtype != w.dtype:
         rt = _RUNTIMES[model] = Runtime(model)
+    model.fuse_weights()  # again, in case weights were re-assigned since (a no-op when still fused)
     return rt
 
 
