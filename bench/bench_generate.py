@@ -95,7 +95,7 @@ def build(name: str):
     ours = assign_state(new_model(cfg), rename(hf.state_dict(), HF_LLAVA, "hf"), "hf", dtype=v["dtype"],
                         device=v["device"]).eval()
     assert ours.decoder.embed.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
-    rt = Runtime(ours, RuntimeConfig(max_batch=32, max_prefill_tokens=1 << 20,
+    rt = Runtime(ours, RuntimeConfig(max_batch=32, chunked_prefill=False, max_prefill_tokens=1 << 20,
                                      kv_cache_bytes=kv_cache_bytes(cfg, v)))
     _CACHE[name] = (ours, hf, rt, cfg)
     return _CACHE[name]
@@ -320,7 +320,8 @@ def burst_case(benchmark, name: str, n: int = 8):
         return time.perf_counter() - t0
 
     tokens = len(burst()[0][0]) + 1
-    plain = Runtime(ours, RuntimeConfig(max_batch=n, max_prefill_tokens=1 << 20, prefix_caching=False,
+    plain = Runtime(ours, RuntimeConfig(max_batch=n, chunked_prefill=False, max_prefill_tokens=1 << 20,
+                                        prefix_caching=False,
                                         cuda_graphs=False, kv_cache_bytes=kv_bytes_per_token(cfg, v["dtype"])
                                         * n * (tokens + 64)))
     ours_burst(rt, *burst()), ours_burst(plain, *burst()), hf_burst(*burst())    # warm-up

@@ -272,3 +272,23 @@ class DecodeAttention:
         _write(self.cache, layer, self.slot_mapping, k, v)
         return llava_kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
                                               self.seq_lens, length_mask=self.mask, backend=self.backend)
+
+
+class MixedAttention:
+    """A step of ``n_decode`` decode rows (first) and prefill rows (after them) in one packed batch: each
+    part goes to its own context (``decode``: a ``DecodeAttention``; ``prefill``: a prefill context over
+    the prefill rows' own cu_seqlens), so the projections and MLPs run as one GEMM over all rows.
+
+    The prefill part runs first: a readmitted (preempted) sequence can be a decode row whose shared
+    prefix blocks another sequence's chunk writes in this very step; nothing a prefill row reads is
+    written by a decode row (those write only their own, partly filled, never shared blocks)."""
+
+    def __init__(self, decode: DecodeAttention | None, prefill, n_decode: int):
+        self.decode, self.prefill, self.n_decode = decode, prefill, n_decode
+
+    def __call__(self, layer, q, k, v):  # q (T, H, Dh); k, v (T, Hkv, Dh)
+        nd = self.n_decode
+        if nd == 0:
+            return self.prefill(layer, q, k, v)
+        tail = self.prefill(layer, q[nd:], k[nd:], v[nd:])
+        return torch.cat([self.decode(layer, q[:nd], k[:nd], v[:nd]), tail])
