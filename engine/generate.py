@@ -8,7 +8,9 @@ Token ids in, token ids out (no tokenizer here). One ``Runtime.step()`` is one f
 
 - **schedule** — every running sequence that is decoding runs one token; with
   ``chunked_prefill`` (default) the rest of the step's token budget (``max_step_tokens``) goes
-  to prompts, in arrival order, cut into chunks (never inside an image); without it, whole
+  to prompts, in arrival order, cut into chunks (never inside an image; while requests wait, a
+  prompt already being prefilled takes at most half, so a short prompt queued behind a long one
+  starts at the next step); without it, whole
   prompts up to ``max_prefill_tokens``. KV blocks are taken lazily as tokens need them, not
   reserved for ``max_new_tokens`` at admission; when they run out the youngest sequence is
   **preempted**: its blocks are freed and it waits, first in line, to recompute its prompt and
@@ -439,7 +441,9 @@ class Runtime:
         """(request, tokens to run) for this step, their blocks allocated.
 
         Running sequences first, oldest first: a decoding one runs 1 token; one still prefilling runs
-        the next chunk of what the budget leaves after every decode row. Blocks are taken as tokens
+        the next chunk of what the budget leaves after every decode row, but only half of that while
+        requests wait for a free slot, so a short prompt arriving behind a long one starts at the next
+        step instead of after the long prefill (the long one still gets half the budget). Blocks are taken as tokens
         need them; when the cache runs out, the youngest running sequence not yet scheduled is
         preempted (its blocks freed, its prompt and tokens so far recomputed when readmitted), or the
         sequence itself when it is the youngest. The oldest is never preempted, and a request fits
@@ -450,17 +454,18 @@ class Runtime:
         queue = sorted(self.running, key=lambda r: r.arrival)
         left = (self.config.max_step_tokens - sum(r.decoding for r in queue) if chunked
                 else self.config.max_prefill_tokens)
+        reserve = left // 2 if chunked and self.waiting and self._free_slots else 0
         work, first_prefill = [], True
         i = 0
         while i < len(queue):
             r = queue[i]
             if r.decoding:
                 n = 1
-            elif chunked and left <= 0:
+            elif chunked and left - reserve <= 0:
                 i += 1
                 continue
             else:
-                n = self._chunk_end(r, r.cached, left if chunked else None) - r.cached
+                n = self._chunk_end(r, r.cached, left - reserve if chunked else None) - r.cached
             while self._blocks_needed(r, n) > self.cache.free_blocks and queue[-1] is not r:
                 self._preempt(queue.pop())             # younger than r: scheduled after it
             short = self._blocks_needed(r, n) > self.cache.free_blocks
