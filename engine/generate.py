@@ -9,12 +9,12 @@ Token ids in, token ids out (no tokenizer here). One ``Runtime.step()`` is one f
 - **schedule** — every running sequence that is decoding runs one token; with
   ``chunked_prefill`` (default) the rest of the step's token budget (``max_step_tokens``) goes
   to prompts, in arrival order, cut into chunks (never inside an image; while requests wait, a
-  prompt already being prefilled takes at most half, so a short prompt queued behind a long one
-  starts at the next step); without it, whole
-  prompts up to ``max_prefill_tokens``. KV blocks are taken lazily as tokens need them, not
-  reserved for ``max_new_tokens`` at admission; when they run out the youngest sequence is
-  **preempted**: its blocks are freed and it waits, first in line, to recompute its prompt and
-  the tokens it had generated (the oldest is never preempted, so everything finishes);
+  prompt takes at most half of what is left, so a short prompt queued behind a long one starts
+  in the same step or the next); without it, whole prompts up to ``max_prefill_tokens``. KV blocks
+  are taken lazily as tokens need them, not reserved for ``max_new_tokens`` at admission; when
+  they run out the youngest sequence is **preempted**: its blocks are freed and it waits, first
+  in line, to recompute its prompt and the tokens it had generated (the oldest is never
+  preempted, so everything finishes);
 - **run** — a decode-only step embeds the last tokens → decoder with a ``DecodeAttention`` over
   the block tables → logits (a CUDA graph on CUDA); a step with prefill chunks packs decode rows
   and chunks into one batch (one GEMM per weight for all rows; ``MixedAttention``: paged decode
@@ -32,14 +32,12 @@ system prompt computes it once. Reuse never splits an image and always leaves at
 token to compute, for the first sampled token's logits. Any change of the weights (an
 optimizer step, ``load_state_dict``) drops every shared prefix.
 
-Sampling (temperature, top-k, top-p, repetition penalty; HF's order and semantics) runs on
-the device for all rows at once; the random choice is the Gumbel-max trick with noise hashed
-from (seed, position, token id), so a seeded sequence samples the same tokens whatever batch
-it is in, and nothing depends on a global generator state (which a CUDA graph could not
-advance). Temperature 0 is greedy (argmax), deterministic.
-
-On CUDA the decode forward is captured as a CUDA graph per (batch bucket, context bucket),
-buckets being powers of two; on CPU it runs eagerly.
+Where the parts live: sampling (``SamplingParams``, ``sample_tokens``: on the device, seeded per
+sequence, so a sequence samples the same tokens whatever batch it is in) in ``engine.sampling``;
+the block allocator and prefix index in ``engine.kv_cache``; the attention contexts in
+``engine.kv_attention``; the decode step's CUDA graphs (one per batch bucket × context bucket,
+powers of two; eager on the CPU) in ``engine.graphs``. Here: the request types, the runtime
+(scheduler + forwards) and ``generate``.
 """
 from __future__ import annotations
 
@@ -54,41 +52,11 @@ from typing import NamedTuple
 
 import torch
 
-from engine.kv_cache import (
-    DecodeAttention,
-    ImageSpan,
-    MixedAttention,
-    PagedKVCache,
-    PrefillAttention,
-    PrefixPrefillAttention,
-    block_keys,
-    image_digest,
-)
+from engine.graphs import DecodeGraphs, GraphCaptureError
+from engine.kv_attention import DecodeAttention, MixedAttention, PrefillAttention, PrefixPrefillAttention
+from engine.kv_cache import ImageSpan, PagedKVCache, block_keys, image_digest
 from engine.model import Llava, pack_cu_seqlens
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    """Per-request decoding settings (validated: ValueError naming the field)."""
-    max_new_tokens: int = 128
-    temperature: float = 0.0          # 0 = greedy
-    top_p: float = 1.0                # 1 = off
-    top_k: int = 0                    # 0 = off
-    repetition_penalty: float = 1.0   # 1 = off; HF semantics (divide positive logits, multiply negative)
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None           # None: drawn from torch's global generator at submit
-
-    def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+from engine.sampling import SamplingParams, sample_tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -178,125 +146,7 @@ class StepEvent(NamedTuple):
     finish_reason: str | None
 
 
-# ----------------------------------------------------------------------------- sampling
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """An avalanche hash of int64 values in [0, 2^32) (constants < 2^31: products never overflow int64)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x45D9F3B) & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
-
-
-def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, V] as a pure function of (seed [B], counter [B], token id)."""
-    base = _mix32(_mix32(seeds & _M32) ^ (counters & _M32))                       # (B,)
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    h = _mix32(_mix32(base[:, None] ^ ids[None, :]) ^ 0x5BD1E995)                  # (B, V)
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))                     # uniform in (0, 1)
-    return -torch.log(-torch.log(u))
-
-
-def sample_tokens(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor,
-                  penalty: torch.Tensor | None = None, seen: torch.Tensor | None = None,
-                  greedy_only: bool = False, filtered: bool = True) -> torch.Tensor:
-    """Next tokens [B] (int64) from fp32 logits [B, V], all rows at once, on the logits' device.
-
-    Per row: repetition penalty on the tokens marked in ``seen`` [B, V] (HF: positive logits
-    divided, negative multiplied) → greedy argmax where temperature is 0; else logits /
-    temperature → top-k (0 = off) → top-p on what top-k kept (1 = off; the most likely token is
-    always kept) → Gumbel-max draw seeded by (seed, counter). ``greedy_only`` / ``filtered`` are
-    host-known shortcuts (no row samples / no row filters) that skip work, never change results.
-    """
-    if penalty is not None:
-        pen = penalty[:, None]
-        logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
-    greedy = logits.argmax(-1)
-    if greedy_only:
-        return greedy
-    scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    if filtered:
-        sorted_l, order = scaled.sort(-1, descending=True)                          # (B, V)
-        rank = torch.arange(scaled.shape[-1], device=scaled.device)
-        k = top_k[:, None]
-        sorted_l = sorted_l.masked_fill((k > 0) & (rank[None, :] >= k), float("-inf"))
-        probs = sorted_l.softmax(-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop = ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
-        drop[:, 0] = False
-        sorted_l = sorted_l.masked_fill(drop, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_l)
-    sampled = (scaled + gumbel_noise(seeds, counters, scaled.shape[-1])).argmax(-1)
-    return torch.where(temperature > 0, sampled, greedy)
-
-
 # ----------------------------------------------------------------------------- the runtime
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-class GraphCaptureError(RuntimeError):
-    """The decode step could not be captured as a CUDA graph (the runtime then decodes eagerly)."""
-
-
-class _DecodeGraphs:
-    """CUDA graphs of the decode forward, one per (batch bucket, context-block bucket), sharing one
-    memory pool. Padded rows point at the reserved block 0 with position 0.
-
-    Each graph reads only its static buffers (ids, positions, slot mapping, block table: copied in
-    before every replay) and the runtime's preallocated KV cache, whose storage never moves; its
-    logits buffer is overwritten by the next replay of the same graph, so callers consume it (the
-    step samples and copies kept logits to the host) before the next step. Graphs share one pool:
-    safe because they are replayed one at a time on one stream and a step's logits are consumed
-    before the next replay of any graph.
-    """
-
-    def __init__(self, runtime: Runtime):
-        self.rt = runtime
-        self.graphs: dict[tuple[int, int], tuple] = {}
-        self.pool = None
-
-    def run(self, ids, pos, slot_mapping, slots, nb):  # all (B,) int64 on the device
-        rt, b = self.rt, ids.shape[0]
-        bb = min(_pow2(b), rt.config.max_batch)
-        nbb = min(_pow2(nb), rt.max_blocks_per_seq)
-        key = (bb, nbb)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(bb, nbb)
-        graph, s_ids, s_pos, s_sm, s_bt, s_logits = self.graphs[key]
-        for buf, val in ((s_ids, ids), (s_pos, pos), (s_sm, slot_mapping)):
-            buf[:b].copy_(val)
-            buf[b:].zero_()
-        s_bt[:b].copy_(rt.block_table[slots, :nbb])
-        s_bt[b:].zero_()
-        graph.replay()
-        return s_logits[:b]
-
-    def _capture(self, bb: int, nbb: int):
-        dev = self.rt.device
-        ids, pos, sm = (torch.zeros(bb, dtype=torch.int64, device=dev) for _ in range(3))
-        bt = torch.zeros(bb, nbb, dtype=torch.int32, device=dev)
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm up (lazy inits, autotuning) outside the capture
-            for _ in range(2):
-                self.rt._decode_forward(ids, pos, bt, sm)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self.rt._decode_forward(ids, pos, bt, sm)
-        except RuntimeError as e:  # e.g. an op that syncs with the host or is not capturable
-            raise GraphCaptureError(f"capturing the decode step (batch {bb}, {nbb} blocks) failed: {e}") from e
-        self.pool = graph.pool()
-        return graph, ids, pos, sm, bt, logits
 
 
 class Runtime:
@@ -336,7 +186,7 @@ class Runtime:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._free_slots = list(range(s - 1, -1, -1))
-        self.graphs = _DecodeGraphs(self) if dev.type == "cuda" and config.cuda_graphs else None
+        self.graphs = DecodeGraphs(self) if dev.type == "cuda" and config.cuda_graphs else None
         self.peak_batch = 0  # most sequences decoded in one step so far (a continuous-batching witness)
         self.prompt_tokens = 0  # prompt tokens admitted so far, and how many of them a shared prefix covered
         self.reused_tokens = 0
@@ -443,7 +293,8 @@ class Runtime:
         Running sequences first, oldest first: a decoding one runs 1 token; one still prefilling runs
         the next chunk of what the budget leaves after every decode row, but only half of that while
         requests wait for a free slot, so a short prompt arriving behind a long one starts at the next
-        step instead of after the long prefill (the long one still gets half the budget). Blocks are taken as tokens
+        step instead of after the long prefill (the long one still gets half the budget; a prompt
+        admitted with others queued behind it likewise takes half of what is left). Blocks are taken as tokens
         need them; when the cache runs out, the youngest running sequence not yet scheduled is
         preempted (its blocks freed, its prompt and tokens so far recomputed when readmitted), or the
         sequence itself when it is the youngest. The oldest is never preempted, and a request fits
@@ -535,7 +386,9 @@ class Runtime:
             r = self.waiting[0]
             hits = self._prefix_hits(r, pending) if caching else []
             start = len(hits) * bs
-            end = self._chunk_end(r, start, left if chunked else None)
+            # with others waiting behind it (and slots for them) a prompt takes half of what is left
+            share = max(1, left // 2) if chunked and len(self.waiting) > 1 and len(self._free_slots) > 1 else left
+            end = self._chunk_end(r, start, share if chunked else None)
             room = (self.cache.free_blocks - self.cache.idle_among(hits) + len(hits)) * bs
             if chunked and end > room:
                 end = self._chunk_end(r, start, room - start) if room > start else start
@@ -613,10 +466,9 @@ class Runtime:
         bs = self.cache.block_size
         hits = self.cache.lookup(self._seq_keys(r)[:(r.seq_len - 1) // bs], pending)
         n = len(hits) * bs
-        for im in r.spans:
+        for im in reversed(r.spans):  # from the last image: a cut back to a block start can land in an earlier one
             if im.start < n < im.end:
                 n = im.start // bs * bs
-                break
         return hits[:n // bs]
 
     def _register_full_blocks(self, r: Request) -> None:

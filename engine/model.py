@@ -114,7 +114,7 @@ def fuse_linears(*linears: nn.Linear) -> None:
     ``requires_grad`` and state-dict entries; memory-neutral once the old storage is dropped). A no-op
     when already fused, or for sharded (DTensor) or meta parameters."""
     ws = [m.weight for m in linears]
-    if _tiled(ws) or any(type(w.data) is not torch.Tensor or w.is_meta for w in ws):
+    if any(type(w.data) is not torch.Tensor or w.is_meta for w in ws) or _tiled(ws):
         return
     with torch.no_grad(), torch.inference_mode(False):  # plain tensors: training may resume on them
         fused = torch.cat([w.detach() for w in ws])                           # (ΣN, D)
@@ -123,15 +123,18 @@ def fuse_linears(*linears: nn.Linear) -> None:
 
 
 def _tiled(ws: list[torch.Tensor]) -> bool:
-    """Whether weights [N_i, D] lie back to back, in order, in one contiguous storage."""
-    if any(type(w.data) is not torch.Tensor or not w.is_contiguous() for w in ws):
+    """Whether weights [N_i, D] lie back to back, in order, inside the first one's storage (separate
+    live allocations never overlap, so consecutive addresses within that storage mean one tensor)."""
+    w0 = ws[0]
+    if w0.is_meta or type(w0.data) is not torch.Tensor:
         return False
-    ptr, end = ws[0].untyped_storage().data_ptr(), ws[0].storage_offset()
+    storage = w0.untyped_storage()
+    at = w0.data_ptr()
     for w in ws:
-        if w.untyped_storage().data_ptr() != ptr or w.storage_offset() != end or w.shape[1:] != ws[0].shape[1:]:
+        if w.data_ptr() != at or not w.is_contiguous() or w.shape[1:] != w0.shape[1:]:
             return False
-        end += w.numel()
-    return True
+        at += w.numel() * w.element_size()
+    return at <= storage.data_ptr() + storage.nbytes()
 
 
 def fused_weight(*linears: nn.Linear) -> torch.Tensor | None:
@@ -140,8 +143,10 @@ def fused_weight(*linears: nn.Linear) -> torch.Tensor | None:
     (training: autograd and the separate GEMMs, the loss bit-identical to the unfused model). An
     external re-assignment of a weight (``load_state_dict(assign=True)``, ``.to()``) breaks the tiling,
     so a stale fused weight is never used."""
+    if torch.is_grad_enabled():
+        return None
     ws = [m.weight for m in linears]
-    if torch.is_grad_enabled() or not _tiled(ws):
+    if not _tiled(ws):
         return None
     w0 = ws[0].detach()
     return w0.as_strided((sum(w.shape[0] for w in ws), w0.shape[1]), (w0.shape[1], 1))
