@@ -11,6 +11,9 @@ Cases (each for a CPU variant — ~140M parameters, fp32 — and a GPU variant �
 - ``ttft shared system prompt``: a 512-token system prompt + a new image + 32 new text tokens,
   after an earlier request ran the same system prompt: ours reusing it, ours cold, and
   transformers (which recomputes every prompt);
+- ``ttft behind a long prompt``: a 32-token request submitted right after a 4000-token one: its
+  time to first token with chunked prefill (the default budget of 2048 tokens a step) and with
+  whole-prompt prefill, and transformers running the two as one padded batch;
 - ``burst``: 8 such requests arriving together (nothing cached before): time until every one has
   its first token; ours computes the system prompt once in the packed prefill, ours without
   prefix sharing computes it 8 times, transformers runs them as one batch.
@@ -95,7 +98,7 @@ def build(name: str):
     ours = assign_state(new_model(cfg), rename(hf.state_dict(), HF_LLAVA, "hf"), "hf", dtype=v["dtype"],
                         device=v["device"]).eval()
     assert ours.decoder.embed.weight.data_ptr() == hf.get_input_embeddings().weight.data_ptr()
-    rt = Runtime(ours, RuntimeConfig(max_batch=32, max_prefill_tokens=1 << 20,
+    rt = Runtime(ours, RuntimeConfig(max_batch=32, chunked_prefill=False, max_prefill_tokens=1 << 20,
                                      kv_cache_bytes=kv_cache_bytes(cfg, v)))
     _CACHE[name] = (ours, hf, rt, cfg)
     return _CACHE[name]
@@ -320,7 +323,8 @@ def burst_case(benchmark, name: str, n: int = 8):
         return time.perf_counter() - t0
 
     tokens = len(burst()[0][0]) + 1
-    plain = Runtime(ours, RuntimeConfig(max_batch=n, max_prefill_tokens=1 << 20, prefix_caching=False,
+    plain = Runtime(ours, RuntimeConfig(max_batch=n, chunked_prefill=False, max_prefill_tokens=1 << 20,
+                                        prefix_caching=False,
                                         cuda_graphs=False, kv_cache_bytes=kv_bytes_per_token(cfg, v["dtype"])
                                         * n * (tokens + 64)))
     ours_burst(rt, *burst()), ours_burst(plain, *burst()), hf_burst(*burst())    # warm-up
@@ -337,6 +341,67 @@ def burst_case(benchmark, name: str, n: int = 8):
     print(f"[{SUITE}] {case}: ours {shared * 1e3:.0f} ms, without sharing {alone * 1e3:.0f} ms, "
           f"transformers {hf_secs * 1e3:.0f} ms")
     del plain
+
+
+def behind_long_case(benchmark, name: str):
+    """TTFT of a short request queued right behind a long prompt: chunked prefill vs whole prompts."""
+    ours, hf, _, cfg = build(name)
+    v = VARIANTS[name]
+    rng = random.Random(17)
+    n_long, budget = pick(4000, 200), pick(RuntimeConfig().max_step_tokens, 64)
+    long_prompt = [1] + [rng.randrange(3, IMAGE_TOKEN) for _ in range(n_long - 1)]
+    short_prompt = [1] + [rng.randrange(3, IMAGE_TOKEN) for _ in range(31)]
+    kv = kv_bytes_per_token(cfg, v["dtype"]) * (n_long + 32 + 4 * 16)
+    runtimes = {chunked: Runtime(ours, RuntimeConfig(max_batch=2, chunked_prefill=chunked, max_step_tokens=budget,
+                                                     max_prefill_tokens=1 << 20, prefix_caching=False,
+                                                     cuda_graphs=False, kv_cache_bytes=kv))
+                for chunked in (True, False)}
+
+    def ours_pair(runtime) -> tuple[float, float, int]:
+        """(short's TTFT, long's TTFT, steps until short's first token), both submitted at t0."""
+        sync(v["device"])
+        t0 = time.perf_counter()
+        long = runtime.submit(long_prompt, params=SamplingParams(max_new_tokens=1))
+        short = runtime.submit(short_prompt, params=SamplingParams(max_new_tokens=1))
+        t_short = t_long = None
+        steps = 0
+        while runtime.has_work:
+            runtime.step()                                  # ends with the step's host sync
+            steps += 1 if t_short is None else 0
+            now = time.perf_counter() - t0
+            t_short = now if t_short is None and short.tokens else t_short
+            t_long = now if t_long is None and long.tokens else t_long
+        return t_short, t_long, steps
+
+    def hf_pair() -> float:
+        width = len(long_prompt)
+        ids = torch.zeros(2, width, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        ids[0], mask[0] = torch.tensor(long_prompt), 1
+        ids[1, width - len(short_prompt):], mask[1, width - len(short_prompt):] = torch.tensor(short_prompt), 1
+        sync(v["device"])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            hf.generate(input_ids=ids.to(v["device"]), attention_mask=mask.to(v["device"]), max_new_tokens=1,
+                        do_sample=False)
+        sync(v["device"])
+        return time.perf_counter() - t0
+
+    if v["device"] == "cuda":                               # warm-up (one 4k prefill each: skipped on the CPU)
+        ours_pair(runtimes[True]), ours_pair(runtimes[False]), hf_pair()
+    chunked, chunked_long, steps = benchmark.pedantic(ours_pair, args=(runtimes[True],), rounds=1, iterations=1)
+    whole, whole_long, _ = ours_pair(runtimes[False])
+    hf_secs = hf_pair()
+    case = f"{name} ttft 32-token request behind a {n_long}-token prompt"
+    save(SUITE, [Row(SUITE, case, "hf", hf_secs * 1e3, extra=dict(note="one padded batch of the two prompts")),
+                 Row(SUITE, case, "ours whole prefill", whole * 1e3, ref_ms=hf_secs * 1e3,
+                     extra=dict(long_ttft_ms=whole_long * 1e3)),
+                 Row(SUITE, case, "ours", chunked * 1e3, ref_ms=hf_secs * 1e3,
+                     extra=dict(long_ttft_ms=chunked_long * 1e3, max_step_tokens=budget, steps_to_first_token=steps,
+                                speedup_vs_whole_prefill=whole / chunked))])
+    print(f"[{SUITE}] {case}: chunked {chunked * 1e3:.0f} ms (long prompt {chunked_long * 1e3:.0f} ms), whole "
+          f"prefill {whole * 1e3:.0f} ms (long {whole_long * 1e3:.0f} ms), transformers {hf_secs * 1e3:.0f} ms")
+    del runtimes
 
 
 def ttft_case(benchmark, name: str):
@@ -382,3 +447,8 @@ def test_ttft_shared_system_prompt(benchmark, name):
 @pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_burst_shared_system_prompt(benchmark, name):
     burst_case(benchmark, name)
+
+
+@pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_ttft_behind_a_long_prompt(benchmark, name):
+    behind_long_case(benchmark, name)

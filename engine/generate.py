@@ -1,19 +1,27 @@
 """KV-cached generation: packed prefill, batched decode over a paged cache, on-device sampling,
 continuous batching, CUDA graphs for the decode step.
 
-Letters: B sequences in a step, T packed prefill tokens, V vocab, S runtime slots (most
+Letters: B sequences in a step, T packed tokens of a step, V vocab, S runtime slots (most
 sequences at once), nb cache blocks per sequence in a decode step.
 
-Token ids in, token ids out (no tokenizer here). The flow of one ``Runtime.step()``:
+Token ids in, token ids out (no tokenizer here). One ``Runtime.step()`` is one forward:
 
-- if requests are waiting and the cache has room: **prefill** — every admitted prompt goes
-  through ``Llava.forward_packed`` as one packed varlen batch (no padding) whose attention
-  context writes the paged KV cache; the last row of each prompt gives its first token;
-- otherwise **decode** — every live sequence advances one token: embed → decoder with a
-  ``DecodeAttention`` over its block table → logits → sampling, all on the device; one host
-  sync per step brings back the new tokens for the stop check. Finished sequences release
-  their slot and blocks at once and the next step runs without them; waiting requests join
-  at the next step (continuous batching).
+- **schedule** — every running sequence that is decoding runs one token; with
+  ``chunked_prefill`` (default) the rest of the step's token budget (``max_step_tokens``) goes
+  to prompts, in arrival order, cut into chunks (never inside an image; while requests wait, a
+  prompt takes at most half of what is left, so a short prompt queued behind a long one starts
+  in the same step or the next); without it, whole prompts up to ``max_prefill_tokens``. KV blocks
+  are taken lazily as tokens need them, not reserved for ``max_new_tokens`` at admission; when
+  they run out the youngest sequence is **preempted**: its blocks are freed and it waits, first
+  in line, to recompute its prompt and the tokens it had generated (the oldest is never
+  preempted, so everything finishes);
+- **run** — a decode-only step embeds the last tokens → decoder with a ``DecodeAttention`` over
+  the block tables → logits (a CUDA graph on CUDA); a step with prefill chunks packs decode rows
+  and chunks into one batch (one GEMM per weight for all rows; ``MixedAttention``: paged decode
+  attention for decode rows, causal varlen attention over the cached context for chunks);
+- **sample** on the device for the rows that end their sequence (decode rows, last chunks); one
+  host sync per step brings back the new tokens for the stop check. Finished sequences release
+  their slot and blocks at once; waiting requests join at the next step (continuous batching).
 
 Prefix reuse (``RuntimeConfig.prefix_caching``, on by default): a prompt whose first full
 cache blocks hold exactly the tokens and images of an earlier prompt's (the same system prompt,
@@ -24,14 +32,12 @@ system prompt computes it once. Reuse never splits an image and always leaves at
 token to compute, for the first sampled token's logits. Any change of the weights (an
 optimizer step, ``load_state_dict``) drops every shared prefix.
 
-Sampling (temperature, top-k, top-p, repetition penalty; HF's order and semantics) runs on
-the device for all rows at once; the random choice is the Gumbel-max trick with noise hashed
-from (seed, position, token id), so a seeded sequence samples the same tokens whatever batch
-it is in, and nothing depends on a global generator state (which a CUDA graph could not
-advance). Temperature 0 is greedy (argmax), deterministic.
-
-On CUDA the decode forward is captured as a CUDA graph per (batch bucket, context bucket),
-buckets being powers of two; on CPU it runs eagerly.
+Where the parts live: sampling (``SamplingParams``, ``sample_tokens``: on the device, seeded per
+sequence, so a sequence samples the same tokens whatever batch it is in) in ``engine.sampling``;
+the block allocator and prefix index in ``engine.kv_cache``; the attention contexts in
+``engine.kv_attention``; the decode step's CUDA graphs (one per batch bucket × context bucket,
+powers of two; eager on the CPU) in ``engine.graphs``. Here: the request types, the runtime
+(scheduler + forwards) and ``generate``.
 """
 from __future__ import annotations
 
@@ -46,40 +52,11 @@ from typing import NamedTuple
 
 import torch
 
-from engine.kv_cache import (
-    DecodeAttention,
-    ImageSpan,
-    PagedKVCache,
-    PrefillAttention,
-    PrefixPrefillAttention,
-    block_keys,
-    image_digest,
-)
+from engine.graphs import DecodeGraphs, GraphCaptureError
+from engine.kv_attention import DecodeAttention, MixedAttention, PrefillAttention, PrefixPrefillAttention
+from engine.kv_cache import ImageSpan, PagedKVCache, block_keys, image_digest
 from engine.model import Llava, pack_cu_seqlens
-
-
-@dataclass(frozen=True, kw_only=True)
-class SamplingParams:
-    """Per-request decoding settings (validated: ValueError naming the field)."""
-    max_new_tokens: int = 128
-    temperature: float = 0.0          # 0 = greedy
-    top_p: float = 1.0                # 1 = off
-    top_k: int = 0                    # 0 = off
-    repetition_penalty: float = 1.0   # 1 = off; HF semantics (divide positive logits, multiply negative)
-    stop_token_ids: tuple[int, ...] = ()
-    seed: int | None = None           # None: drawn from torch's global generator at submit
-
-    def __post_init__(self):
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
-        if not self.temperature >= 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+from engine.sampling import SamplingParams, sample_tokens
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,13 +67,15 @@ class RuntimeConfig:
     block_size: int = 16              # tokens per KV-cache block
     kv_cache_bytes: int | None = None
     max_seq_len: int | None = None    # default: the model's max_position_embeddings
-    max_prefill_tokens: int = 16384   # packed tokens per prefill call (one prompt may exceed it alone)
+    chunked_prefill: bool = True      # split prompts into chunks that fit max_step_tokens, mixed with decode rows
+    max_step_tokens: int = 2048       # with chunked_prefill: tokens per step, decode rows + prefill chunks
+    max_prefill_tokens: int = 16384   # without: prompt tokens per step, whole prompts (one may exceed it alone)
     cuda_graphs: bool = True          # capture the decode step on CUDA
     prefix_caching: bool = True       # share the cached K/V of identical prompt prefixes (whole blocks)
     decode_attention: str | None = None  # llava_kernels.paged_decode_attention backend: None = dispatcher's choice
 
     def __post_init__(self):
-        for name in ("max_batch", "block_size", "max_prefill_tokens"):
+        for name in ("max_batch", "block_size", "max_step_tokens", "max_prefill_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RuntimeConfig.{name} must be >= 1, got {getattr(self, name)}")
 
@@ -134,13 +113,26 @@ class Request:
     cached: int = 0                   # tokens whose K/V are in the cache
     limit: int = 0                    # most new tokens (max_new_tokens capped by the context length)
     reused: int = 0                   # leading prompt tokens whose K/V came from a shared prefix
-    spans: list[ImageSpan] | None = None  # the prompt's images (prefix caching only)
+    spans: list[ImageSpan] | None = None  # the prompt's images (digests with prefix caching only)
     keys: list[bytes] | None = None       # prefix keys of the sequence's full blocks so far
     registered: int = 0               # leading blocks offered for reuse so far
+    arrival: int = 0                  # submission order: the scheduler's priority (older first)
+    admitted: bool = False            # admitted at least once (a preempted request is readmitted)
+    preemptions: int = 0              # times its blocks were taken back (its K/V then recomputed)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def seq_len(self) -> int:
+        """Prompt and generated tokens so far (the last generated one is not in the cache yet)."""
+        return len(self.prompt) + len(self.tokens)
+
+    @property
+    def decoding(self) -> bool:
+        """Everything but the last generated token is cached: the next step runs that one token."""
+        return bool(self.tokens) and self.cached == self.seq_len - 1
 
     def output(self) -> GenerationOutput:
         logits = torch.stack(self.logits) if self.keep_logits and self.logits else None
@@ -154,125 +146,7 @@ class StepEvent(NamedTuple):
     finish_reason: str | None
 
 
-# ----------------------------------------------------------------------------- sampling
-
-_M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """An avalanche hash of int64 values in [0, 2^32) (constants < 2^31: products never overflow int64)."""
-    x = x ^ (x >> 16)
-    x = (x * 0x45D9F3B) & _M32
-    x = x ^ (x >> 16)
-    x = (x * 0x45D9F3B) & _M32
-    return x ^ (x >> 16)
-
-
-def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Gumbel(0, 1) noise [B, V] as a pure function of (seed [B], counter [B], token id)."""
-    base = _mix32(_mix32(seeds & _M32) ^ (counters & _M32))                       # (B,)
-    ids = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
-    h = _mix32(_mix32(base[:, None] ^ ids[None, :]) ^ 0x5BD1E995)                  # (B, V)
-    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))                     # uniform in (0, 1)
-    return -torch.log(-torch.log(u))
-
-
-def sample_tokens(logits: torch.Tensor, *, temperature: torch.Tensor, top_k: torch.Tensor,
-                  top_p: torch.Tensor, seeds: torch.Tensor, counters: torch.Tensor,
-                  penalty: torch.Tensor | None = None, seen: torch.Tensor | None = None,
-                  greedy_only: bool = False, filtered: bool = True) -> torch.Tensor:
-    """Next tokens [B] (int64) from fp32 logits [B, V], all rows at once, on the logits' device.
-
-    Per row: repetition penalty on the tokens marked in ``seen`` [B, V] (HF: positive logits
-    divided, negative multiplied) → greedy argmax where temperature is 0; else logits /
-    temperature → top-k (0 = off) → top-p on what top-k kept (1 = off; the most likely token is
-    always kept) → Gumbel-max draw seeded by (seed, counter). ``greedy_only`` / ``filtered`` are
-    host-known shortcuts (no row samples / no row filters) that skip work, never change results.
-    """
-    if penalty is not None:
-        pen = penalty[:, None]
-        logits = torch.where(seen, torch.where(logits > 0, logits / pen, logits * pen), logits)
-    greedy = logits.argmax(-1)
-    if greedy_only:
-        return greedy
-    scaled = logits / temperature.clamp_min(1e-6)[:, None]
-    if filtered:
-        sorted_l, order = scaled.sort(-1, descending=True)                          # (B, V)
-        rank = torch.arange(scaled.shape[-1], device=scaled.device)
-        k = top_k[:, None]
-        sorted_l = sorted_l.masked_fill((k > 0) & (rank[None, :] >= k), float("-inf"))
-        probs = sorted_l.softmax(-1)
-        # drop a token when the tokens ranked above it already hold top_p of the mass
-        drop = ((probs.cumsum(-1) - probs) >= top_p[:, None]) & (top_p[:, None] < 1)
-        drop[:, 0] = False
-        sorted_l = sorted_l.masked_fill(drop, float("-inf"))
-        scaled = torch.full_like(scaled, float("-inf")).scatter(-1, order, sorted_l)
-    sampled = (scaled + gumbel_noise(seeds, counters, scaled.shape[-1])).argmax(-1)
-    return torch.where(temperature > 0, sampled, greedy)
-
-
 # ----------------------------------------------------------------------------- the runtime
-
-
-def _pow2(n: int) -> int:
-    return 1 << max(0, n - 1).bit_length()
-
-
-class GraphCaptureError(RuntimeError):
-    """The decode step could not be captured as a CUDA graph (the runtime then decodes eagerly)."""
-
-
-class _DecodeGraphs:
-    """CUDA graphs of the decode forward, one per (batch bucket, context-block bucket), sharing one
-    memory pool. Padded rows point at the reserved block 0 with position 0.
-
-    Each graph reads only its static buffers (ids, positions, slot mapping, block table: copied in
-    before every replay) and the runtime's preallocated KV cache, whose storage never moves; its
-    logits buffer is overwritten by the next replay of the same graph, so callers consume it (the
-    step samples and copies kept logits to the host) before the next step. Graphs share one pool:
-    safe because they are replayed one at a time on one stream and a step's logits are consumed
-    before the next replay of any graph.
-    """
-
-    def __init__(self, runtime: Runtime):
-        self.rt = runtime
-        self.graphs: dict[tuple[int, int], tuple] = {}
-        self.pool = None
-
-    def run(self, ids, pos, slot_mapping, slots, nb):  # all (B,) int64 on the device
-        rt, b = self.rt, ids.shape[0]
-        bb = min(_pow2(b), rt.config.max_batch)
-        nbb = min(_pow2(nb), rt.max_blocks_per_seq)
-        key = (bb, nbb)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(bb, nbb)
-        graph, s_ids, s_pos, s_sm, s_bt, s_logits = self.graphs[key]
-        for buf, val in ((s_ids, ids), (s_pos, pos), (s_sm, slot_mapping)):
-            buf[:b].copy_(val)
-            buf[b:].zero_()
-        s_bt[:b].copy_(rt.block_table[slots, :nbb])
-        s_bt[b:].zero_()
-        graph.replay()
-        return s_logits[:b]
-
-    def _capture(self, bb: int, nbb: int):
-        dev = self.rt.device
-        ids, pos, sm = (torch.zeros(bb, dtype=torch.int64, device=dev) for _ in range(3))
-        bt = torch.zeros(bb, nbb, dtype=torch.int32, device=dev)
-        stream = torch.cuda.Stream(dev)
-        stream.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(stream):  # warm up (lazy inits, autotuning) outside the capture
-            for _ in range(2):
-                self.rt._decode_forward(ids, pos, bt, sm)
-        torch.cuda.current_stream(dev).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, pool=self.pool):
-                logits = self.rt._decode_forward(ids, pos, bt, sm)
-        except RuntimeError as e:  # e.g. an op that syncs with the host or is not capturable
-            raise GraphCaptureError(f"capturing the decode step (batch {bb}, {nbb} blocks) failed: {e}") from e
-        self.pool = graph.pool()
-        return graph, ids, pos, sm, bt, logits
 
 
 class Runtime:
@@ -286,6 +160,7 @@ class Runtime:
 
     def __init__(self, model: Llava, config: RuntimeConfig | None = None):
         self.config = config = config or RuntimeConfig()
+        model.fuse_weights()  # one q/k/v and one gate/up GEMM per layer; state dict and training unchanged
         self._model = weakref.ref(model)
         w = model.decoder.embed.weight
         self.device, self.dtype = w.device, w.dtype
@@ -311,10 +186,12 @@ class Runtime:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self._free_slots = list(range(s - 1, -1, -1))
-        self.graphs = _DecodeGraphs(self) if dev.type == "cuda" and config.cuda_graphs else None
+        self.graphs = DecodeGraphs(self) if dev.type == "cuda" and config.cuda_graphs else None
         self.peak_batch = 0  # most sequences decoded in one step so far (a continuous-batching witness)
         self.prompt_tokens = 0  # prompt tokens admitted so far, and how many of them a shared prefix covered
         self.reused_tokens = 0
+        self.preemptions = 0   # sequences whose blocks were taken back (recomputed when readmitted)
+        self._arrivals = 0
         self._weights_stamp: tuple | None = None
 
     @property
@@ -363,7 +240,8 @@ class Runtime:
             raise ValueError(f"prompt of {len(prompt)} tokens + {limit} new tokens needs {need} KV-cache "
                              f"blocks; the cache has {self.cache.num_blocks - 1}")
         req = Request(prompt=list(prompt), pixel_values=pixel_values if n_images else None, params=params,
-                      keep_logits=keep_logits, limit=limit)
+                      keep_logits=keep_logits, limit=limit, arrival=self._arrivals)
+        self._arrivals += 1
         self.waiting.append(req)
         return req
 
@@ -388,48 +266,177 @@ class Runtime:
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        """One prefill (of every waiting request that fits) or, if none fits, one decode step."""
-        admitted = self._admit()
-        batch = admitted or list(self.running)
+        """One forward: every decoding sequence advances one token and, within the step's token budget,
+        prompts are prefilled (whole, or in chunks with ``chunked_prefill``) in the same packed batch."""
+        work: list[tuple[Request, int]] = []
         try:
-            if admitted:
-                return self._prefill(admitted)
-            return self._decode() if batch else []
+            work = self._schedule()
+            if not work:
+                return []
+            if all(r.decoding for r, _ in work):
+                return self._decode([r for r, _ in work])
+            return self._mixed(work)
         except Exception as e:  # a failing batch must not take the runtime (or a server) down
             events = []
-            for r in batch:
+            for r, _ in work:
                 if not r.finished:
                     r.error = f"{type(e).__name__}: {e}"
                     self._finish(r, "error")
                     events.append(StepEvent(r, None, "error"))
             return events
 
-    def _admit(self) -> list[Request]:
-        admitted, tokens, bs = [], 0, self.cache.block_size
+    # ---- scheduling: token budget, chunks, lazy blocks, preemption -------------------------------------
+
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """(request, tokens to run) for this step, their blocks allocated.
+
+        Running sequences first, oldest first: a decoding one runs 1 token; one still prefilling runs
+        the next chunk of what the budget leaves after every decode row, but only half of that while
+        requests wait for a free slot, so a short prompt arriving behind a long one starts at the next
+        step instead of after the long prefill (the long one still gets half the budget; a prompt
+        admitted with others queued behind it likewise takes half of what is left). Blocks are taken as tokens
+        need them; when the cache runs out, the youngest running sequence not yet scheduled is
+        preempted (its blocks freed, its prompt and tokens so far recomputed when readmitted), or the
+        sequence itself when it is the youngest. The oldest is never preempted, and a request fits
+        the cache alone (``submit`` checks), so every request finishes. Then waiting requests are
+        admitted in FIFO order while a slot, the budget and free blocks last (no preemption for them).
+        """
+        chunked = self.config.chunked_prefill
+        queue = sorted(self.running, key=lambda r: r.arrival)
+        left = (self.config.max_step_tokens - sum(r.decoding for r in queue) if chunked
+                else self.config.max_prefill_tokens)
+        reserve = left // 2 if chunked and self.waiting and self._free_slots else 0
+        work, first_prefill = [], True
+        i = 0
+        while i < len(queue):
+            r = queue[i]
+            if r.decoding:
+                n = 1
+            elif chunked and left - reserve <= 0:
+                i += 1
+                continue
+            else:
+                n = self._chunk_end(r, r.cached, left - reserve if chunked else None) - r.cached
+            while self._blocks_needed(r, n) > self.cache.free_blocks and queue[-1] is not r:
+                self._preempt(queue.pop())             # younger than r: scheduled after it
+            short = self._blocks_needed(r, n) > self.cache.free_blocks
+            if short and chunked and not r.decoding:    # a smaller chunk the free blocks hold
+                room = (len(r.blocks) + self.cache.free_blocks) * self.cache.block_size
+                n = self._chunk_end(r, r.cached, room - r.cached) - r.cached if room > r.cached else 0
+                short = n <= 0 or self._blocks_needed(r, n) > self.cache.free_blocks
+            if short:
+                if r.decoding:                          # the youngest left: it yields its blocks
+                    self._preempt(queue.pop(i))
+                else:
+                    i += 1
+                continue
+            self._grow(r, n)
+            work.append((r, n))
+            if not r.decoding:
+                left -= n
+                first_prefill = False
+            i += 1
+        work += self._admit(left, first_prefill)
+        return work
+
+    def _blocks_needed(self, r: Request, n: int) -> int:
+        return max(0, self.cache.blocks_for(r.cached + n) - len(r.blocks))
+
+    def _grow(self, r: Request, n: int) -> None:
+        """Allocate the blocks ``r`` needs to run ``n`` more tokens (and note them in its table row)."""
+        need = self._blocks_needed(r, n)
+        if need:
+            start = len(r.blocks)
+            r.blocks += self.cache.allocate(need)
+            self.block_table[r.slot, start:len(r.blocks)] = torch.tensor(r.blocks[start:], dtype=torch.int32)
+
+    def _chunk_end(self, r: Request, start: int, budget: int | None) -> int:
+        """End of the chunk of ``r``'s sequence from ``start`` under ``budget`` tokens (None: all of it),
+        moved so that no image is split: back to the image's start, or past its end when it starts
+        the chunk (one image's rows come from one tower call)."""
+        end = r.seq_len if budget is None else min(r.seq_len, start + budget)
+        for im in self._spans(r):
+            if im.start < end < im.end:
+                return im.start if im.start > start else im.end
+        return end
+
+    def _preempt(self, r: Request) -> None:
+        """Free ``r``'s blocks and slot and queue it first: readmitted, it recomputes prompt + tokens."""
+        self.running.remove(r)
+        self.cache.release(r.blocks)
+        self._free_slots.append(r.slot)
+        r.blocks, r.slot, r.cached, r.reused, r.registered = [], -1, 0, 0, 0
+        r.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(r)  # older than every waiting request
+
+    def _admit(self, left: int, first: bool) -> list[tuple[Request, int]]:
+        """Waiting requests that get a slot, budget and blocks, in FIFO order (a request that does not fit
+        stops the admission: a long prompt is never starved). Without chunking the first prefill of a step
+        may exceed the budget alone."""
+        chunked, bs = self.config.chunked_prefill, self.cache.block_size
         caching = self.config.prefix_caching
         if caching and self.waiting and self._free_slots:
             self._forget_prefixes_if_weights_changed()
-        # Full prompt blocks this prefill will write, by key: a later request of the same batch with
-        # the same prefix shares them too (each layer writes every fresh K/V row before attending).
+        # Full blocks this step writes, by key: a later request of the same step with the same prefix shares
+        # them too (each layer writes every fresh K/V row before attending).
         pending: dict[bytes, int] = {}
-        while self.waiting and self._free_slots:
+        admitted = []
+        while self.waiting and self._free_slots and (left > 0 or (first and not chunked)):
             r = self.waiting[0]
             hits = self._prefix_hits(r, pending) if caching else []
-            need = self.cache.blocks_for(len(r.prompt) + r.limit - 1) - len(hits)
-            new_tokens = len(r.prompt) - len(hits) * bs
-            too_many = admitted and tokens + new_tokens > self.config.max_prefill_tokens
-            if need > self.cache.free_blocks - self.cache.idle_among(hits) or too_many:
-                break  # FIFO: later requests wait too, so a long prompt is never starved
+            start = len(hits) * bs
+            # with others waiting behind it (and slots for them) a prompt takes half of what is left
+            share = max(1, left // 2) if chunked and len(self.waiting) > 1 and len(self._free_slots) > 1 else left
+            end = self._chunk_end(r, start, share if chunked else None)
+            room = (self.cache.free_blocks - self.cache.idle_among(hits) + len(hits)) * bs
+            if chunked and end > room:
+                end = self._chunk_end(r, start, room - start) if room > start else start
+            need = self.cache.blocks_for(end) - len(hits)
+            if end <= start or need > self.cache.free_blocks - self.cache.idle_among(hits) or (
+                    not chunked and not first and end - start > left):
+                break
             self.waiting.popleft()
             self.cache.share(hits)  # before allocating, which could otherwise evict them
-            r.slot, r.blocks = self._free_slots.pop(), hits + self.cache.allocate(need)
-            r.reused, r.registered = len(hits) * bs, len(hits)
+            r.slot, r.blocks = self._free_slots.pop(), list(hits)
+            r.cached = r.reused = start
+            r.registered = len(hits)
+            self.block_table[r.slot, :len(hits)] = torch.tensor(hits, dtype=torch.int32)
+            self._grow(r, end - start)
+            self._set_slot(r)
             if caching:
-                for i in range(len(hits), len(r.prompt) // bs):
+                for i in range(len(hits), end // bs):
                     pending.setdefault(r.keys[i], r.blocks[i])
-            tokens += new_tokens
-            admitted.append(r)
+            if not r.admitted:
+                r.admitted = True
+                self.prompt_tokens += len(r.prompt)
+                self.reused_tokens += r.reused
+            self.running.append(r)
+            admitted.append((r, end - start))
+            left -= end - start
+            first = False
         return admitted
+
+    def _set_slot(self, r: Request) -> None:
+        """The sampling settings (and the repetition-penalty mask) of ``r`` in its slot's rows."""
+        dev, p, s = self.device, r.params, r.slot
+        if p.repetition_penalty != 1.0 and self.seen is None:
+            self.seen = torch.zeros(self.config.max_batch, self.mcfg.text.vocab_size, dtype=torch.bool, device=dev)
+        if self.seen is not None:
+            self.seen[s] = False
+            self.seen[s, torch.tensor(r.prompt + r.tokens, device=dev)] = True
+        self.temperature[s], self.top_p[s], self.top_k[s] = p.temperature, p.top_p, p.top_k
+        self.penalty[s], self.seeds[s] = p.repetition_penalty, p.seed
+
+    def _spans(self, r: Request) -> list[ImageSpan]:
+        """The prompt's images: placeholder rows and (for prefix keys) a digest of the pixels."""
+        if r.spans is None:
+            s = self.mcfg.image_seq_len
+            rows = [i for i, t in enumerate(r.prompt) if t == self.mcfg.image_token_id]
+            digest = image_digest if self.config.prefix_caching else (lambda px: b"")
+            r.spans = [ImageSpan(rows[j * s], rows[j * s + s - 1] + 1, digest(r.pixel_values[j]))
+                       for j in range(len(rows) // s)]
+        return r.spans
 
     # ---- prefix reuse ---------------------------------------------------------------------------------
 
@@ -441,91 +448,108 @@ class Runtime:
             self.cache.forget_prefixes()
             self._weights_stamp = stamp
 
-    def _prompt_keys(self, r: Request) -> list[bytes]:
-        """Prefix keys of the prompt's full blocks (computed once per request)."""
+    def _seq_keys(self, r: Request) -> list[bytes]:
+        """Prefix keys of the full blocks of ``r``'s sequence (prompt + tokens; extended as it grows)."""
+        bs = self.cache.block_size
         if r.keys is None:
-            s = self.mcfg.image_seq_len
-            rows = [i for i, t in enumerate(r.prompt) if t == self.mcfg.image_token_id]
-            r.spans = [ImageSpan(rows[j * s], rows[j * s + s - 1] + 1, image_digest(r.pixel_values[j]))
-                       for j in range(len(rows) // s)]
-            bs = self.cache.block_size
-            r.keys = block_keys(r.prompt, bs, r.spans, 0, len(r.prompt) // bs)
+            r.keys = block_keys(r.prompt, bs, self._spans(r), 0, len(r.prompt) // bs)
+        full = r.seq_len // bs
+        if full > len(r.keys):
+            done = len(r.keys)
+            r.keys += block_keys(r.prompt + r.tokens, bs, r.spans, done, full, r.keys[-1] if done else b"")
         return r.keys
 
     def _prefix_hits(self, r: Request, pending: dict[bytes, int]) -> list[int]:
-        """Blocks ``r`` can share (registered, or ``pending`` in this prefill): at most len(prompt) - 1
-        tokens (the last prompt token must run to give the first logits), cut back to a block
-        boundary before any image they would split (an image's rows come from one tower call)."""
+        """Blocks ``r`` can share (registered, or ``pending`` in this step): at most seq_len - 1 tokens
+        (the last token must run to give the next logits), cut back to a block boundary before any
+        image they would split (an image's rows come from one tower call)."""
         bs = self.cache.block_size
-        hits = self.cache.lookup(self._prompt_keys(r)[:(len(r.prompt) - 1) // bs], pending)
+        hits = self.cache.lookup(self._seq_keys(r)[:(r.seq_len - 1) // bs], pending)
         n = len(hits) * bs
-        for im in r.spans:
+        for im in reversed(r.spans):  # from the last image: a cut back to a block start can land in an earlier one
             if im.start < n < im.end:
                 n = im.start // bs * bs
-                break
         return hits[:n // bs]
 
     def _register_full_blocks(self, r: Request) -> None:
-        """Offer the sequence's full, written blocks for reuse (prompt blocks after prefill, then each
-        block decode fills)."""
-        bs, done = self.cache.block_size, len(r.keys)
-        full = r.cached // bs
-        if full > done:  # blocks decode filled: their keys cover the generated tokens too
-            r.keys += block_keys(r.prompt + r.tokens, bs, r.spans, done, full, r.keys[-1] if done else b"")
+        """Offer the sequence's full, written blocks for reuse (prompt blocks as prefill writes them,
+        then each block decode fills)."""
+        full = r.cached // self.cache.block_size
+        keys = self._seq_keys(r)
         for i in range(r.registered, full):
-            self.cache.register(r.blocks[i], r.keys[i])
-        r.registered = full
+            self.cache.register(r.blocks[i], keys[i])
+        r.registered = max(r.registered, full)
 
-    def _prefill(self, reqs: list[Request]) -> list[StepEvent]:
-        dev, model = self.device, self.model
-        slots = torch.tensor([r.slot for r in reqs], device=dev)
-        for r in reqs:
-            self.block_table[r.slot, :len(r.blocks)] = torch.tensor(r.blocks, dtype=torch.int32, device=dev)
-            if r.params.repetition_penalty != 1.0 and self.seen is None:
-                self.seen = torch.zeros(self.config.max_batch, self.mcfg.text.vocab_size, dtype=torch.bool,
-                                        device=dev)
-            if self.seen is not None:
-                self.seen[r.slot] = False
-                self.seen[r.slot, torch.tensor(r.prompt, device=dev)] = True
-        self.temperature[slots] = torch.tensor([r.params.temperature for r in reqs], device=dev)
-        self.top_p[slots] = torch.tensor([r.params.top_p for r in reqs], device=dev)
-        self.top_k[slots] = torch.tensor([r.params.top_k for r in reqs], device=dev)
-        self.penalty[slots] = torch.tensor([r.params.repetition_penalty for r in reqs], device=dev)
-        self.seeds[slots] = torch.tensor([r.params.seed for r in reqs], device=dev)
+    # ---- the forward passes ---------------------------------------------------------------------------
 
-        # Only the tokens after each shared prefix run (all of them without one): T packed rows.
-        lengths = [len(r.prompt) - r.reused for r in reqs]
-        ids = torch.tensor([t for r in reqs for t in r.prompt[r.reused:]], device=dev)       # (T,)
-        cu, pos, max_len = pack_cu_seqlens(lengths, dev)
-        pos += torch.repeat_interleave(torch.tensor([r.reused for r in reqs], device=dev),
-                                       torch.tensor(lengths, device=dev))
-        slots_of = [self.cache.slots(r.blocks, 0, len(r.prompt)) for r in reqs]     # every prompt position
-        slot_mapping = torch.tensor([s for r, sl in zip(reqs, slots_of, strict=True) for s in sl[r.reused:]],
-                                    device=dev)                                         # (T,)
-        # images wholly inside a shared prefix are not encoded again (reuse never splits one)
-        images = [r.pixel_values[sum(im.end <= r.reused for im in r.spans or ()):]
-                  for r in reqs if r.pixel_values is not None]
-        images = [im for im in images if len(im)]
-        pixels = torch.cat(images).to(dev) if images else None  # the tower casts to its own dtype
-        if any(r.reused for r in reqs):
-            full = [len(r.prompt) for r in reqs]
-            key_slots = torch.tensor([s for sl in slots_of for s in sl], device=dev)     # (Tk,)
-            attn = PrefixPrefillAttention(self.cache, slot_mapping, cu, max_len, key_slots,
-                                          pack_cu_seqlens(full, dev)[0], max(full), model.attention_backend)
+    def _mixed(self, work: list[tuple[Request, int]]) -> list[StepEvent]:
+        """One packed forward of decode rows (first, paged decode attention) and prefill chunks (causal
+        attention over their cached context); the rows that end a sequence give its next token."""
+        dev, model, bs = self.device, self.model, self.cache.block_size
+        work = sorted(work, key=lambda w: not w[0].decoding)                    # decode rows first
+        dec = [r for r, _ in work if r.decoding]
+        pre = [(r, n) for r, n in work if not r.decoding]
+        nd = len(dec)
+        ids, pos, plain = [], [], []       # plain: rows embedded as text (decode rows, generated tokens)
+        prompt_rows, images = [], []
+        for r in dec:
+            plain.append(len(ids))
+            ids.append(r.tokens[-1])
+            pos.append(r.cached)
+        q_lens, k_lens, slot_mapping, key_slots = [], [], [], []
+        for r, n in pre:
+            c, e, p = r.cached, r.cached + n, len(r.prompt)
+            seq = r.prompt[c:e] + r.tokens[max(0, c - p):max(0, e - p)]
+            for j in range(c, e):
+                (prompt_rows if j < p else plain).append(len(ids) + j - c)
+            ids += seq
+            pos += range(c, e)
+            images += [r.pixel_values[j] for j, im in enumerate(self._spans(r)) if c <= im.start < e]
+            q_lens.append(n)
+            k_lens.append(e)
+            slot_mapping += self.cache.slots(r.blocks, c, e)
+            key_slots += self.cache.slots(r.blocks, 0, e)
+        ids_t = torch.tensor(ids, device=dev)                                               # (T,)
+        pos_t = torch.tensor(pos, device=dev)
+        d = model.config.text.hidden_size
+        x = model.decoder.embed.weight.new_empty(len(ids), d)                               # (T, D)
+        if prompt_rows:
+            at = torch.tensor(prompt_rows, device=dev)
+            pixels = torch.stack(images).to(dev) if images else None  # the tower casts to its own dtype
+            x[at] = model.embed(ids_t[at], pixels)
+        if plain:
+            at = torch.tensor(plain, device=dev)
+            x[at] = model.decoder.embed(ids_t[at])
+        cu, _, max_q = pack_cu_seqlens(q_lens, dev)
+        sm = torch.tensor(slot_mapping, device=dev)
+        if all(r.cached == 0 for r, _ in pre):
+            prefill = PrefillAttention(self.cache, sm, cu, max_q, model.attention_backend)
         else:
-            attn = PrefillAttention(self.cache, slot_mapping, cu, max_len, model.attention_backend)
-        hidden = model.forward_packed(ids, cu_seqlens=cu, position_ids=pos, max_seqlen=max_len,
-                                      pixel_values=pixels, attn=attn)                    # (T, D)
-        logits = model.logits(hidden[cu[1:].long() - 1]).float()                          # (B, V)
-        counters = torch.tensor([len(r.prompt) for r in reqs], device=dev)
-        for r in reqs:
-            r.cached = len(r.prompt)
-            self.prompt_tokens += len(r.prompt)
-            self.reused_tokens += r.reused
-            if r.keys is not None:
+            prefill = PrefixPrefillAttention(self.cache, sm, cu, max_q, torch.tensor(key_slots, device=dev),
+                                             pack_cu_seqlens(k_lens, dev)[0], max(k_lens), model.attention_backend)
+        decode = None
+        if nd:
+            slots_d = torch.tensor([r.slot for r in dec], device=dev)
+            nb = max(r.cached for r in dec) // bs + 1
+            sm_d = torch.tensor([self.cache.slot(r.blocks, r.cached) for r in dec], device=dev)
+            decode = DecodeAttention(self.cache, self.block_table[slots_d, :nb], pos_t[:nd], sm_d,
+                                     self.config.decode_attention)
+        hidden = model.decoder(x, pos_t, MixedAttention(decode, prefill, nd))            # (T, D)
+        self.peak_batch = max(self.peak_batch, len(work))
+        # rows that end their sequence: every decode row, and each chunk that reaches the end
+        done = dec + [r for r, n in pre if r.cached + n == r.seq_len]
+        rows = list(range(nd)) + [nd + int(cu[i + 1]) - 1 for i, (r, n) in enumerate(pre)
+                                  if r.cached + n == r.seq_len]
+        for r, n in work:
+            r.cached += n
+            if self.config.prefix_caching:
                 self._register_full_blocks(r)
-            self.running.append(r)
-        return self._sample_and_advance(reqs, slots, counters, logits)
+        if not done:
+            return []
+        logits = model.logits(hidden[torch.tensor(rows, device=dev)]).float()            # (B, V)
+        slots = torch.tensor([r.slot for r in done], device=dev)
+        counters = torch.tensor([r.seq_len for r in done], device=dev)
+        return self._sample_and_advance(done, slots, counters, logits)
 
     def _decode_forward(self, ids, pos, block_table, slot_mapping) -> torch.Tensor:
         """(B,) ids at positions (B,) → logits [B, V]; writes their K/V. Graph-capturable."""
@@ -535,8 +559,9 @@ class Runtime:
         hidden = model.decoder(x, pos, attn)
         return model.logits(hidden)
 
-    def _decode(self) -> list[StepEvent]:
-        reqs, bs = list(self.running), self.cache.block_size
+    def _decode(self, reqs: list[Request]) -> list[StepEvent]:
+        """A step of decode rows only: the CUDA-graph path."""
+        bs = self.cache.block_size
         self.peak_batch = max(self.peak_batch, len(reqs))
         pos = [r.cached for r in reqs]
         slot_of = [self.cache.slot(r.blocks, p) for r, p in zip(reqs, pos, strict=True)]
@@ -556,7 +581,7 @@ class Runtime:
             logits = self._decode_forward(ids, pos_t, self.block_table[slots, :nb], slot_mapping)
         for r in reqs:
             r.cached += 1
-            if r.keys is not None and r.cached % bs == 0:
+            if self.config.prefix_caching and r.cached % bs == 0:
                 self._register_full_blocks(r)
         return self._sample_and_advance(reqs, slots, pos_t + 1, logits.float())
 
@@ -603,6 +628,7 @@ def default_runtime(model: Llava) -> Runtime:
     rt = _RUNTIMES.get(model)
     if rt is None or rt.device != w.device or rt.dtype != w.dtype:
         rt = _RUNTIMES[model] = Runtime(model)
+    model.fuse_weights()  # again, in case weights were re-assigned since (a no-op when still fused)
     return rt
 
 

@@ -1,5 +1,5 @@
-"""Paged KV cache and the attention contexts that read and write it (prefill, prefill after a
-shared prefix, decode).
+"""Paged KV cache: the block allocator and the prefix index (the attention contexts that read and
+write it are in ``engine.kv_attention``).
 
 Letters: L decoder layers, NB cache blocks, Bs tokens per block, Hkv key/value heads, Dh head
 dim, H query heads, T packed prefill tokens, B decoding sequences, nb blocks per sequence in a
@@ -9,9 +9,6 @@ Layout: one ``k`` and one ``v`` tensor ``[L, NB, Bs, Hkv, Dh]`` (the paged layou
 ``flash_attn_with_kvcache``). A sequence owns a list of blocks (its block table); token ``p`` of
 a sequence lives at slot ``table[p // Bs] * Bs + p % Bs``. Block 0 is never handed out: padded
 rows of a CUDA-graph batch write to it and attend to it, so a graph never needs a branch.
-
-The contexts implement ``engine.model.AttentionContext``: the decoder layer hands over q/k/v
-with RoPE applied, the context writes k/v into the cache and returns the attention output.
 
 Prefix reuse: a full block's contents are named by a chained digest of everything up to its
 end (``block_keys``: the token ids and the pixels of the images whose rows they hold). Blocks
@@ -31,11 +28,7 @@ from typing import NamedTuple
 
 import torch
 
-import llava_kernels
-from engine.attention import varlen_attention
 from engine.config import TextConfig
-from llava_kernels import dispatch
-from llava_kernels.paged_decode import key_mask
 
 
 class PagedKVCache:
@@ -199,76 +192,3 @@ def block_keys(tokens: list[int], block_size: int, images: list[ImageSpan], star
         parent = h.digest()
         keys.append(parent)
     return keys
-
-
-def _write(cache: PagedKVCache, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
-           v: torch.Tensor) -> None:
-    hkv, dh = k.shape[1:]
-    cache.k[layer].view(-1, hkv, dh).index_copy_(0, slot_mapping, k)  # (NB·Bs, Hkv, Dh)
-    cache.v[layer].view(-1, hkv, dh).index_copy_(0, slot_mapping, v)
-
-
-class PrefillAttention:
-    """Packed prefill of fresh sequences: write k/v of all T tokens, then causal varlen attention.
-
-    slot_mapping int64 [T]; cu_seqlens int32 [B+1]. The attention runs on the fresh q/k/v (no
-    cache read), so it is exactly the training path's attention.
-    """
-
-    def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, cu_seqlens: torch.Tensor,
-                 max_seqlen: int, backend: str | None = None):
-        self.cache, self.slot_mapping = cache, slot_mapping
-        self.cu_seqlens, self.max_seqlen, self.backend = cu_seqlens, max_seqlen, backend
-
-    def __call__(self, layer, q, k, v):
-        _write(self.cache, layer, self.slot_mapping, k, v)
-        return varlen_attention(q, k, v, self.cu_seqlens, self.max_seqlen, causal=True, backend=self.backend)
-
-
-class PrefixPrefillAttention:
-    """Packed prefill of sequences whose first tokens are already cached (a shared prefix).
-
-    q/k/v arrive for the uncached suffixes only (T rows, cu_seqlens int32 [B+1]); their k/v are
-    written at ``slot_mapping`` [T], then each sequence's whole context is read back from the
-    cache through ``key_slots`` int64 [Tk] (cu_seqlens_k int32 [B+1]: every position of each
-    sequence, prefix then suffix) and attended with bottom-right causal masking.
-    """
-
-    def __init__(self, cache: PagedKVCache, slot_mapping: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                 key_slots: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_k: int, backend: str | None = None):
-        self.cache, self.slot_mapping, self.key_slots = cache, slot_mapping, key_slots
-        self.cu_seqlens, self.max_seqlen, self.backend = cu_seqlens, max_seqlen, backend
-        self.cu_seqlens_k, self.max_seqlen_k = cu_seqlens_k, max_seqlen_k
-
-    def __call__(self, layer, q, k, v):
-        _write(self.cache, layer, self.slot_mapping, k, v)
-        hkv, dh = k.shape[1:]
-        keys = self.cache.k[layer].view(-1, hkv, dh).index_select(0, self.key_slots)  # (Tk, Hkv, Dh)
-        vals = self.cache.v[layer].view(-1, hkv, dh).index_select(0, self.key_slots)
-        return varlen_attention(q, keys, vals, self.cu_seqlens, self.max_seqlen, causal=True, backend=self.backend,
-                                cu_seqlens_k=self.cu_seqlens_k, max_seqlen_k=self.max_seqlen_k)
-
-
-class DecodeAttention:
-    """One new token per sequence attending to its cached context.
-
-    block_table int32/int64 [B, nb]; positions int64 [B] (the new token's position = tokens
-    already cached); slot_mapping int64 [B]. Static shapes and no host reads, so a CUDA graph
-    can capture it. The attention is ``llava_kernels.paged_decode_attention`` (the reference gathers
-    the blocks for one SDPA call; the Triton kernel reads them in place), ``backend`` as there.
-    """
-
-    def __init__(self, cache: PagedKVCache, block_table: torch.Tensor, positions: torch.Tensor,
-                 slot_mapping: torch.Tensor, backend: str | None = None):
-        self.cache, self.block_table, self.slot_mapping = cache, block_table, slot_mapping
-        self.backend = dispatch.resolve("paged_decode", positions.device, backend)
-        self.seq_lens = positions + 1  # the new token attends to itself
-        # The reference's key mask, once per step, not per layer: on a GPU these are kernels in every
-        # replay of the graph (the Triton kernel masks by seq_lens itself).
-        ctx = block_table.shape[1] * cache.block_size
-        self.mask = key_mask(self.seq_lens, ctx) if self.backend == "torch" else None  # (B, 1, 1, ctx)
-
-    def __call__(self, layer, q, k, v):  # q (B, H, Dh); k, v (B, Hkv, Dh)
-        _write(self.cache, layer, self.slot_mapping, k, v)
-        return llava_kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
-                                              self.seq_lens, length_mask=self.mask, backend=self.backend)

@@ -71,12 +71,32 @@ class RMSNorm(nn.Module):
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [T, Dh] for RoPE at ``position_ids`` [T], computed in fp32."""
+    """cos, sin [T, Dh] for RoPE at ``position_ids`` [T], computed in fp32 (the oracle of ``RopeTable``)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=position_ids.device)
                                 .float() / head_dim))
     freqs = position_ids.float()[:, None] * inv_freq[None, :]  # (T, Dh/2)
     emb = torch.cat([freqs, freqs], dim=-1)                     # (T, Dh)
     return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class RopeTable:
+    """cos/sin of every position, computed once (per device and dtype) instead of per forward: a
+    lookup is one gather. Rows equal ``rope_cos_sin`` bit for bit (the same fp32 ops, then the cast).
+    Not module state (no buffer), so ``.to()`` never casts it and ``state_dict`` never sees it."""
+
+    def __init__(self, head_dim: int, theta: float, length: int):
+        self.head_dim, self.theta, self.length = head_dim, theta, length
+        self.tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def __call__(self, position_ids: torch.Tensor, dtype: torch.dtype, max_position: int = 0):
+        """cos, sin [T, Dh] at ``position_ids`` [T] (all < max(length, ``max_position``))."""
+        key = (position_ids.device, dtype)
+        table = self.tables.get(key)                                          # (P, 2, Dh)
+        if table is None or table.shape[0] < max_position:
+            self.length = max(self.length, max_position)
+            pos = torch.arange(self.length, device=position_ids.device)
+            table = self.tables[key] = torch.stack(rope_cos_sin(pos, self.head_dim, self.theta, dtype), 1)
+        return table.index_select(0, position_ids).unbind(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -86,6 +106,50 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     # cos/sin follow x's dtype: under autocast the residual stream is fp32 but q/k are bf16.
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def fuse_linears(*linears: nn.Linear) -> None:
+    """Move the weights of bias-free ``linears`` (each [N_i, D]) into one new [ΣN_i, D] tensor, each
+    Parameter becoming a view of its rows (``.data`` re-pointed: the same Parameter objects, names,
+    ``requires_grad`` and state-dict entries; memory-neutral once the old storage is dropped). A no-op
+    when already fused, or for sharded (DTensor) or meta parameters."""
+    ws = [m.weight for m in linears]
+    if any(type(w.data) is not torch.Tensor or w.is_meta for w in ws) or _tiled(ws):
+        return
+    with torch.no_grad(), torch.inference_mode(False):  # plain tensors: training may resume on them
+        fused = torch.cat([w.detach() for w in ws])                           # (ΣN, D)
+        for w, rows in zip(ws, fused.split([w.shape[0] for w in ws]), strict=True):
+            w.data = rows
+
+
+def _tiled(ws: list[torch.Tensor]) -> bool:
+    """Whether weights [N_i, D] lie back to back, in order, inside the first one's storage (separate
+    live allocations never overlap, so consecutive addresses within that storage mean one tensor)."""
+    w0 = ws[0]
+    if w0.is_meta or type(w0.data) is not torch.Tensor:
+        return False
+    storage = w0.untyped_storage()
+    at = w0.data_ptr()
+    for w in ws:
+        if w.data_ptr() != at or not w.is_contiguous() or w.shape[1:] != w0.shape[1:]:
+            return False
+        at += w.numel() * w.element_size()
+    return at <= storage.data_ptr() + storage.nbytes()
+
+
+def fused_weight(*linears: nn.Linear) -> torch.Tensor | None:
+    """The [ΣN_i, D] weight of ``linears`` as one tensor when ``fuse_linears`` tiled them and no
+    gradient is wanted (inference: one GEMM); None otherwise, and the caller runs them one by one
+    (training: autograd and the separate GEMMs, the loss bit-identical to the unfused model). An
+    external re-assignment of a weight (``load_state_dict(assign=True)``, ``.to()``) breaks the tiling,
+    so a stale fused weight is never used."""
+    if torch.is_grad_enabled():
+        return None
+    ws = [m.weight for m in linears]
+    if not _tiled(ws):
+        return None
+    w0 = ws[0].detach()
+    return w0.as_strided((sum(w.shape[0] for w in ws), w0.shape[1]), (w0.shape[1], 1))
 
 
 class Attention(nn.Module):
@@ -99,10 +163,14 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, attn: AttentionContext, layer: int):  # x (T, D)
         t = x.shape[0]
-        q = apply_rope(self.q(x).view(t, self.h, self.dh), cos, sin)    # (T, H, Dh)
-        k = apply_rope(self.k(x).view(t, self.hkv, self.dh), cos, sin)  # (T, Hkv, Dh)
-        v = self.v(x).view(t, self.hkv, self.dh)
-        return self.o(attn(layer, q, k, v).reshape(t, self.h * self.dh))
+        qkv = fused_weight(self.q, self.k, self.v)
+        if qkv is None:
+            q, k, v = self.q(x), self.k(x), self.v(x)
+        else:  # one GEMM; (T, (H + 2·Hkv)·Dh) split into views
+            q, k, v = F.linear(x, qkv).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], -1)
+        q = apply_rope(q.view(t, self.h, self.dh), cos, sin)    # (T, H, Dh)
+        k = apply_rope(k.view(t, self.hkv, self.dh), cos, sin)  # (T, Hkv, Dh)
+        return self.o(attn(layer, q, k, v.view(t, self.hkv, self.dh)).reshape(t, self.h * self.dh))
 
 
 class MLP(nn.Module):
@@ -113,7 +181,11 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down(F.silu(self.gate(x)) * self.up(x))
+        gate_up = fused_weight(self.gate, self.up)
+        if gate_up is None:
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+        g, u = F.linear(x, gate_up).chunk(2, -1)  # one GEMM: (T, 2·I) → two (T, I) views
+        return self.down(F.silu(g) * u)
 
 
 class Block(nn.Module):
@@ -139,14 +211,17 @@ class Decoder(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.gradient_checkpointing = False
+        self.rope = RopeTable(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
 
     @property
     def head_weight(self) -> torch.Tensor:  # (V, D)
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attn: AttentionContext) -> torch.Tensor:
-        """Embedded tokens x [T, D] → final-normed hidden states [T, D]."""
-        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor, attn: AttentionContext,
+                max_position: int = 0) -> torch.Tensor:
+        """Embedded tokens x [T, D] at ``position_ids`` [T] → final-normed hidden states [T, D].
+        Positions must stay below max(max_position_embeddings, ``max_position``)."""
+        cos, sin = self.rope(position_ids, x.dtype, max_position)
         for layer in self.layers:
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
@@ -195,6 +270,13 @@ class Llava(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.decoder.head_weight
 
+    def fuse_weights(self) -> None:
+        """One q/k/v and one gate/up weight per decoder layer for inference (see ``fuse_linears``);
+        the state dict, parameter names and training are unchanged. Idempotent; the runtime calls it."""
+        for layer in self.decoder.layers:
+            fuse_linears(layer.attn.q, layer.attn.k, layer.attn.v)
+            fuse_linears(layer.mlp.gate, layer.mlp.up)
+
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N, 3, H, W] → projected image rows [N·S, D] in the decoder's dtype.
 
@@ -236,8 +318,8 @@ class Llava(nn.Module):
                              f"and {tuple(position_ids.shape)}")
         x = self.embed(input_ids, pixel_values)
         attn = attn or PackedAttention(cu_seqlens, max_seqlen, self.attention_backend)
-        with nvtx_range("decoder", self.nvtx):
-            return self.decoder(x, position_ids, attn)
+        with nvtx_range("decoder", self.nvtx):  # sequences from position 0: positions < max_seqlen
+            return self.decoder(x, position_ids, attn, max_seqlen)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] → [..., V] (full logits: generation and tests; training uses the masked loss)."""

@@ -20,7 +20,7 @@ EXPECTED = {
     "masked_loss": (3 * 2, {"torch", "triton"}),        # 3 target fractions × (torch, triton)
     "projector": (2 * 3 * 2, {"torch", "triton"}),      # 2 modes × 3 image counts × (torch, triton)
     "scatter": ((3 + 3 * 2) * 2, {"torch", "triton"}),  # 3 fwd + 3 × 2 bwd stages, × (torch, triton)
-    "generate": (2 + 2 + 2 + 3 + 3, {"hf", "ours"}),    # decode b1, b32, ttft, shared prefix, burst
+    "generate": (2 + 2 + 2 + 3 + 3 + 3, {"hf", "ours"}),  # decode b1, b32, ttft, shared prefix, burst, behind long
     "train_step": (2, {"transformers", "ours"}),
     "paged_decode": (2 * 2, {"torch", "triton"}),      # b1, b32 × (torch, triton), one head layout
 }

@@ -154,6 +154,21 @@ def test_reuse_never_splits_an_image(model):
     assert_exact(model, [r])
 
 
+def test_reuse_cut_back_before_one_image_never_lands_in_an_earlier_one(model):
+    """Images at rows 1..4 and 6..9: sharing blocks 0-1 would end inside the second image, and cutting
+    back to block 1's start would end inside the first, so nothing is shared."""
+    s = model.config.image_seq_len
+    a = [1] + [IMAGE_TOKEN] * s + [5] + [IMAGE_TOKEN] * s + [7, 8, 9, 10, 11]
+    b = a[:10] + [50, 8, 9, 10, 11]                     # differs at row 10
+    px = torch.cat([image(3), image(4)])
+    rt = runtime(model)
+    run(rt, [(a, px)])
+    (r,) = run(rt, [(b, px)])
+    assert len(rt.cache.lookup(block_keys(b, BS, r.spans, 0, 2))) == 2  # blocks 0-1 were there to share
+    assert r.reused == 0 and r.finish_reason == "length"
+    assert_exact(model, [r])
+
+
 def test_idle_prefix_blocks_are_evicted_only_when_needed(model):
     per_block = PagedKVCache.bytes_per_block(model.config.text, BS, torch.float32)
     rt = runtime(model, kv_cache_bytes=13 * per_block)  # 12 usable blocks
