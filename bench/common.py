@@ -84,15 +84,18 @@ def environment() -> dict:
     """Device name, library versions and commit: the provenance saved with every number."""
     import triton
 
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(__file__)).stdout.strip()
-    except OSError:
-        commit = ""
+    # BENCH_COMMIT first: the device tool's copy of the tree can carry a stale .git (2026-12-04).
+    commit = os.environ.get("BENCH_COMMIT", "")
+    if not commit:
+        try:
+            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                    cwd=os.path.dirname(__file__)).stdout.strip()
+        except OSError:
+            commit = ""
     info = {
         "device": torch.cuda.get_device_name() if _on_cuda() else platform.processor() or "cpu",
         "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-        "python": platform.python_version(), "commit": commit or os.environ.get("BENCH_COMMIT", ""),
+        "python": platform.python_version(), "commit": commit,
         "smoke": SMOKE,
     }
     try:
