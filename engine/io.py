@@ -3,6 +3,7 @@ never a torn one. Standard library only, so light modules (evals, instruction da
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 
@@ -13,6 +14,21 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def replace_dir(tmp: str, path: str) -> None:
+    """Put the finished directory ``tmp`` at ``path`` (a sibling), replacing an older ``path``, durably. The
+    old one is first renamed aside (a directory cannot be renamed over a non-empty one), so a crash leaves
+    the old directory, or the new one, or the old one set aside next to it, never a half-written one."""
+    parent = os.path.dirname(os.path.abspath(path))
+    old = None
+    if os.path.exists(path):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+        os.rename(path, os.path.join(old, "x"))
+    os.rename(tmp, path)
+    fsync_dir(parent)
+    if old:
+        shutil.rmtree(old)
 
 
 def write_text_atomic(path: str, text: str) -> None:

@@ -33,7 +33,7 @@ from engine.config import (
     text_config_from_dict,
     vision_config_from_dir,
 )
-from engine.io import fsync_dir
+from engine.io import fsync_dir, replace_dir
 from engine.model import Llava
 
 # --------------------------------------------------------------------------- key tables
@@ -377,14 +377,7 @@ def atomic_dir(out_dir: str, write) -> None:
                 with open(full, "rb") as f:
                     os.fsync(f.fileno())
         fsync_dir(tmp)
-        old = None
-        if os.path.exists(out_dir):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
-            os.rename(out_dir, os.path.join(old, "x"))
-        os.rename(tmp, out_dir)
-        fsync_dir(parent)
-        if old:
-            shutil.rmtree(old)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -34,18 +34,19 @@ from train.data import collate, plan_steps
 
 COMMON = ["--device", "cpu", "--num-workers", "0", "--lr", "1e-3", "--seed", "0"]
 
-# Runs train.stage2 with the checkpoint publisher wrapped so the process SIGKILLs itself inside the
+# Runs train.stage2 with the checkpoint's directory swap (engine.io.replace_dir, as train.checkpoint calls
+# it) wrapped so the process SIGKILLs itself inside the
 # atomic write of step-000004: the temporary directory is complete (DCP shards, RNG, training_state.pt),
 # the rename has not happened.
 KILL_DURING_SECOND_SAVE = """
 import os, signal, sys
 import train.checkpoint
-real = train.checkpoint.publish
-def publish(tmp, path):
+real = train.checkpoint.replace_dir
+def replace_dir(tmp, path):
     if path.endswith("step-000004"):
         os.kill(os.getpid(), signal.SIGKILL)
     return real(tmp, path)
-train.checkpoint.publish = publish
+train.checkpoint.replace_dir = replace_dir
 from train.stage import main
 main(2, sys.argv[1:])
 """

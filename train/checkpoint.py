@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from engine.io import fsync_dir
+from engine.io import fsync_dir, replace_dir
 from engine.weights import write_hf_checkpoint
 from train.distributed import rank_world
 
@@ -116,22 +116,9 @@ def save_checkpoint(model, opt, sched, step: int, cfg, run_config: dict | None) 
         _fsync_file(state_file)
         _fsync_file(os.path.join(tmp, ".metadata"))
         fsync_dir(tmp)
-        publish(tmp, path)
+        replace_dir(tmp, path)
     _barrier()
     return path
-
-
-def publish(tmp: str, path: str) -> None:
-    """Rename the finished temporary directory into place (replacing an older ``path``) durably."""
-    parent = os.path.dirname(path)
-    old = None
-    if os.path.exists(path):
-        old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
-        os.rename(path, os.path.join(old, "x"))
-    os.rename(tmp, path)
-    fsync_dir(parent)
-    if old:
-        shutil.rmtree(old)
 
 
 def restore_checkpoint(model, opt, sched, ckpt: str) -> int:
