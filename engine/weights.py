@@ -295,6 +295,17 @@ def _add_image_token_row(state: dict, config: LlavaConfig) -> tuple[dict, LlavaC
     return state, config.replace(text=dataclasses.replace(config.text, vocab_size=v + grow))
 
 
+def compose_config(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu",
+                   image_token_id: int | None = None, vision_feature_layer: int = -2) -> LlavaConfig:
+    """The config ``compose`` builds from a CLIP and a LLaMA/Vicuna directory (before the image token's
+    embedding row is added, when ``image_token_id`` is past the vocabulary)."""
+    llama_file, llama_raw = read_config_json(llama_dir)
+    text = text_config_from_dict(llama_raw, llama_file)
+    return LlavaConfig(vision=vision_config_from_dir(clip_dir), text=text, projector_type=projector_type,
+                       image_token_id=text.vocab_size if image_token_id is None else image_token_id,
+                       vision_feature_layer=(vision_feature_layer,))
+
+
 def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu", image_token_id: int | None = None,
             vision_feature_layer: int = -2, dtype=None, device=None, seed: int = 0,
             kernel_backend: str | None = "torch") -> Llava:
@@ -304,11 +315,8 @@ def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu"
     placeholder gets id ``image_token_id`` (default: the first id past the vocabulary, with a
     new embedding row).
     """
-    llama_file, llama_raw = read_config_json(llama_dir)
-    text = text_config_from_dict(llama_raw, llama_file)
-    config = LlavaConfig(vision=vision_config_from_dir(clip_dir), text=text, projector_type=projector_type,
-                         image_token_id=text.vocab_size if image_token_id is None else image_token_id,
-                         vision_feature_layer=(vision_feature_layer,))
+    config = compose_config(clip_dir, llama_dir, projector_type=projector_type, image_token_id=image_token_id,
+                            vision_feature_layer=vision_feature_layer)
     state = rename(read_safetensors_dir(clip_dir), CLIP_DIR, clip_dir)
     state.update(rename(read_safetensors_dir(llama_dir), LLAMA_DIR, llama_dir))
     torch.manual_seed(seed)
@@ -319,13 +327,25 @@ def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu"
                   kernel_backend=kernel_backend)
 
 
-def load_projector(model: Llava, source: str) -> None:
-    """Copy projector weights into ``model`` from a stage-1 ``mm_projector.bin`` or a directory
-    holding one (upstream's stage-1 output). Shapes are checked against the model."""
+def projector_file(source: str) -> str:
+    """The ``mm_projector.bin`` that ``source`` names (the file, or a directory holding one)."""
     file = os.path.join(source, "mm_projector.bin") if os.path.isdir(source) else source
     if not os.path.isfile(file):
         raise FileNotFoundError(f"no mm_projector.bin at {source}")
-    state = rename(read_projector_bin(file), _prefixed(("", "model.mm_projector."), ORIGINAL_PROJECTOR_TABLE), file)
+    return file
+
+
+def read_projector(source: str) -> dict[str, torch.Tensor]:
+    """A stage-1 ``mm_projector.bin`` (or a directory holding one) under our names (``projector.*``)."""
+    file = projector_file(source)
+    return rename(read_projector_bin(file), _prefixed(("", "model.mm_projector."), ORIGINAL_PROJECTOR_TABLE), file)
+
+
+def load_projector(model: Llava, source: str) -> None:
+    """Copy projector weights into ``model`` from a stage-1 ``mm_projector.bin`` or a directory
+    holding one (upstream's stage-1 output). Shapes are checked against the model."""
+    file = projector_file(source)
+    state = read_projector(source)
     own = model.projector.state_dict()
     state = {k[len("projector."):]: v for k, v in state.items()}
     if set(state) != set(own):

@@ -101,7 +101,7 @@ def test_meta_compose_materialises_what_compose_builds(sources, tmp_path):
     # a stage-1 mm_projector.bin replaces the fresh projector; a wrong shape is an error naming the tensor
     proj = {"model.mm_projector.0.weight": torch.randn(64, 32), "model.mm_projector.0.bias": torch.randn(64),
             "model.mm_projector.2.weight": torch.randn(64, 64), "model.mm_projector.2.bias": torch.randn(64)}
-    from train.materialize import read_projector
+    from engine.weights import read_projector
     torch.save(proj, tmp_path / "mm_projector.bin")
     meta = meta_compose(clip_dir, llama_dir)
     meta.overrides = read_projector(str(tmp_path))

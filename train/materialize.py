@@ -27,11 +27,9 @@ from engine.config import (
     config_from_dict,
     is_original_llava,
     read_config_json,
-    text_config_from_dict,
-    vision_config_from_dir,
 )
 from engine.model import Llava, Projector
-from engine.weights import CLIP_DIR, HF_LLAVA, LLAMA_DIR, rename
+from engine.weights import CLIP_DIR, HF_LLAVA, LLAMA_DIR, compose_config, rename
 
 
 @dataclass(frozen=True)
@@ -103,25 +101,14 @@ def meta_compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_
                  image_token_id: int | None = None, vision_feature_layer: int = -2, seed: int = 0,
                  kernel_backend: str | None = "torch") -> MetaModel:
     """``engine.weights.compose`` without reading a weight: the model is on the meta device."""
-    llama_file, llama_raw = read_config_json(llama_dir)
-    text = text_config_from_dict(llama_raw, llama_file)
-    config = LlavaConfig(vision=vision_config_from_dir(clip_dir), text=text, projector_type=projector_type,
-                         image_token_id=text.vocab_size if image_token_id is None else image_token_id,
-                         vision_feature_layer=(vision_feature_layer,))
+    config = compose_config(clip_dir, llama_dir, projector_type=projector_type, image_token_id=image_token_id,
+                            vision_feature_layer=vision_feature_layer)
+    text = config.text
     sources = rename(_tensor_index(clip_dir), CLIP_DIR, clip_dir)
     sources.update(rename(_tensor_index(llama_dir), LLAMA_DIR, llama_dir))
     if config.image_token_id >= text.vocab_size:   # as engine.weights._add_image_token_row
         config = config.replace(text=dataclasses.replace(text, vocab_size=config.image_token_id + 1))
     return _meta_model(config, sources, f"{clip_dir} + {llama_dir}", seed=seed, kernel_backend=kernel_backend)
-
-
-def read_projector(source: str) -> dict[str, torch.Tensor]:
-    """A stage-1 ``mm_projector.bin`` (or a directory holding one) under our names, for ``overrides``."""
-    from engine.weights import ORIGINAL_PROJECTOR_TABLE, _prefixed, read_projector_bin
-    file = os.path.join(source, "mm_projector.bin") if os.path.isdir(source) else source
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"no mm_projector.bin at {source}")
-    return rename(read_projector_bin(file), _prefixed(("", "model.mm_projector."), ORIGINAL_PROJECTOR_TABLE), file)
 
 
 def _rows(source: Source, start: int, stop: int, full_rows: int) -> torch.Tensor:

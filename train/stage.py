@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 
 import engine
-from engine.weights import load_projector
+from engine.weights import load_projector, read_projector
 from train.data import load_samples
 from train.distributed import rank_world, setup_distributed, shard_model, uses_mixed_precision
 from train.loop import LoopConfig, train
-from train.materialize import materialize, meta_compose, meta_load, read_projector
+from train.materialize import materialize, meta_compose, meta_load
 
 # (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
 DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
