@@ -274,7 +274,7 @@ def test_n_seed_stop_and_logprobs(server, ckpt):
     # logprobs: the model's own log-softmax at each step (fp32), the greedy token on top
     out = client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=3)
     content = out.choices[0].logprobs.content
-    ids, _ = encode_chat(tok, get_template("vicuna_v1"), msgs, [], model)
+    ids, _, _ = encode_chat(tok, get_template("vicuna_v1"), msgs, [], model)
     ref = generate(model, [ids], max_new_tokens=6, output_logits=True)[0]
     assert len(content) == len(ref.tokens)
     ref_lp = torch.log_softmax(ref.logits[:len(ref.tokens)].double(), -1)
