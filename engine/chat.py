@@ -31,7 +31,6 @@ from engine.cli import run_main
 from engine.conversation import IMAGE_TOKEN, Template, generation_prompt, get_template, stop_strings
 from engine.generate import Runtime, generate
 from engine.image import ImageSpec
-from engine.image_spans import image_rows, is_anyres
 from engine.model import Llava
 
 _ROLES = {"user": "human", "assistant": "gpt"}
@@ -83,16 +82,15 @@ def encode_chat(tokenizer, template: Template, messages, images: list, model: Ll
         raise ValueError(f"the messages mark {marks} {IMAGE_TOKEN} placeholders but {len(images)} images "
                          "were given")
     cfg = model.config
-    rows = [image_rows(cfg, im.height, im.width) for im in images]
-    ids = generation_prompt(tokenizer, template, turns, image_token_id=cfg.image_token_id,
-                            image_seq_len=rows if is_anyres(cfg) else cfg.image_seq_len)
+    spec = image_spec or ImageSpec.from_config(cfg)
+    if spec.pinpoints != cfg.image_grid_pinpoints:
+        raise ValueError(f"the image preprocessing's pinpoints {spec.pinpoints} differ from the model's "
+                         f"image_grid_pinpoints {cfg.image_grid_pinpoints}")
+    rows = [cfg.image_rows(im.height, im.width) for im in images]
+    ids = generation_prompt(tokenizer, template, turns, image_token_id=cfg.image_token_id, image_seq_len=rows)
     if not images:
         return ids, None, None
-    spec = image_spec or ImageSpec.from_vision_config(cfg.vision)
-    if hasattr(spec, "preprocess_image"):
-        pixels = torch.cat([spec.preprocess_image(im) for im in images])
-    else:
-        pixels = spec.preprocess_batch(images)
+    pixels = torch.cat([spec.preprocess_image(im) for im in images])
     sizes = torch.tensor([[im.height, im.width] for im in images], dtype=torch.long)
     return ids, pixels, sizes
 
@@ -203,10 +201,14 @@ def load_tokenizer(path: str):
 
 
 def image_spec_for(path: str, model: Llava) -> ImageSpec:
-    """The checkpoint's preprocessor_config.json when present, else the tower's image size."""
+    """The checkpoint's preprocessor_config.json when present (its pinpoints, else the model's), else the
+    tower's image size and the model's pinpoints."""
     if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        return ImageSpec.from_hf_dir(path)
-    return ImageSpec.from_vision_config(model.config.vision)
+        spec = ImageSpec.from_hf_dir(path)
+        if not spec.pinpoints and model.config.anyres:
+            spec = dataclasses.replace(spec, pinpoints=model.config.image_grid_pinpoints)
+        return spec
+    return ImageSpec.from_config(model.config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,20 +16,17 @@ from engine.kv_cache import ImageSpan, image_digest
 
 
 def image_rows(cfg, height: int, width: int) -> int:
-    """Placeholder rows of one image of that original size (``LlavaConfig.image_rows`` when the config
-    has it, else every image has ``image_seq_len``)."""
-    fn = getattr(cfg, "image_rows", None)
-    return int(fn(height, width)) if fn is not None else cfg.image_seq_len
+    """Placeholder rows of one image of that original size (``LlavaConfig.image_rows``)."""
+    return int(cfg.image_rows(height, width))
 
 
 def image_tiles(cfg, height: int, width: int) -> int:
-    """Vision-tower inputs of one image of that original size (``LlavaConfig.image_tiles``, else 1)."""
-    fn = getattr(cfg, "image_tiles", None)
-    return int(fn(height, width)) if fn is not None else 1
+    """Vision-tower inputs of one image of that original size (``LlavaConfig.image_tiles``)."""
+    return int(cfg.image_tiles(height, width))
 
 
 def is_anyres(cfg) -> bool:
-    return bool(getattr(cfg, "anyres", False))
+    return bool(cfg.anyres)
 
 
 def check_sizes(cfg, image_sizes, n_tiles: int | None, where: str) -> list[tuple[int, int]] | None:
