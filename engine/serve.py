@@ -652,7 +652,7 @@ def _encode(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], 
     except ValueError as e:
         raise BadRequest(str(e)) from None
     if len(ids) >= context:
-        with_images = f" (with the rows of {len(images)} images)" if images else ""
+        with_images = f" (with the rows of {len(images)} image{'s' * (len(images) != 1)})" if images else ""
         raise BadRequest(f"the prompt takes {len(ids)} tokens{with_images}; the context length is {context} tokens")
     return ids, pixels, sizes
 

@@ -466,3 +466,97 @@ def test_chat_cli(ckpt, tmp_path, capsys):
     assert capsys.readouterr().out == want + "\n"
     with pytest.raises(FileNotFoundError, match="no such file"):
         main(["--model", path, "--image", str(tmp_path / "missing.png"), "hi"])
+
+
+# ---- several images per message, AnyRes rows and the token budget --------------------------------------
+
+PINPOINTS = ((28, 56), (56, 28), (56, 56), (84, 84))   # tiny AnyRes grids: 28-px tiles (2×2 patches each)
+
+
+def png_of(width, height, seed):
+    return "data:image/png;base64," + base64.b64encode(png_bytes(seed, (width, height))).decode()
+
+
+def image_part(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def anyres_ckpt(ckpt):
+    """The tiny model with AnyRes pinpoints (random weights; same tokenizer)."""
+    import dataclasses
+    path, model, tok = ckpt
+    torch.manual_seed(1)
+    m = engine.Llava(dataclasses.replace(model.config, image_grid_pinpoints=PINPOINTS)).eval()
+    return path, m, tok
+
+
+@pytest.fixture(scope="module")
+def anyres_server(anyres_ckpt, tmp_path_factory):
+    """An AnyRes server with a 60-token context (an 84×84 image alone takes 46 rows)."""
+    _, model, tok = anyres_ckpt
+    srv = build_server(ServerConfig(model=str(tmp_path_factory.mktemp("anyres")), port=0, max_tokens_limit=16,
+                                    default_max_tokens=8, max_images=4, max_seq_len=60, max_batch=4),
+                       model=model, tokenizer=tok)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_token_budget_counts_each_images_anyres_rows(anyres_server, anyres_ckpt):
+    _, model, _ = anyres_ckpt
+    assert model.config.image_rows(84, 84) == 46 and model.config.image_rows(200, 210) == 46
+    small = model.config.image_rows(28, 28)
+    assert small < 46
+
+    def post(content, **kw):
+        status, payload = request(anyres_server, "POST", "/v1/chat/completions",
+                                  {"model": "x", "messages": [{"role": "user", "content": content}], **kw})
+        return status, json.loads(payload)["error"]["message"] if status != 200 else json.loads(payload)
+
+    # each image fits alone (46 < 60 rows), together they cannot: the message lists them
+    status, msg = post([image_part(png_of(84, 84, 2)), {"type": "text", "text": "Look: "},
+                        image_part(png_of(210, 200, 1))], max_tokens=4)
+    assert status == 400
+    assert msg == ("the request's 2 images take 92 prompt tokens (messages[0].content[0]: 46, "
+                   "messages[0].content[2]: 46); the context length is 60 tokens")
+    # the images fit, the template + text + image rows do not
+    status, msg = post([image_part(png_of(28, 28, 3)), {"type": "text", "text": "Describe it. " * 8}])
+    assert status == 400 and re.fullmatch(r"the prompt takes \d+ tokens \(with the rows of 1 image\); "
+                                          r"the context length is 60 tokens", msg), msg
+    # more <image> markers than images: the text's literal marker plus one image part
+    status, msg = post([{"type": "text", "text": "<image> and "}, image_part(png_of(28, 28, 4))])
+    assert status == 400 and "mark 2 <image> placeholders but 1 images" in msg
+
+
+def test_one_image_larger_than_the_context_is_named(anyres_ckpt, tmp_path):
+    _, model, tok = anyres_ckpt
+    srv = build_server(ServerConfig(model=str(tmp_path), port=0, max_seq_len=40, max_tokens_limit=8,
+                                    default_max_tokens=4, max_batch=2), model=model, tokenizer=tok)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = srv.server_address[1]
+        body = {"model": "x", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Compare "}, image_part(png_of(28, 28, 1)),
+                                         {"type": "text", "text": " with "}, image_part(png_of(210, 200, 5))]}]}
+        status, payload = request(port, "POST", "/v1/chat/completions", body)
+        assert status == 400
+        assert json.loads(payload)["error"]["message"] == (
+            "messages[1].content[3]: an image of 210x200 pixels takes 46 prompt tokens; the context length is "
+            "40 tokens")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_chat_with_more_markers_than_images_is_a_value_error(ckpt):
+    _, model, tok = ckpt
+    img = Image.open(io.BytesIO(png_bytes(1))).convert("RGB")
+    with pytest.raises(ValueError, match="mark 3 <image> placeholders but 2 images were given"):
+        chat(model, [{"role": "user", "content": "<image> vs <image> vs <image>"}], [img, img], tokenizer=tok)
+    with pytest.raises(ValueError, match="mark 1 <image> placeholders but 0 images"):
+        encode_chat(tok, get_template("vicuna_v1"), [{"role": "user", "content": "<image> what?"}], [], model)
