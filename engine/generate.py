@@ -23,8 +23,13 @@ Token ids in, token ids out (no tokenizer here). One ``Runtime.step()`` is one f
   host sync per step brings back the new tokens for the stop check. Finished sequences release
   their slot and blocks at once; waiting requests join at the next step (continuous batching).
 
+Images (engine.image_spans): a prompt holds any number; image i is ``image_sizes[i]`` (height,
+width), takes the next ``cfg.image_rows(h, w)`` placeholder ids (one unbroken run) and the next
+``cfg.image_tiles(h, w)`` tiles of ``pixel_values`` [ΣK, 3, S, S] (AnyRes: rows and tiles vary per
+image; without AnyRes and without sizes, ``image_seq_len`` rows and one tile each).
+
 Prefix reuse (``RuntimeConfig.prefix_caching``, on by default): a prompt whose first full
-cache blocks hold exactly the tokens and images of an earlier prompt's (the same system prompt,
+cache blocks hold exactly the tokens and images (tiles and size) of an earlier prompt's (the same system prompt,
 the earlier turns of a chat with the same image) shares those blocks and prefills only the
 rest, attending to the shared K/V (``PrefixPrefillAttention``); images wholly inside the shared
 part skip the vision tower. Requests prefilled together share too: a burst of requests with one

@@ -464,6 +464,16 @@ def test_chat_cli(ckpt, tmp_path, capsys):
     want = chat(model, [{"role": "user", "content": "What is this?"}], [Image.open(img).convert("RGB")],
                 tokenizer=tok, max_new_tokens=10)
     assert capsys.readouterr().out == want + "\n"
+    other = tmp_path / "r.png"
+    other.write_bytes(png_bytes(6, (20, 50)))
+    question = "Is <image> the same as <image>?"
+    assert main(["--model", path, "--image", str(img), "--image", str(other), "--max-new-tokens", "10",
+                 question]) == 0
+    want = chat(model, [{"role": "user", "content": question}],
+                [Image.open(f).convert("RGB") for f in (img, other)], tokenizer=tok, max_new_tokens=10)
+    assert capsys.readouterr().out == want + "\n"
+    with pytest.raises(ValueError, match="mark 2 <image> placeholders but 1 images"):
+        main(["--model", path, "--image", str(img), question])
     with pytest.raises(FileNotFoundError, match="no such file"):
         main(["--model", path, "--image", str(tmp_path / "missing.png"), "hi"])
 
