@@ -58,7 +58,7 @@ from typing import NamedTuple
 import torch
 
 from engine.graphs import DecodeGraphs, GraphCaptureError
-from engine.image_spans import check_sizes, image_spans, is_anyres, split_per_prompt
+from engine.image_spans import check_sizes, image_spans, split_per_prompt
 from engine.kv_attention import DecodeAttention, MixedAttention, PrefillAttention, PrefixPrefillAttention
 from engine.kv_cache import ImageSpan, PagedKVCache, block_keys
 from engine.model import Llava, pack_cu_seqlens
@@ -530,10 +530,8 @@ class Runtime:
         if prompt_rows:
             at = torch.tensor(prompt_rows, device=dev)
             pixels = torch.cat(images).to(dev) if images else None  # the tower casts to its own dtype
-            kw = {}
-            if images and is_anyres(model.config):
-                kw["image_sizes"] = torch.tensor(sizes, dtype=torch.long, device=dev)
-            x[at] = model.embed(ids_t[at], pixels, **kw)
+            known = images and all(sz is not None for sz in sizes)  # required with AnyRes (submit checks)
+            x[at] = model.embed(ids_t[at], pixels, torch.tensor(sizes, device=dev) if known else None)
         if plain:
             at = torch.tensor(plain, device=dev)
             x[at] = model.decoder.embed(ids_t[at])

@@ -1,5 +1,7 @@
 """Multi-image prompts with a different number of rows and tiles per image, through the generation
-runtime (engine/generate.py, engine/image_spans.py), fp32 on the CPU.
+runtime (engine/generate.py, engine/image_spans.py), fp32 on the CPU. Last, the real AnyRes model:
+greedy generate equal to transformers' ``LlavaNextForConditionalGeneration.generate`` on a ragged batch
+of 0, 1 and 3 images.
 
 The runtime must not assume ``image_seq_len`` rows and one tile per image: here a model whose config
 gives each image ``image_rows(h, w)`` rows and ``image_tiles(h, w)`` tiles (a stand-in with simple
@@ -232,3 +234,97 @@ def test_bad_images_get_clear_errors(model):
                                          r"length is 512"):
         small.submit(huge, pixel_values=images([big], seed=1)[0], image_sizes=torch.tensor([big]))
     assert not small.has_work and not rt.has_work
+
+
+# ---- the real AnyRes model against transformers' LlavaNext -----------------------------------------------
+
+PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 84]]
+NEXT_SIZES = [(30, 60), (84, 84), (20, 90), (50, 40)]   # (rows, tiles) = (32, 10), (46, 10), (18, 10), (24, 5)
+
+
+def hf_next_model(seed=0):
+    """A random tiny ``LlavaNextForConditionalGeneration`` (eval), norms, biases, class embedding and
+    image_newline perturbed so every weight matters."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=IMAGE_SIZE, patch_size=14, hidden_act="quick_gelu")
+    tc = LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN,
+                          image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default")
+    m = LlavaNextForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "norm" in name or name.endswith("bias") or "class_embedding" in name or "newline" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    return m
+
+
+@pytest.fixture(scope="module")
+def next_models(tmp_path_factory):
+    path = tmp_path_factory.mktemp("next")
+    hf = hf_next_model()
+    hf.save_pretrained(path)
+    return engine.load(str(path)).eval(), hf
+
+
+def next_batch(cfg, counts, seed=0):
+    """Prompts with counts[i] images each (sizes cycling through NEXT_SIZES, text between them)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts, sizes, k = [], [], 0
+    for i, n in enumerate(counts):
+        ids = [1] + torch.randint(3, IMAGE_TOKEN, (2 + i,), generator=g).tolist()
+        for _ in range(n):
+            h, w = NEXT_SIZES[k % len(NEXT_SIZES)]
+            k += 1
+            ids += [IMAGE_TOKEN] * cfg.image_rows(h, w) + torch.randint(3, IMAGE_TOKEN, (2,), generator=g).tolist()
+            sizes.append((h, w))
+        prompts.append(ids)
+    tiles = sum(cfg.image_tiles(h, w) for h, w in sizes)
+    return prompts, torch.randn(tiles, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g), torch.tensor(sizes)
+
+
+def test_greedy_matches_transformers_llava_next_on_a_ragged_batch(next_models):
+    """0, 1 and 3 AnyRes images per prompt (different rows and tiles), left-padded for transformers."""
+    from helpers import pad
+
+    ours, hf = next_models
+    assert ours.config.anyres
+    prompts, pixels, sizes = next_batch(ours.config, (0, 1, 3, 0))
+    ids, mask = pad(prompts, "left")
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes,
+                          max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+    outs = generate(ours, prompts, images=pixels, image_sizes=sizes, max_new_tokens=16, stop_token_ids=[])
+    assert [o.tokens for o in outs] == ref[:, ids.shape[1]:].tolist()
+    # the same under small chunks (an image never split) and prefix sharing of a repeated prompt
+    rt = Runtime(ours, RuntimeConfig(max_batch=4, block_size=BS, kv_cache_bytes=1 << 22, max_step_tokens=24))
+    again = generate(ours, prompts + prompts[2:3], images=torch.cat([pixels, pixels[10:]]),
+                     image_sizes=torch.cat([sizes, sizes[1:]]), max_new_tokens=16, stop_token_ids=[], runtime=rt)
+    assert [o.tokens for o in again] == ref[:, ids.shape[1]:].tolist() + [outs[2].tokens]
+    assert rt.reused_tokens > 0
+
+
+def test_real_anyres_model_under_chunks_sharing_and_preemption_equals_a_full_recompute(next_models):
+    ours, _ = next_models
+    prompts, pixels, sizes = next_batch(ours.config, (3, 1, 0, 3), seed=1)
+    per, t, k = [], 0, 0
+    for p in prompts:   # each prompt's own tiles and sizes
+        n = 0
+        while sum(ours.config.image_rows(*sizes[k + j].tolist()) for j in range(n)) < p.count(IMAGE_TOKEN):
+            n += 1
+        kt = sum(ours.config.image_tiles(*s.tolist()) for s in sizes[k:k + n])
+        per.append((pixels[t:t + kt], sizes[k:k + n]) if n else (None, None))
+        t, k = t + kt, k + n
+    work = [(p, px, sz) for p, (px, sz) in zip(prompts, per, strict=True)]
+    work += [work[0]]                                  # the same 3-image prompt again: a shared prefix
+    need = max(-(-(len(p) + 8 - 1) // BS) for p, _, _ in work)
+    per_block = PagedKVCache.bytes_per_block(ours.config.text, BS, torch.float32)
+    rt = Runtime(ours, RuntimeConfig(max_batch=4, block_size=BS, max_step_tokens=20,
+                                     kv_cache_bytes=(need + 8) * per_block))
+    reqs = run(rt, work)
+    assert rt.preemptions >= 1 and rt.reused_tokens > 0
+    assert_exact(ours, reqs)
