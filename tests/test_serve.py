@@ -503,10 +503,10 @@ def anyres_ckpt(ckpt):
 
 @pytest.fixture(scope="module")
 def anyres_server(anyres_ckpt, tmp_path_factory):
-    """An AnyRes server with a 60-token context (an 84×84 image alone takes 46 rows)."""
+    """An AnyRes server with a 150-token context (an 84×84 image takes 46 rows, a 30×60 one 32)."""
     _, model, tok = anyres_ckpt
     srv = build_server(ServerConfig(model=str(tmp_path_factory.mktemp("anyres")), port=0, max_tokens_limit=16,
-                                    default_max_tokens=8, max_images=4, max_seq_len=60, max_batch=4),
+                                    default_max_tokens=8, max_images=4, max_seq_len=150, max_batch=4),
                        model=model, tokenizer=tok)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
@@ -515,27 +515,48 @@ def anyres_server(anyres_ckpt, tmp_path_factory):
     srv.server_close()
 
 
+def test_two_anyres_images_in_one_message_equal_engine_chat(anyres_server, anyres_ckpt):
+    _, model, tok = anyres_ckpt
+    (w1, h1), (w2, h2) = (60, 30), (40, 50)
+    assert (model.config.image_rows(h1, w1), model.config.image_rows(h2, w2)) == (32, 24)
+    assert (model.config.image_tiles(h1, w1), model.config.image_tiles(h2, w2)) == (10, 5)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Is "}, image_part(png_of(w1, h1, 7)),
+                                             {"type": "text", "text": " like "}, image_part(png_of(w2, h2, 8)),
+                                             {"type": "text", "text": "?"}]}]
+    images = [Image.open(io.BytesIO(png_bytes(seed, size))).convert("RGB") for seed, size in ((7, (w1, h1)),
+                                                                                             (8, (w2, h2)))]
+    want = chat(model, [messages[0], {"role": "user", "content": "Is <image> like <image>?"}], images,
+                tokenizer=tok, max_new_tokens=12)
+    text, reason, obj = complete(anyres_server, messages, max_tokens=12)
+    assert text == want and len(want) > 0
+    ids, pixels, sizes = encode_chat(tok, get_template("vicuna_v1"), [messages[0], {
+        "role": "user", "content": "Is <image> like <image>?"}], images, model)
+    assert obj["usage"]["prompt_tokens"] == len(ids) and ids.count(model.config.image_token_id) == 56
+    assert pixels.shape[0] == 15 and sizes.tolist() == [[h1, w1], [h2, w2]]
+    assert stream(anyres_server, messages, max_tokens=12) == (text, reason)
+
+
 def test_token_budget_counts_each_images_anyres_rows(anyres_server, anyres_ckpt):
     _, model, _ = anyres_ckpt
     assert model.config.image_rows(84, 84) == 46 and model.config.image_rows(200, 210) == 46
-    small = model.config.image_rows(28, 28)
-    assert small < 46
 
     def post(content, **kw):
         status, payload = request(anyres_server, "POST", "/v1/chat/completions",
                                   {"model": "x", "messages": [{"role": "user", "content": content}], **kw})
         return status, json.loads(payload)["error"]["message"] if status != 200 else json.loads(payload)
 
-    # each image fits alone (46 < 60 rows), together they cannot: the message lists them
-    status, msg = post([image_part(png_of(84, 84, 2)), {"type": "text", "text": "Look: "},
-                        image_part(png_of(210, 200, 1))], max_tokens=4)
+    # each image fits alone (46 < 150 rows), together they cannot: the message lists them
+    status, msg = post([image_part(png_of(84, 84, 2)), {"type": "text", "text": "Look: "}]
+                       + [image_part(png_of(210, 200, i)) for i in range(3)], max_tokens=4)
     assert status == 400
-    assert msg == ("the request's 2 images take 92 prompt tokens (messages[0].content[0]: 46, "
-                   "messages[0].content[2]: 46); the context length is 60 tokens")
-    # the images fit, the template + text + image rows do not
-    status, msg = post([image_part(png_of(28, 28, 3)), {"type": "text", "text": "Describe it. " * 8}])
-    assert status == 400 and re.fullmatch(r"the prompt takes \d+ tokens \(with the rows of 1 image\); "
-                                          r"the context length is 60 tokens", msg), msg
+    assert msg == ("the request's 4 images take 184 prompt tokens (messages[0].content[0]: 46, "
+                   "messages[0].content[2]: 46, messages[0].content[3]: 46, messages[0].content[4]: 46); "
+                   "the context length is 150 tokens")
+    # the images fit (138 rows), the template + text + image rows do not
+    status, msg = post([image_part(png_of(84, 84, i)) for i in range(3)] + [{"type": "text", "text": "Describe."}])
+    assert status == 400 and re.fullmatch(r"the prompt takes \d+ tokens \(with the rows of 3 images\); "
+                                          r"the context length is 150 tokens", msg), msg
     # more <image> markers than images: the text's literal marker plus one image part
     status, msg = post([{"type": "text", "text": "<image> and "}, image_part(png_of(28, 28, 4))])
     assert status == 400 and "mark 2 <image> placeholders but 1 images" in msg
