@@ -1,8 +1,9 @@
 """Where each image of a prompt lives: its placeholder rows and its vision-tower tiles (multi-image,
-AnyRes). Used by the generation runtime (engine/generate.py) and the server's token budget.
+AnyRes), for the generation runtime (engine/generate.py): ``Runtime.submit`` and ``generate``.
 
 Letters: N images of one prompt (or of a batch), K_i tiles of image i (1 without AnyRes),
-R_i placeholder rows image i expands to (``image_seq_len`` without AnyRes), S image side.
+R_i placeholder rows image i expands to (``LlavaConfig.image_rows``; ``image_seq_len`` without
+AnyRes), S tile side.
 
 Image i's rows are the i-th run of R_i placeholder ids (images in order), and its pixels are
 tiles [ΣK_<i, ΣK_≤i) of the prompt's ``pixel_values [ΣK, 3, S, S]``. R_i and K_i follow from the
@@ -15,26 +16,12 @@ import torch
 from engine.kv_cache import ImageSpan, image_digest
 
 
-def image_rows(cfg, height: int, width: int) -> int:
-    """Placeholder rows of one image of that original size (``LlavaConfig.image_rows``)."""
-    return int(cfg.image_rows(height, width))
-
-
-def image_tiles(cfg, height: int, width: int) -> int:
-    """Vision-tower inputs of one image of that original size (``LlavaConfig.image_tiles``)."""
-    return int(cfg.image_tiles(height, width))
-
-
-def is_anyres(cfg) -> bool:
-    return bool(cfg.anyres)
-
-
 def check_sizes(cfg, image_sizes, n_tiles: int | None, where: str) -> list[tuple[int, int]] | None:
     """``image_sizes`` [N, 2] (height, width) as a list of int pairs, or None when not given (then every
     image is one tile of ``image_seq_len`` rows; an error for an AnyRes model). ValueError naming
     ``where`` for a bad shape or value."""
     if image_sizes is None:
-        if is_anyres(cfg) and n_tiles:
+        if cfg.anyres and n_tiles:
             raise ValueError(f"{where}: image_sizes [N, 2] (height, width of each image) is required for an "
                              "AnyRes model")
         return None
@@ -53,7 +40,7 @@ def layout(cfg, n_tiles: int, sizes: list[tuple[int, int]] | None) -> tuple[list
     """(rows R_i, tiles K_i) per image: from ``sizes``, or ``n_tiles`` images of one tile each."""
     if sizes is None:
         return [cfg.image_seq_len] * n_tiles, [1] * n_tiles
-    return [image_rows(cfg, h, w) for h, w in sizes], [image_tiles(cfg, h, w) for h, w in sizes]
+    return [cfg.image_rows(h, w) for h, w in sizes], [cfg.image_tiles(h, w) for h, w in sizes]
 
 
 def find_spans(prompt: list[int], image_token_id: int, rows: list[int], where: str) -> list[tuple[int, int]]:

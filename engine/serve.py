@@ -61,7 +61,6 @@ from engine.cli import run_main
 from engine.conversation import IMAGE_TOKEN, Template, get_template, stop_strings
 from engine.generate import Runtime, RuntimeConfig, SamplingParams, StepEvent
 from engine.image import ImageSpec
-from engine.image_spans import image_rows
 from engine.model import Llava
 
 log = logging.getLogger("engine.serve")
@@ -259,7 +258,7 @@ def check_budget(model_cfg, context: int, images: list, wheres: list[str]) -> No
     """The token budget, before any tokenizing or preprocessing: each image takes ``image_rows(h, w)``
     prompt tokens (AnyRes: from the grid pinpoints); BadRequest naming the image that cannot fit in the
     ``context``, or listing them when together they cannot."""
-    rows = [image_rows(model_cfg, im.height, im.width) for im in images]
+    rows = [model_cfg.image_rows(im.height, im.width) for im in images]
     for where, im, r in zip(wheres, images, rows, strict=True):
         if r >= context:
             raise BadRequest(f"{where}: an image of {im.width}x{im.height} pixels takes {r} prompt tokens; the "

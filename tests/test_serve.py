@@ -591,3 +591,15 @@ def test_chat_with_more_markers_than_images_is_a_value_error(ckpt):
         chat(model, [{"role": "user", "content": "<image> vs <image> vs <image>"}], [img, img], tokenizer=tok)
     with pytest.raises(ValueError, match="mark 1 <image> placeholders but 0 images"):
         encode_chat(tok, get_template("vicuna_v1"), [{"role": "user", "content": "<image> what?"}], [], model)
+
+
+def test_encode_chat_refuses_preprocessing_with_other_pinpoints(anyres_ckpt):
+    from engine.image import ImageSpec
+    _, model, tok = anyres_ckpt
+    img = Image.open(io.BytesIO(png_bytes(1))).convert("RGB")
+    msgs = [{"role": "user", "content": "<image> what?"}]
+    with pytest.raises(ValueError, match=r"pinpoints \(\) differ from the model's image_grid_pinpoints"):
+        encode_chat(tok, get_template("vicuna_v1"), msgs, [img], model, ImageSpec(size=28))
+    ids, pixels, sizes = encode_chat(tok, get_template("vicuna_v1"), msgs, [img], model)  # the model's own
+    assert ids.count(model.config.image_token_id) == model.config.image_rows(30, 40)
+    assert pixels.shape[0] == model.config.image_tiles(30, 40) and sizes.tolist() == [[30, 40]]
