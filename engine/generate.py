@@ -233,7 +233,7 @@ class Runtime:
         size = cfg.vision.image_size
         if pixel_values is not None and (pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (
                 cfg.vision.num_channels, size, size)):
-            raise ValueError(f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]; got "
+            raise ValueError(f"pixel_values must be [ΣK tiles, {cfg.vision.num_channels}, {size}, {size}]; got "
                              f"{tuple(pixel_values.shape)}")
         n_px = 0 if pixel_values is None else pixel_values.shape[0]
         sizes = check_sizes(cfg, image_sizes, n_px, "submit")
@@ -243,8 +243,8 @@ class Runtime:
                 of = f" of {im.size[0]}x{im.size[1]} pixels" if im.size else ""
                 raise ValueError(f"image {j}{of} expands to {im.end - im.start} placeholder rows; the context "
                                  f"length is {self.max_seq_len}")
+        rows = f" ({sum(im.end - im.start for im in spans)} of them rows of {len(spans)} images)" if spans else ""
         if len(prompt) >= self.max_seq_len:
-            rows = f" ({sum(im.end - im.start for im in spans)} of them rows of {len(spans)} images)" if spans else ""
             raise ValueError(f"prompt of {len(prompt)} tokens{rows} leaves no room to generate within the "
                              f"context length {self.max_seq_len}")
         if params.seed is None:
@@ -253,7 +253,7 @@ class Runtime:
         # the last sampled token is never written to the cache: prompt + limit - 1 slots suffice
         need = self.cache.blocks_for(len(prompt) + limit - 1)
         if need > self.cache.num_blocks - 1:
-            raise ValueError(f"prompt of {len(prompt)} tokens + {limit} new tokens needs {need} KV-cache "
+            raise ValueError(f"prompt of {len(prompt)} tokens{rows} + {limit} new tokens needs {need} KV-cache "
                              f"blocks; the cache has {self.cache.num_blocks - 1}")
         req = Request(prompt=list(prompt), pixel_values=pixel_values if spans else None, params=params,
                       image_sizes=torch.tensor(sizes, dtype=torch.long) if spans and sizes else None,
