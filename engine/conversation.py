@@ -9,6 +9,7 @@ starting with a human turn and alternating. Templates reproduce upstream LLaVA's
 - `plain` (stage 1):       `"<image>" + caption + "\\n"`; the instruction is dropped, one round only.
 - `llava_llama_2`:         `"[INST] <<SYS>>\\n<system>\\n<</SYS>>\\n\\n<image>\\nQ [/INST] A </s>"`, then
                            `"<s>[INST] Q2 [/INST] A2 </s>"` per further round.
+- `mistral_instruct` (LLaVA-1.6 Mistral): `"[INST] <image>\nQ [/INST] A </s>[INST] Q2 [/INST] A2 </s>"`.
 
 `<image>` is moved to the front of its human turn (`"<image>\\n" + rest`, stripped), as upstream's
 `preprocess_multimodal` does; a turn with k images gets k placeholders (upstream would keep one).
@@ -85,6 +86,9 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
                "content that the user provides, and assist the user with a variety of tasks using natural "
                "language.",
         roles=("USER", "ASSISTANT"), sep="<s>", sep2="</s>", stop="</s>"),
+    Template(   # LLaVA-1.6 Mistral-7B: llama_2 without a system prompt and without "<s>" between rounds
+        name="mistral_instruct", style="llama_2", system="", roles=("USER", "ASSISTANT"), sep="", sep2="</s>",
+        stop="</s>"),
 )}
 
 

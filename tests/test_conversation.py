@@ -49,7 +49,8 @@ QUESTIONS = ["What is in the image?", "How many shapes are there?", "Describe it
 ANSWERS = ["A red circle above a blue square.", "3 shapes: 2 circles and 1 star.",
            "(B) The large green hexagon; it is near the bottom-left corner.\nThat's all.", "Yes"]
 # What ends each answer in the rendered text (written out here, independently of the module).
-ANSWER_END = {"vicuna_v1": "</s>", "llava_v0": "###", "plain": "\n", "llava_llama_2": " </s>"}
+ANSWER_END = {"vicuna_v1": "</s>", "llava_v0": "###", "plain": "\n", "llava_llama_2": " </s>",
+              "mistral_instruct": " </s>"}
 S = 5          # image_seq_len: rows per image
 
 
@@ -120,6 +121,10 @@ def test_exact_strings():
                       "a sofa. </s><s>[INST] What color is it? [/INST] It is orange. </s>")
     r = render(get_template("vicuna_v1"), TWO_TURNS)
     assert [r.text[s:e] for s, e in r.answer_spans] == ["A cat on a sofa.</s>", "It is orange.</s>"]
+    # upstream conv_mistral_instruct (LLaVA-1.6): llama_2 style, no system, sep "" between rounds
+    assert render(get_template("mistral_instruct"), TWO_TURNS).text == (
+        "[INST] <image>\nWhat is in the image? [/INST] A cat on a sofa. </s>[INST] What color is it? [/INST] It is "
+        "orange. </s>")
 
 
 @pytest.mark.parametrize("name,ending", [("vicuna_v1", "USER: What color is it? ASSISTANT:"),
