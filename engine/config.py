@@ -367,10 +367,13 @@ def _from_original_llava(d: dict, where: str, vision: VisionConfig | None) -> Ll
 
 def config_from_dict(d: dict, where: str = "config.json", *, vision: VisionConfig | None = None) -> LlavaConfig:
     """Either layout of LLaVA config dict → LlavaConfig (see module docstring)."""
-    if is_original_llava(d):
-        return _from_original_llava(d, where, vision)
-    if d.get("model_type") in ("llava", "llava_next"):
-        return _from_hf_llava(d, where)
+    if is_original_llava(d) or d.get("model_type") in ("llava", "llava_next"):
+        try:
+            return _from_original_llava(d, where, vision) if is_original_llava(d) else _from_hf_llava(d, where)
+        except ValueError as err:  # the dataclasses' own checks do not know the file: name it
+            if str(err).startswith(where):
+                raise
+            raise ValueError(f"{where}: {err}") from None
     raise ValueError(f"{where}: model_type={d.get('model_type')!r} is neither an HF llava / llava_next config "
                      "nor an original LLaVA config (no mm_vision_tower)")
 

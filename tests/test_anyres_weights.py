@@ -75,7 +75,7 @@ def test_original_llava16_directory(tmp_path):
     (dict(image_aspect_ratio="anyres_max_9"), "image_aspect_ratio='anyres_max_9' is not supported"),
     (dict(image_grid_pinpoints=None), "image_grid_pinpoints=None must be a non-empty list"),
     (dict(image_grid_pinpoints="[(28, 56)]"), "must be a non-empty list of"),
-    (dict(image_grid_pinpoints=[[28, 30]]), r"image_grid_pinpoints \[\(30, 28\)\] are not multiples"),
+    (dict(image_grid_pinpoints=[[28, 30]]), r"^orig/config.json: image_grid_pinpoints \[\(30, 28\)\] are not mult"),
     (dict(sliding_window=64), "sliding_window=64 < max_position_embeddings=1024 is not supported"),
     (dict(sliding_window="absent", max_position_embeddings=8192),                          # MistralConfig's default
      "sliding_window=4096 < max_position_embeddings=8192"),
