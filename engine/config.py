@@ -302,10 +302,23 @@ def _pinpoints(value, where: str, *, swap: bool = False) -> tuple[tuple[int, int
     return tuple((b, a) if swap else (a, b) for a, b in value)
 
 
+# transformers' LlamaConfig / MistralConfig defaults. A transformers-4.x ``text_config`` holds only the
+# fields that differ from them (llava-hf's llava-v1.6-mistral-7b-hf has no hidden_size), so the
+# missing ones are these; other keys keep text_config_from_dict's defaults.
+_HF_TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    sliding_window=4096),
+}
+
+
 def _from_hf_llava(d: dict, where: str) -> LlavaConfig:
     act = _expect(d, "projector_hidden_act", ("gelu", "linear"), where, default="gelu")
     strategy = _expect(d, "vision_feature_select_strategy", SELECT_STRATEGIES, where, default="default")
     text_d = dict(_require(d, "text_config", where))
+    text_d = {**_HF_TEXT_DEFAULTS.get(text_d.get("model_type", "llama"), {}), **text_d}
     # The top-level flag wins over the text config's (transformers does the same).
     tie = bool(d.get("tie_word_embeddings", False) or text_d.get("tie_word_embeddings", False))
     text_d["tie_word_embeddings"] = tie
@@ -367,10 +380,13 @@ def _from_original_llava(d: dict, where: str, vision: VisionConfig | None) -> Ll
 
 def config_from_dict(d: dict, where: str = "config.json", *, vision: VisionConfig | None = None) -> LlavaConfig:
     """Either layout of LLaVA config dict → LlavaConfig (see module docstring)."""
-    if is_original_llava(d):
-        return _from_original_llava(d, where, vision)
-    if d.get("model_type") in ("llava", "llava_next"):
-        return _from_hf_llava(d, where)
+    if is_original_llava(d) or d.get("model_type") in ("llava", "llava_next"):
+        try:
+            return _from_original_llava(d, where, vision) if is_original_llava(d) else _from_hf_llava(d, where)
+        except ValueError as err:  # the dataclasses' own checks do not know the file: name it
+            if str(err).startswith(where):
+                raise
+            raise ValueError(f"{where}: {err}") from None
     raise ValueError(f"{where}: model_type={d.get('model_type')!r} is neither an HF llava / llava_next config "
                      "nor an original LLaVA config (no mm_vision_tower)")
 

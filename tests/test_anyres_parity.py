@@ -8,7 +8,7 @@ logits. Bad input (missing image_sizes, tile or placeholder counts that disagree
 import pytest
 import torch
 from anyres_helpers import GRIDS, IMAGE_TOKEN, SIZES, TILE, VOCAB, hf_next, make_prompts
-from helpers import pad, rel_err
+from helpers import assert_close_rule, pad, rel_err
 from transformers import LlavaNextForConditionalGeneration
 
 import engine
@@ -42,6 +42,25 @@ def test_logits_match_transformers(tmp_path, kw, side):
     seqs, pixels, sizes = make_prompts(cfg, seed=len(kw) + (side == "left"))
     assert len(sizes) == 3 and pixels.shape[0] > 3                    # 0/1/2 images, several tiles each
     compare(hf, ours, seqs, pixels, sizes, side)
+
+
+def test_bf16_error_within_twice_transformers_own(tmp_path):
+    """bf16 (image_newline and the packed rows in bf16): our error against transformers' fp32 logits is at
+    most 2x transformers' own bf16 error + a small floor."""
+    hf = hf_next(seed=8)
+    hf.save_pretrained(tmp_path)
+    ours = engine.load(str(tmp_path), dtype=torch.bfloat16)
+    assert ours.image_newline.dtype == torch.bfloat16
+    seqs, pixels, sizes = make_prompts(ours.config, seed=9)
+    ids, mask = pad(seqs, "left")
+    with torch.no_grad():
+        truth = hf(input_ids=ids, attention_mask=mask, pixel_values=pixels, image_sizes=sizes).logits
+        ref_lowp = hf.to(torch.bfloat16)(input_ids=ids, attention_mask=mask, pixel_values=pixels,
+                                          image_sizes=sizes).logits
+        got = ours(ids, pixels, attention_mask=mask, image_sizes=sizes)
+    keep = mask.bool()
+    assert got.dtype == torch.bfloat16
+    assert_close_rule(got[keep], truth[keep], ref_lowp[keep], floor=1e-3, what="bf16 logits")
 
 
 def test_every_odd_size_alone(tmp_path):

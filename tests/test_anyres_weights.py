@@ -75,7 +75,7 @@ def test_original_llava16_directory(tmp_path):
     (dict(image_aspect_ratio="anyres_max_9"), "image_aspect_ratio='anyres_max_9' is not supported"),
     (dict(image_grid_pinpoints=None), "image_grid_pinpoints=None must be a non-empty list"),
     (dict(image_grid_pinpoints="[(28, 56)]"), "must be a non-empty list of"),
-    (dict(image_grid_pinpoints=[[28, 30]]), r"image_grid_pinpoints \[\(30, 28\)\] are not multiples"),
+    (dict(image_grid_pinpoints=[[28, 30]]), r"^orig/config.json: image_grid_pinpoints \[\(30, 28\)\] are not mult"),
     (dict(sliding_window=64), "sliding_window=64 < max_position_embeddings=1024 is not supported"),
     (dict(sliding_window="absent", max_position_embeddings=8192),                          # MistralConfig's default
      "sliding_window=4096 < max_position_embeddings=8192"),
@@ -124,3 +124,49 @@ def test_v5_keys_and_missing_image_newline(tmp_path):
     save_file({k: v for k, v in state.items() if k != key}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match=r"missing keys \['image_newline'\]"):
         engine.load(str(tmp_path))
+
+
+# llava-hf/llava-v1.6-mistral-7b-hf's config.json (transformers 4.39): the text_config lists only what differs
+# from MistralConfig's defaults (no hidden_size, layers or heads).
+LLAVA16_MISTRAL_HF = {
+    "architectures": ["LlavaNextForConditionalGeneration"], "ignore_index": -100,
+    "image_grid_pinpoints": [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]],
+    "image_token_index": 32000, "model_type": "llava_next", "projector_hidden_act": "gelu",
+    "text_config": {"_name_or_path": "mistralai/Mistral-7B-Instruct-v0.2", "architectures": ["MistralForCausalLM"],
+                    "intermediate_size": 14336, "max_position_embeddings": 32768, "model_type": "mistral",
+                    "num_key_value_heads": 8, "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "sliding_window": None,
+                    "torch_dtype": "bfloat16", "vocab_size": 32064},
+    "torch_dtype": "float16", "transformers_version": "4.39.0.dev0", "use_image_newline_parameter": True,
+    "vision_config": {"hidden_size": 1024, "image_size": 336, "intermediate_size": 4096,
+                      "model_type": "clip_vision_model", "num_attention_heads": 16, "num_hidden_layers": 24,
+                      "patch_size": 14, "projection_dim": 768, "vocab_size": 32000},
+    "vision_feature_layer": -2, "vision_feature_select_strategy": "default",
+}
+
+
+@pytest.mark.parametrize("text", ["mistral", "llama"])
+def test_transformers4_diff_configs_read_like_transformers(text):
+    """Fields a transformers-4.x text_config leaves out take LlamaConfig's / MistralConfig's defaults."""
+    from transformers import LlavaNextConfig
+
+    d = json.loads(json.dumps(LLAVA16_MISTRAL_HF))
+    if text == "llama":   # a vicuna-style diff config
+        d["text_config"] = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096,
+                            "model_type": "llama", "pad_token_id": 0, "rms_norm_eps": 1e-05, "vocab_size": 32064}
+    ours = config_from_dict(d)
+    hf = LlavaNextConfig(**d)
+    t, ht = ours.text, hf.text_config
+    assert (t.vocab_size, t.hidden_size, t.intermediate_size, t.num_layers, t.num_heads, t.num_kv_heads, t.head_dim,
+            t.max_position_embeddings, t.rms_norm_eps, t.rope_theta) == (
+        ht.vocab_size, ht.hidden_size, ht.intermediate_size, ht.num_hidden_layers, ht.num_attention_heads,
+        ht.num_key_value_heads, ht.head_dim, ht.max_position_embeddings, ht.rms_norm_eps,
+        ht.rope_parameters["rope_theta"])
+    v, hv = ours.vision, hf.vision_config
+    assert (v.hidden_size, v.num_layers, v.num_heads, v.image_size, v.patch_size) == (
+        hv.hidden_size, hv.num_hidden_layers, hv.num_attention_heads, hv.image_size, hv.patch_size)
+    assert ours.image_grid_pinpoints == tuple(tuple(p) for p in hf.image_grid_pinpoints)
+    if text == "mistral":
+        assert t.hidden_size == 4096 and t.num_kv_heads == 8 and t.max_position_embeddings == 32768
+        d["text_config"].pop("sliding_window")          # MistralConfig's default window 4096 < 32768 positions
+        with pytest.raises(ValueError, match="sliding_window=4096 < max_position_embeddings=32768"):
+            config_from_dict(d)
