@@ -258,7 +258,12 @@ def check_budget(model_cfg, context: int, images: list, wheres: list[str]) -> No
     """The token budget, before any tokenizing or preprocessing: each image takes ``image_rows(h, w)``
     prompt tokens (AnyRes: from the grid pinpoints); BadRequest naming the image that cannot fit in the
     ``context``, or listing them when together they cannot."""
-    rows = [model_cfg.image_rows(im.height, im.width) for im in images]
+    rows = []
+    for where, im in zip(wheres, images, strict=True):
+        try:
+            rows.append(model_cfg.image_rows(im.height, im.width))
+        except ValueError as e:
+            raise BadRequest(f"{where}: {e}") from None
     for where, im, r in zip(wheres, images, rows, strict=True):
         if r >= context:
             raise BadRequest(f"{where}: an image of {im.width}x{im.height} pixels takes {r} prompt tokens; the "
