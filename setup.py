@@ -22,6 +22,7 @@ setup(
         "tokenizers>=0.20",
         "pillow>=10",
         "numpy>=1.26",
+        "peft>=0.21",  # LoRA adapters (engine/lora.py): injection, merge and the adapter format
         # serving (engine.serve): the stack of vLLM's and SGLang's OpenAI servers
         "fastapi>=0.110",
         "uvicorn>=0.29",
