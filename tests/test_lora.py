@@ -296,6 +296,16 @@ def test_fsdp2_two_ranks_match_one_process_with_adapters(assets, tmp_path):
 # --------------------------------------------------------------------------- refused combinations
 
 
+def test_lora_flags_default_to_upstreams_finetune_lora_sh():
+    from train.stage import config_from_args, parser
+    cfg = config_from_args(parser(2).parse_args(["--model", "M", "--data", "D", "--lora"]), 2)
+    assert cfg.lora == LoraSettings(r=128, alpha=256.0, dropout=0.05,
+                                    targets=("q", "k", "v", "o", "gate", "up", "down"))
+    assert (cfg.lr, cfg.projector_lr, cfg.global_batch, cfg.epochs, cfg.qlora) == (2e-4, 2e-5, 128, 1, False)
+    cfg = config_from_args(parser(2).parse_args(["--model", "M", "--data", "D"]), 2)
+    assert (cfg.lora, cfg.lr, cfg.projector_lr) == (None, 2e-5, None)          # full stage 2 unchanged
+
+
 def test_refused_combinations_fail_before_any_work(assets, tmp_path):
     """In process (``main`` raises; ``engine.cli.run_main`` turns a ValueError into exit status 2)."""
     from train.stage import main

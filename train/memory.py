@@ -155,18 +155,34 @@ def _layer_bytes(text, c: int, r: int, kv_repeated: bool) -> int:
     return norms + attention + 4 * c * f
 
 
+def _lora_layer_bytes(text, lora, c: int, r: int) -> int:
+    """Bytes PEFT's LoRA layers (engine/lora.py) add per token and decoder layer: every target keeps lora_A's
+    output (c·rank) for lora_B; with dropout each also keeps its dropped-out input and the dropout mask
+    (1 byte an element), the input being a norm's output (the residual's dtype, r) for q/k/v/gate/up and
+    c-typed for o and down, plus lora_A's low-precision copy of it when those differ (autocast)."""
+    d, f, dq = text.hidden_size, text.intermediate_size, text.num_heads * text.head_dim
+    inputs = {"q": (d, r), "k": (d, r), "v": (d, r), "gate": (d, r), "up": (d, r), "o": (dq, c), "down": (f, c)}
+    kept = 0
+    if lora.dropout > 0:
+        for t in lora.targets:
+            width, nbytes = inputs[t]
+            kept += (nbytes + 1 + (c if nbytes != c else 0)) * width
+    return kept + c * lora.r * len(lora.targets)
+
+
 PRECISIONS = ("fp32", "autocast", "fsdp_bf16")
 
 
 def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointing: bool, precision: str,
                 kv_repeated: bool, fused_loss: bool, foreach_optimizer: bool, capacity: int | None,
-                counts: dict[str, int] | None = None) -> MemoryPlan:
+                counts: dict[str, int] | None = None, lora=None) -> MemoryPlan:
     """The plan for one rank (module docstring). ``tokens``: packed tokens per micro-batch.
 
     ``precision``: ``fp32`` (the CPU), ``autocast`` (one GPU process: fp32 weights and residual
     stream, bf16 GEMMs) or ``fsdp_bf16`` (several GPU ranks: FSDP2's MixedPrecisionPolicy, bf16
     compute and residual stream, fp32 masters for what trains, frozen weights stored in bf16).
-    ``counts``: a built model's ``model_parameter_counts`` instead of the stage's (LoRA, a quantized base).
+    ``counts``: a built model's ``model_parameter_counts`` instead of the stage's (LoRA, a quantized base);
+    ``lora``: its ``engine.lora.LoraSettings`` (the adapters' activations).
     """
     if world < 1 or tokens < 1:
         raise ValueError(f"plan_memory: world={world} and tokens={tokens} must be >= 1")
@@ -179,6 +195,9 @@ def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointi
     layers = text.num_layers
     per_layer = _layer_bytes(text, c, r, kv_repeated)
     final = _norm_bytes(text.hidden_size, c, r)
+    if lora is not None:   # frozen norm weights: no normalised input kept for their grads; the adapters' own
+        per_layer += _lora_layer_bytes(text, lora, c, r) - 2 * r * text.hidden_size
+        final -= r * text.hidden_size
     if grad_checkpointing:
         activations, recompute = tokens * (layers * r * text.hidden_size + final), tokens * per_layer
     else:
@@ -245,7 +264,7 @@ def plan_for_model(model, *, device: torch.device, world: int, tokens: int, grad
                        kv_repeated=resolve_backend(device, model.attention_backend) == "sdpa",
                        fused_loss=loss_backend != "torch",
                        foreach_optimizer=device.type == "cuda", capacity=capacity,
-                       counts=None if model.lora is None else model_parameter_counts(model))
+                       counts=None if model.lora is None else model_parameter_counts(model), lora=model.lora)
 
 
 def choose_checkpointing(model, *, requested: bool | None, **kw) -> MemoryPlan:

@@ -25,6 +25,8 @@ from train.materialize import materialize, meta_compose, meta_load
 # (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
 DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
             2: {"1.5": (2e-5, 128, 1), "paper": (2e-5, 32, 3)}}
+# --lora: upstream's scripts/v1_5/finetune_lora.sh (learning_rate 2e-4, mm_projector_lr 2e-5; batch 128, 1 epoch)
+LORA_LR, LORA_PROJECTOR_LR = 2e-4, 2e-5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,7 +105,8 @@ def parser(stage: int) -> argparse.ArgumentParser:
     p.add_argument("--vision-feature-layer", type=int, choices=(-2, -1), help="ablation: feature layer")
     p.add_argument("--answer-first", action="store_true", help="ablation: answer before the reasoning")
     lora = p.add_argument_group("LoRA (stage 2; upstream LLaVA's finetune_lora.sh defaults)")
-    lora.add_argument("--lora", action="store_true", help="train LoRA adapters + the projector; the LLM stays frozen")
+    lora.add_argument("--lora", action="store_true",
+                      help="train LoRA adapters + the projector, the LLM frozen (default lr 2e-4, projector 2e-5)")
     lora.add_argument("--qlora", action="store_true", help="--lora on a 4-bit NF4 frozen base (CUDA)")
     lora.add_argument("--lora-r", type=int, default=128)
     lora.add_argument("--lora-alpha", type=float, default=256.0)
@@ -111,7 +114,7 @@ def parser(stage: int) -> argparse.ArgumentParser:
     lora.add_argument("--lora-targets", default=",".join(TARGETS),
                       help=f"comma-separated decoder linears to adapt, of {','.join(TARGETS)}")
     lora.add_argument("--projector-lr", type=float,
-                      help="the projector's lr (upstream's mm_projector_lr; default: --lr)")
+                      help="the projector's lr (upstream's mm_projector_lr; default: --lr, with --lora 2e-5)")
     return p
 
 
@@ -141,6 +144,8 @@ def lora_from_args(args: argparse.Namespace, stage: int) -> LoraSettings | None:
 def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
     lora = lora_from_args(args, stage)
     lr, batch, epochs = DEFAULTS[stage]["paper" if args.paper else "1.5"]
+    lr = LORA_LR if lora else lr
+    projector_lr = LORA_PROJECTOR_LR if lora and args.projector_lr is None else args.projector_lr
     return StageConfig(
         stage=stage, model=args.model, vision=args.vision, llm=args.llm, init=getattr(args, "init", None),
         data=args.data, image_folder=args.image_folder, eval_data=args.eval_data, output=args.output,
@@ -152,7 +157,7 @@ def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
         memory_capacity_gib=args.memory_capacity_gib,
         max_grad_norm=args.max_grad_norm or None, nvtx=args.nvtx, save_every=args.save_every,
         eval_every=args.eval_every, num_workers=args.num_workers, vision_feature_layer=args.vision_feature_layer,
-        answer_first=args.answer_first, lora=lora, qlora=args.qlora, projector_lr=args.projector_lr)
+        answer_first=args.answer_first, lora=lora, qlora=args.qlora, projector_lr=projector_lr)
 
 
 def _checkpoint_dir(path: str) -> str:
