@@ -226,8 +226,8 @@ def apply_adapter(model, path: str, *, base: str | None = None) -> None:
     """Add the adapter directory ``path`` to ``model`` (a loaded base, from directory ``base``), unmerged,
     in the model's dtype, frozen."""
     from engine.weights import _fold_identity_projector
-    settings, state, base = read_adapter(path)
-    check_base(model, base, path)
+    settings, state, base_config = read_adapter(path)
+    check_base(model, base_config, path)
     add_lora(model, settings, base=base)
     if model.config.projector_type == "linear":
         state = _fold_identity_projector(state, model.config)

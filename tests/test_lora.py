@@ -158,6 +158,7 @@ def test_our_adapter_loads_in_peft_and_transformers_and_merges(base_dir, tmp_pat
     served = engine.load(base_dir, adapter=adapter, dtype=torch.float32).eval()
     assert torch.equal(logits(served, seqs, pixels), ours)
     assert not any(p.requires_grad for p in served.parameters())
+    assert served.lora == LoraSettings(r=4, alpha=8, dropout=0.0) and served.lora_base == base_dir
     merge_lora(served)
     assert all(type(b.attn.q) is torch.nn.Linear for b in served.decoder.layers)
     assert set(served.state_dict()) == set(engine.load(base_dir).state_dict())
