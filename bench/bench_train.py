@@ -31,6 +31,7 @@ Before anything is timed, both implementations' losses on one micro-batch must a
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import statistics
@@ -270,3 +271,89 @@ def test_stage2_step_llava15_1b(benchmark, tmp_path):
                    "seconds_total": round(time.time() - t_start, 1)}),
     ]
     save(SUITE, rows)
+
+
+# --------------------------------------------------------------------------- QLoRA: peak memory at 7B
+
+QLORA_TOKENS = pick(2048, 160)                 # one packed micro-batch: one image sample of this length
+NF4_BLOCKS = pick((64, 256), (16, 8))          # QLoRA's NF4 block / scaler-block sizes (tiny widths: smaller)
+
+
+def qlora_config() -> LlavaConfig:
+    """LLaVA-1.5-7B's shape (CLIP ViT-L/14-336 + Vicuna-7B: D 4096, 32 layers, 32 heads, FFN 11008, V 32064);
+    the 1B case's toy layout in smoke mode."""
+    if SMOKE:
+        return model_config()
+    return LlavaConfig(
+        vision=VisionConfig(hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16, image_size=336,
+                            patch_size=14, hidden_act="quick_gelu"),
+        text=TextConfig(vocab_size=VOCAB, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                        num_kv_heads=32, head_dim=128, max_position_embeddings=4096, pad_token_id=0),
+        projector_type="mlp2x_gelu", image_token_id=IMAGE_TOKEN, vision_feature_layer=(-2,))
+
+
+@pytest.mark.gpu
+def test_stage2_qlora_step_7b_peak_memory(benchmark, tmp_path):
+    """``train.stage2 --qlora``'s model (fp32 load, PEFT LoRA r 128 / alpha 256 on every decoder linear, the
+    decoder linears' base in torchao NF4, projector trained, tower frozen) at LLaVA-1.5-7B's shape: one
+    optimizer step (bf16 autocast, gradient checkpointing, AdamW) on a 2048-token micro-batch. Goal: the
+    absolute peak (weights + adapters + AdamW state + activations; no CUDA context) fits in 24 GiB.
+    Needs CUDA (``--qlora`` is CUDA-only): without it the gpu mark skips it (BENCH_SMOKE=1 runs the code on
+    the CPU at toy widths)."""
+    from engine.lora import LoraSettings, add_lora, quantize_base_nf4
+    t_start = time.time()
+    cfg = qlora_config()
+    dev = torch.device(bench_device())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
+    torch.manual_seed(0)
+    model = new_model(cfg, kernel_backend=None)
+    model.to_empty(device=dev)
+    with torch.no_grad():                      # random weights: a memory/step measurement, not a model
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+    freeze_for_stage(model, 2)
+    add_lora(model, LoraSettings(r=pick(128, 8), alpha=pick(256.0, 16.0), dropout=0.05))
+    n_quantized = quantize_base_nf4(model, block_size=NF4_BLOCKS[0], scaler_block_size=NF4_BLOCKS[1])
+    model.decoder.gradient_checkpointing = True
+    adapters = sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n)
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    sample = synthetic_samples(1, cfg)[0]      # one image sample cut to QLORA_TOKENS: image rows + text
+    ids = (sample.input_ids + [5] * QLORA_TOKENS)[:QLORA_TOKENS]
+    labels = (sample.labels + [5] * QLORA_TOKENS)[:QLORA_TOKENS]
+    one = Sample("qlora", ids, labels, image="qlora.png")
+    px = cfg.vision.image_size
+    mb = micro_batch([one], torch.randn(1, 3, px, px, generator=torch.Generator().manual_seed(0))).to(dev)
+    loop_cfg = LoopConfig(output=str(tmp_path), lr=2e-4, global_batch=1, fused=True, progress=False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=loop_cfg.lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    losses = []
+
+    def step():
+        losses.append(train_step(model, opt, sched, params, [mb], mb.num_targets, loop_cfg, autocast, dev)["loss"])
+
+    step()                                     # warm-up: kernels, AdamW state
+    assert all(math.isfinite(x) for x in losses), losses
+    sync()
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    resident = torch.cuda.memory_allocated() / 2**20 if dev.type == "cuda" and not SMOKE else None
+    ms = wall_ms(step, STEPS)
+    abs_peak = max_memory_mb()
+    benchmark.pedantic(step, rounds=1, warmup_rounds=0)
+    case = f"{pick('llava15-7b', 'tiny')} qlora-nf4 r{pick(128, 8)} 1x{QLORA_TOKENS}tok ckpt bf16-autocast step"
+    row = Row(suite=SUITE, case=case, impl="ours", ms=ms, unit="TFLOP/s", work=0.0,
+              formula="a memory case (no FLOP rate): torch.cuda.max_memory_allocated over the timed steps",
+              peak_mem_mb=None if abs_peak is None or resident is None else abs_peak - resident,
+              extra={"abs_peak_mem_mb": abs_peak, "resident_mb": resident,
+                     "fits_24gib": None if abs_peak is None else abs_peak < 24 * 1024,
+                     "tokens": QLORA_TOKENS, "tokens_per_s": QLORA_TOKENS / (ms * 1e-3),
+                     "adapter_params": adapters, "trained_params": trained, "nf4_linears": n_quantized,
+                     "nf4_blocks": list(NF4_BLOCKS), "loss": losses[-1],
+                     "seconds_total": round(time.time() - t_start, 1)})
+    save(SUITE, [row])

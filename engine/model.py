@@ -114,7 +114,10 @@ def fuse_linears(*linears: nn.Linear) -> None:
     """Move the weights of bias-free ``linears`` (each [N_i, D]) into one new [ΣN_i, D] tensor, each
     Parameter becoming a view of its rows (``.data`` re-pointed: the same Parameter objects, names,
     ``requires_grad`` and state-dict entries; memory-neutral once the old storage is dropped). A no-op
-    when already fused, or for sharded (DTensor) or meta parameters."""
+    when already fused, for sharded (DTensor) or meta parameters, or unless every module is exactly
+    ``nn.Linear`` (see ``_plain``)."""
+    if not _plain(linears):
+        return
     ws = [m.weight for m in linears]
     if any(type(w.data) is not torch.Tensor or w.is_meta for w in ws) or _tiled(ws):
         return
@@ -122,6 +125,13 @@ def fuse_linears(*linears: nn.Linear) -> None:
         fused = torch.cat([w.detach() for w in ws])                           # (ΣN, D)
         for w, rows in zip(ws, fused.split([w.shape[0] for w in ws]), strict=True):
             w.data = rows
+
+
+def _plain(linears) -> bool:
+    """Whether every module is exactly ``nn.Linear``. A wrapped linear (a PEFT LoRA layer, a quantized
+    linear) exposes its base layer's ``.weight``, so one GEMM of the fused weights would silently drop
+    what the wrapper adds: such modules always run their own forward."""
+    return all(type(m) is nn.Linear for m in linears)
 
 
 def _tiled(ws: list[torch.Tensor]) -> bool:
@@ -145,7 +155,7 @@ def fused_weight(*linears: nn.Linear) -> torch.Tensor | None:
     (training: autograd and the separate GEMMs, the loss bit-identical to the unfused model). An
     external re-assignment of a weight (``load_state_dict(assign=True)``, ``.to()``) breaks the tiling,
     so a stale fused weight is never used."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or not _plain(linears):
         return None
     ws = [m.weight for m in linears]
     if not _tiled(ws):
@@ -264,6 +274,8 @@ class Llava(nn.Module):
         self.kernel_backend = kernel_backend
         self.attention_backend = attention_backend
         self.nvtx = False  # NVTX ranges around vision, projector, scatter and decoder (profiling)
+        self.lora = None   # engine.lora.LoraSettings once PEFT adapters wrap decoder linears (engine/lora.py)
+        self.lora_base: str | None = None  # the checkpoint directory those adapters are trained on
         self.vision = VisionTower(config.vision)
         self.projector = Projector(config)
         self.decoder = Decoder(config.text)

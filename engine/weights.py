@@ -251,14 +251,19 @@ def _build(state: dict, config: LlavaConfig, where: str, *, dtype, device, kerne
 
 
 def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: str | None = None,
-         kernel_backend: str | None = "torch") -> Llava:
+         kernel_backend: str | None = "torch", adapter: str | None = None) -> Llava:
     """Load a LLaVA checkpoint directory (HF llava or original LLaVA layout).
 
     ``vision``: a CLIP directory, required for original LLaVA checkpoints whose tower weights
-    are not inside the checkpoint. Raises FileNotFoundError / ValueError naming the file or key.
+    are not inside the checkpoint. ``adapter``: a PEFT LoRA adapter directory trained on this base
+    (engine/lora.py), applied unmerged. Raises FileNotFoundError / ValueError naming the file or key.
     """
     state, config = load_state(path, vision=vision)
-    return _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
+    model = _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
+    if adapter is not None:
+        from engine.lora import apply_adapter
+        apply_adapter(model, adapter, base=path)
+    return model
 
 
 def load_state(path: str, *, vision: str | None = None) -> tuple[dict[str, torch.Tensor], LlavaConfig]:
@@ -408,6 +413,13 @@ def atomic_dir(out_dir: str, write) -> None:
         raise
 
 
+def write_tokenizer_files(tokenizer_dir: str, out_dir: str) -> None:
+    """Copy the tokenizer files of ``tokenizer_dir`` into ``out_dir``."""
+    for name in os.listdir(tokenizer_dir):
+        if name.startswith(("tokenizer", "special_tokens", "added_tokens")) or name.endswith(".model"):
+            shutil.copy(os.path.join(tokenizer_dir, name), out_dir)
+
+
 def export_hf(model: Llava, out_dir: str, **kw) -> None:
     """Write ``model`` as an HF llava checkpoint directory (see ``write_hf_checkpoint``)."""
     write_hf_checkpoint(model.state_dict(), model.config, out_dir, **kw)
@@ -449,9 +461,7 @@ def write_hf_checkpoint(state: dict[str, torch.Tensor], config: LlavaConfig, out
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         if tokenizer_dir:
-            for name in os.listdir(tokenizer_dir):
-                if name.startswith(("tokenizer", "special_tokens", "added_tokens")) or name.endswith(".model"):
-                    shutil.copy(os.path.join(tokenizer_dir, name), tmp)
+            write_tokenizer_files(tokenizer_dir, tmp)
         for name, text in (extra_files or {}).items():
             with open(os.path.join(tmp, name), "w") as f:
                 f.write(text)

@@ -338,6 +338,24 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "PYTHONPATH": REPO, "OMP_NUM_THREADS": "1"}
 
 
+# Runs train.stage2 with the checkpoint's directory swap (engine.io.replace_dir, as train.checkpoint calls
+# it) wrapped so the process SIGKILLs itself inside the
+# atomic write of step-000004: the temporary directory is complete (DCP shards, RNG, training_state.pt),
+# the rename has not happened.
+KILL_DURING_SECOND_SAVE = """
+import os, signal, sys
+import train.checkpoint
+real = train.checkpoint.replace_dir
+def replace_dir(tmp, path):
+    if path.endswith("step-000004"):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(tmp, path)
+train.checkpoint.replace_dir = replace_dir
+from train.stage import main
+main(2, sys.argv[1:])
+"""
+
+
 def ok(p: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     """``p`` if it exited 0; else fail showing the ends of its stdout and stderr."""
     assert p.returncode == 0, f"exit {p.returncode}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}"

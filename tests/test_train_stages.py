@@ -25,7 +25,18 @@ import time
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import ENV, IMAGE_SIZE, REPO, load_tiny, metrics, ok, rel_err, weights, write_bad_data
+from helpers import (
+    ENV,
+    IMAGE_SIZE,
+    KILL_DURING_SECOND_SAVE,
+    REPO,
+    load_tiny,
+    metrics,
+    ok,
+    rel_err,
+    weights,
+    write_bad_data,
+)
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 import engine
@@ -33,23 +44,6 @@ from train.checkpoint import read_model_state
 from train.data import collate, plan_steps
 
 COMMON = ["--device", "cpu", "--num-workers", "0", "--lr", "1e-3", "--seed", "0"]
-
-# Runs train.stage2 with the checkpoint's directory swap (engine.io.replace_dir, as train.checkpoint calls
-# it) wrapped so the process SIGKILLs itself inside the
-# atomic write of step-000004: the temporary directory is complete (DCP shards, RNG, training_state.pt),
-# the rename has not happened.
-KILL_DURING_SECOND_SAVE = """
-import os, signal, sys
-import train.checkpoint
-real = train.checkpoint.replace_dir
-def replace_dir(tmp, path):
-    if path.endswith("step-000004"):
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(tmp, path)
-train.checkpoint.replace_dir = replace_dir
-from train.stage import main
-main(2, sys.argv[1:])
-"""
 
 
 def run(args: list[str], *, timeout: float = 120, code: str | None = None) -> subprocess.CompletedProcess:

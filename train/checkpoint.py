@@ -82,9 +82,17 @@ def _dcp(fn, *args, **kw):
 
 
 def _stateful(model, opt) -> tuple[dict, dict]:
-    """(model, optimizer) state dicts keyed by parameter name; FSDP2 parameters stay sharded DTensors."""
+    """(model, optimizer) state dicts keyed by parameter name; FSDP2 parameters stay sharded DTensors.
+
+    A LoRA run (``model.lora``) keeps only what trains (adapters, projector): its frozen base is the
+    checkpoint it started from, read again on resume, so a checkpoint is megabytes, not the whole LLM
+    (and a 4-bit base never has to go through DCP)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
-    return get_state_dict(model, opt)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    if model.lora is not None:
+        trains = {n for n, p in model.named_parameters() if p.requires_grad}
+        model_sd = {k: v for k, v in model_sd.items() if k in trains}
+    return model_sd, optim_sd
 
 
 def save_checkpoint(model, opt, sched, step: int, cfg, run_config: dict | None) -> str:
@@ -110,7 +118,8 @@ def save_checkpoint(model, opt, sched, step: int, cfg, run_config: dict | None) 
     _barrier()
     if rank == 0:
         training = {"step": step, "world_size": world, "scheduler": sched.state_dict(),
-                    "loop": dataclasses.asdict(cfg), "run": run_config or {}}
+                    "loop": dataclasses.asdict(cfg), "run": run_config or {},
+                    "lora": None if model.lora is None else dataclasses.asdict(model.lora)}
         state_file = os.path.join(tmp, "training_state.pt")
         torch.save(training, state_file)
         _fsync_file(state_file)
@@ -124,15 +133,21 @@ def save_checkpoint(model, opt, sched, step: int, cfg, run_config: dict | None) 
 def restore_checkpoint(model, opt, sched, ckpt: str) -> int:
     """Load model, optimizer, scheduler and RNG from ``ckpt`` on the current world size (any: DCP
     reshards). Collective. Returns the step to run next."""
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
     training_file = os.path.join(ckpt, "training_state.pt")
     if not os.path.isfile(training_file):
         raise FileNotFoundError(f"{ckpt}: not a complete training checkpoint (no training_state.pt)")
+    training = torch.load(training_file, map_location="cpu", weights_only=True)
+    saved = training.get("lora")
+    ours = None if model.lora is None else dataclasses.asdict(model.lora)
+    if saved != ours:
+        raise ValueError(f"{ckpt}: written by a run with LoRA settings {saved} (None: full-parameter), but this run "
+                         f"has {ours}; resume with the same --lora flags, or start a new --output")
     model_sd, optim_sd = _stateful(model, opt)
     state = {"model": model_sd, "optim": optim_sd}
     _dcp(dcp.load, state, storage_reader=dcp.FileSystemReader(ckpt))
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    training = torch.load(training_file, map_location="cpu", weights_only=True)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=model.lora is None))   # LoRA: the base is not in it
     sched.load_state_dict(training["scheduler"])
     rank = rank_world()[0]
     rng_file = os.path.join(ckpt, f"rng-{rank:05d}.pt")
@@ -164,10 +179,15 @@ def full_model_state(model) -> dict[str, torch.Tensor]:
 
 
 def export_final(model, output: str, tokenizer_dir: str | None, run_config: dict | None) -> str:
-    """``OUTPUT/final``: the trained model as an HF llava directory (rank 0 writes it). Collective."""
+    """``OUTPUT/final``: the trained model as an HF llava directory, or for a LoRA run its PEFT adapter
+    directory (engine/lora.py), written by rank 0. Collective."""
     final = os.path.join(output, "final")
     state = full_model_state(model)
-    if rank_world()[0] == 0:
+    if rank_world()[0] == 0 and model.lora is not None:   # a LoRA run: the PEFT adapter directory
+        from engine.lora import save_adapter
+        save_adapter(state, model.config, model.lora, final, base=model.lora_base, tokenizer_dir=tokenizer_dir,
+                     extra_files={"run_config.json": json.dumps(run_config or {}, indent=2, default=str)})
+    elif rank_world()[0] == 0:
         write_hf_checkpoint(state, model.config, final, tokenizer_dir=tokenizer_dir,
                             extra_files={"run_config.json": json.dumps(run_config or {}, indent=2, default=str)})
     _barrier()

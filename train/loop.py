@@ -62,6 +62,7 @@ class LoopConfig:
     num_workers: int = 0
     image_mode: str = "pad"
     progress: bool = True
+    projector_lr: float | None = None         # the projector's own lr (upstream's mm_projector_lr); None: lr
 
 
 # --------------------------------------------------------------------------- small pieces
@@ -175,7 +176,7 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     if world > 1:
         shard_model(model, mixed_precision=mixed_precision)
     params = [p for p in model.parameters() if p.requires_grad]   # after sharding: FSDP2 swaps in DTensors
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    opt = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
     plans = [plan_steps(samples, global_batch=cfg.global_batch, seed=cfg.seed, epoch=e) for e in range(cfg.epochs)]
     flat = [(e, i) for e, plan in enumerate(plans) for i in range(len(plan))]
@@ -221,9 +222,12 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
                 continue
             ds = StepDataset(samples, plan, max_tokens=cfg.max_tokens_per_batch, image_size=image_size,
                              rank=rank, world=world, first_step=max(first - start, 0), image_mode=cfg.image_mode)
-            # Worker processes decode images and pack the next steps while this one trains.
+            # Worker processes decode images and pack the next steps while this one trains. Its own generator:
+            # an iterator draws a seed when created, and from the global RNG that draw would shift the
+            # dropout masks (LoRA) of a resumed run, which creates its iterator at another step.
             loader = torch.utils.data.DataLoader(ds, batch_size=None, shuffle=False, num_workers=cfg.num_workers,
-                                                 persistent_workers=False, pin_memory=device.type == "cuda")
+                                                 persistent_workers=False, pin_memory=device.type == "cuda",
+                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             t0 = time.time()
             batches = iter(loader)
             while True:
@@ -268,6 +272,16 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
             return TrainResult(steps_done, None, True, last_loss)
     final = export_final(model, cfg.output, tokenizer_dir, run_config)
     return TrainResult(steps_done, final, False, last_loss)
+
+
+def _param_groups(model, cfg: LoopConfig) -> list[dict]:
+    """What trains, in one AdamW group, or (``projector_lr``) the rest first, then the projector with its lr."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if cfg.projector_lr is None:
+        return [{"params": [p for _, p in named]}]
+    proj = [p for n, p in named if n.startswith("projector.")]
+    return [{"params": [p for n, p in named if not n.startswith("projector.")]},
+            {"params": proj, "lr": cfg.projector_lr}]
 
 
 def _epoch_starts(plans) -> list[int]:

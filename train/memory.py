@@ -111,6 +111,33 @@ def parameter_counts(config, stage: int) -> dict[str, int]:
     return counts
 
 
+def _stored_bytes(p: torch.Tensor) -> int:
+    """Bytes a parameter holds: its elements, or for a tensor subclass (a 4-bit NF4 weight) its inner tensors."""
+    if type(p.data) is torch.Tensor:
+        return p.numel() * p.element_size()
+    inner, _ = p.data.__tensor_flatten__()
+    return sum(_stored_bytes(getattr(p.data, name)) for name in inner)
+
+
+def model_parameter_counts(model) -> dict[str, int]:
+    """``parameter_counts`` of a built model as it is (what requires grad, LoRA adapters included), plus
+    ``frozen_bytes``: what its frozen parameters hold (a quantized base: its packed size)."""
+    counts = {"all": 0, "trainable": 0, "root": 0, "root_trainable": 0, "block": 0, "largest": 0, "frozen_bytes": 0}
+    for name, p in model.named_parameters():
+        n, trains = p.numel(), p.requires_grad
+        counts["all"] += n
+        counts["trainable"] += n if trains else 0
+        counts["largest"] = max(counts["largest"], n if trains else 0)
+        counts["frozen_bytes"] += 0 if trains else _stored_bytes(p)
+        if name.startswith("decoder.layers."):
+            counts["block"] += n if name.startswith("decoder.layers.0.") else 0
+        else:
+            counts["root"] += n
+            counts["root_trainable"] += n if trains else 0
+    counts["head"] = model.config.text.vocab_size * model.config.text.hidden_size
+    return counts
+
+
 def _norm_bytes(d: int, c: int, r: int) -> int:
     """One RMSNorm per token: its fp32 input (x itself when the residual is fp32, else an fp32 copy),
     1/rms, the normalised input in the residual's dtype (kept for the weight's grad) and the output
@@ -128,28 +155,49 @@ def _layer_bytes(text, c: int, r: int, kv_repeated: bool) -> int:
     return norms + attention + 4 * c * f
 
 
+def _lora_layer_bytes(text, lora, c: int, r: int) -> int:
+    """Bytes PEFT's LoRA layers (engine/lora.py) add per token and decoder layer: every target keeps lora_A's
+    output (c·rank) for lora_B; with dropout each also keeps its dropped-out input and the dropout mask
+    (1 byte an element), the input being a norm's output (the residual's dtype, r) for q/k/v/gate/up and
+    c-typed for o and down, plus lora_A's low-precision copy of it when those differ (autocast)."""
+    d, f, dq = text.hidden_size, text.intermediate_size, text.num_heads * text.head_dim
+    inputs = {"q": (d, r), "k": (d, r), "v": (d, r), "gate": (d, r), "up": (d, r), "o": (dq, c), "down": (f, c)}
+    kept = 0
+    if lora.dropout > 0:
+        for t in lora.targets:
+            width, nbytes = inputs[t]
+            kept += (nbytes + 1 + (c if nbytes != c else 0)) * width
+    return kept + c * lora.r * len(lora.targets)
+
+
 PRECISIONS = ("fp32", "autocast", "fsdp_bf16")
 
 
 def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointing: bool, precision: str,
-                kv_repeated: bool, fused_loss: bool, foreach_optimizer: bool, capacity: int | None) -> MemoryPlan:
+                kv_repeated: bool, fused_loss: bool, foreach_optimizer: bool, capacity: int | None,
+                counts: dict[str, int] | None = None, lora=None) -> MemoryPlan:
     """The plan for one rank (module docstring). ``tokens``: packed tokens per micro-batch.
 
     ``precision``: ``fp32`` (the CPU), ``autocast`` (one GPU process: fp32 weights and residual
     stream, bf16 GEMMs) or ``fsdp_bf16`` (several GPU ranks: FSDP2's MixedPrecisionPolicy, bf16
     compute and residual stream, fp32 masters for what trains, frozen weights stored in bf16).
+    ``counts``: a built model's ``model_parameter_counts`` instead of the stage's (LoRA, a quantized base);
+    ``lora``: its ``engine.lora.LoraSettings`` (the adapters' activations).
     """
     if world < 1 or tokens < 1:
         raise ValueError(f"plan_memory: world={world} and tokens={tokens} must be >= 1")
     if precision not in PRECISIONS:
         raise ValueError(f"plan_memory: precision {precision!r} is not one of {PRECISIONS}")
-    n = parameter_counts(config, stage)
+    n = counts or parameter_counts(config, stage)
     text = config.text
     c = 4 if precision == "fp32" else 2
     r = 2 if precision == "fsdp_bf16" else 4          # the residual stream's bytes
     layers = text.num_layers
     per_layer = _layer_bytes(text, c, r, kv_repeated)
     final = _norm_bytes(text.hidden_size, c, r)
+    if lora is not None:   # frozen norm weights: no normalised input kept for their grads; the adapters' own
+        per_layer += _lora_layer_bytes(text, lora, c, r) - 2 * r * text.hidden_size
+        final -= r * text.hidden_size
     if grad_checkpointing:
         activations, recompute = tokens * (layers * r * text.hidden_size + final), tokens * per_layer
     else:
@@ -164,13 +212,14 @@ def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointi
     gathered_bytes = 2 if precision == "fsdp_bf16" else 4
     gathered = gathered_bytes * (n["root"] + 2 * n["block"]) if world > 1 else 0
     frozen_bytes = 2 if precision == "fsdp_bf16" else 4
+    frozen = n.get("frozen_bytes", frozen_bytes * (n["all"] - n["trainable"]))   # measured, for a built model
     # the largest unit's unsharded gradients (compute dtype) and their fp32 reduce-scatter input
     reduce_scatter = (c + 4) * max(n["root_trainable"], n["block"]) if world > 1 else 0
     # AdamW's sqrt(v)/bias-correction temporaries: per tensor (two of the largest) in the CPU's
     # single-tensor path, one of the whole shard in the foreach path (CUDA's default)
     step = 4 * n["trainable"] // world if foreach_optimizer else 2 * 4 * -(-n["largest"] // world)
     return MemoryPlan(world=world, tokens=tokens, grad_checkpointing=grad_checkpointing, compute_bytes=c,
-                      parameters=(4 * n["trainable"] + frozen_bytes * (n["all"] - n["trainable"])) // world,
+                      parameters=(4 * n["trainable"] + frozen) // world,
                       gradients=4 * n["trainable"] // world,
                       optimizer=8 * n["trainable"] // world, gathered=gathered, weight_copies=copies,
                       activations=activations, recompute=recompute, loss=loss, step_workspace=step,
@@ -214,7 +263,8 @@ def plan_for_model(model, *, device: torch.device, world: int, tokens: int, grad
                        grad_checkpointing=grad_checkpointing, precision=precision,
                        kv_repeated=resolve_backend(device, model.attention_backend) == "sdpa",
                        fused_loss=loss_backend != "torch",
-                       foreach_optimizer=device.type == "cuda", capacity=capacity)
+                       foreach_optimizer=device.type == "cuda", capacity=capacity,
+                       counts=None if model.lora is None else model_parameter_counts(model), lora=model.lora)
 
 
 def choose_checkpointing(model, *, requested: bool | None, **kw) -> MemoryPlan:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 
 import engine
+from engine.config import read_config_json
+from engine.lora import TARGETS, LoraSettings, add_lora, quantize_base_nf4
 from engine.weights import load_projector, read_projector
 from train.data import load_samples
 from train.distributed import rank_world, setup_distributed, shard_model, uses_mixed_precision
@@ -23,6 +25,8 @@ from train.materialize import materialize, meta_compose, meta_load
 # (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
 DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
             2: {"1.5": (2e-5, 128, 1), "paper": (2e-5, 32, 3)}}
+# --lora: upstream's scripts/v1_5/finetune_lora.sh (learning_rate 2e-4, mm_projector_lr 2e-5; batch 128, 1 epoch)
+LORA_LR, LORA_PROJECTOR_LR = 2e-4, 2e-5
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +62,9 @@ class StageConfig:
     num_workers: int
     vision_feature_layer: int | None
     answer_first: bool
+    lora: LoraSettings | None = None   # --lora / --qlora: PEFT adapters on the decoder linears (engine/lora.py)
+    qlora: bool = False                # the frozen base in 4-bit NF4 (CUDA only)
+    projector_lr: float | None = None
 
 
 def parser(stage: int) -> argparse.ArgumentParser:
@@ -97,6 +104,17 @@ def parser(stage: int) -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--vision-feature-layer", type=int, choices=(-2, -1), help="ablation: feature layer")
     p.add_argument("--answer-first", action="store_true", help="ablation: answer before the reasoning")
+    lora = p.add_argument_group("LoRA (stage 2; upstream LLaVA's finetune_lora.sh defaults)")
+    lora.add_argument("--lora", action="store_true",
+                      help="train LoRA adapters + the projector, the LLM frozen (default lr 2e-4, projector 2e-5)")
+    lora.add_argument("--qlora", action="store_true", help="--lora on a 4-bit NF4 frozen base (CUDA)")
+    lora.add_argument("--lora-r", type=int, default=128)
+    lora.add_argument("--lora-alpha", type=float, default=256.0)
+    lora.add_argument("--lora-dropout", type=float, default=0.05)
+    lora.add_argument("--lora-targets", default=",".join(TARGETS),
+                      help=f"comma-separated decoder linears to adapt, of {','.join(TARGETS)}")
+    lora.add_argument("--projector-lr", type=float,
+                      help="the projector's lr (upstream's mm_projector_lr; default: --lr, with --lora 2e-5)")
     return p
 
 
@@ -107,8 +125,27 @@ def default_fused(stage: int, device: str) -> bool:
     return stage == 1 and torch.device(device).type == "cuda"
 
 
+def lora_from_args(args: argparse.Namespace, stage: int) -> LoraSettings | None:
+    """The adapter settings of ``--lora``/``--qlora`` (None without them); errors for what cannot combine."""
+    if not (args.lora or args.qlora):
+        return None
+    if stage != 2:
+        raise ValueError("--lora/--qlora apply to stage 2: stage 1 trains only the projector")
+    if args.qlora and not torch.cuda.is_available():
+        raise ValueError("--qlora needs a CUDA device (its 4-bit NF4 base runs there); none is available. "
+                         "Use --lora for a full-precision frozen base")
+    if args.qlora and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("--qlora runs in one process on one GPU (sharding a 4-bit base with FSDP2 is not "
+                         "supported here); use --lora with several ranks")
+    targets = tuple(t.strip() for t in args.lora_targets.split(",") if t.strip())
+    return LoraSettings(r=args.lora_r, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=targets)
+
+
 def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
+    lora = lora_from_args(args, stage)
     lr, batch, epochs = DEFAULTS[stage]["paper" if args.paper else "1.5"]
+    lr = LORA_LR if lora else lr
+    projector_lr = LORA_PROJECTOR_LR if lora and args.projector_lr is None else args.projector_lr
     return StageConfig(
         stage=stage, model=args.model, vision=args.vision, llm=args.llm, init=getattr(args, "init", None),
         data=args.data, image_folder=args.image_folder, eval_data=args.eval_data, output=args.output,
@@ -120,7 +157,7 @@ def config_from_args(args: argparse.Namespace, stage: int) -> StageConfig:
         memory_capacity_gib=args.memory_capacity_gib,
         max_grad_norm=args.max_grad_norm or None, nvtx=args.nvtx, save_every=args.save_every,
         eval_every=args.eval_every, num_workers=args.num_workers, vision_feature_layer=args.vision_feature_layer,
-        answer_first=args.answer_first)
+        answer_first=args.answer_first, lora=lora, qlora=args.qlora, projector_lr=projector_lr)
 
 
 def _checkpoint_dir(path: str) -> str:
@@ -149,9 +186,13 @@ def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[e
         source = _checkpoint_dir(cfg.model)
     elif cfg.vision and cfg.llm:
         source = None
+        if cfg.lora is not None:
+            _check_lora_base(cfg, source)
         meta = meta_compose(cfg.vision, cfg.llm, seed=cfg.seed, kernel_backend=backend)
     else:
         raise ValueError("give --model DIR, or --vision DIR with --llm DIR")
+    if cfg.lora is not None:
+        _check_lora_base(cfg, source)
     if source is not None:
         meta = None if cfg.vision else meta_load(source, kernel_backend=backend)
         if meta is None:
@@ -163,6 +204,10 @@ def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[e
         if cfg.vision_feature_layer is not None:
             meta.model.config = meta.model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
         freeze_for_stage(meta.model, cfg.stage)
+        if cfg.lora is not None:   # adapters are added to real weights; the loop shards the wrapped model
+            model = materialize(meta, device=device)
+            with_lora(model, cfg, source)
+            return model, tok
         world = rank_world()[1]
         if world > 1:
             shard_model(meta.model, mixed_precision=uses_mixed_precision(device, world))
@@ -172,7 +217,36 @@ def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[e
     if cfg.vision_feature_layer is not None:
         model.config = model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
     freeze_for_stage(model, cfg.stage)
+    if cfg.lora is not None:
+        with_lora(model, cfg, source)
     return model, tok
+
+
+def _check_lora_base(cfg: StageConfig, source: str | None) -> None:
+    """An adapter is only usable on the checkpoint it was trained on: that must be one directory, and a
+    --model that --init (a full checkpoint, the actual base) would replace must at least match it."""
+    if source is None:
+        raise ValueError("--lora needs its base as one checkpoint directory (--model, or a full --init): an "
+                         "adapter on a model composed from --vision + --llm could not be loaded again; run "
+                         "stage 1 first and pass its output")
+    if cfg.model and _checkpoint_dir(cfg.model) != source:
+        a, b = (read_config_json(d)[1] for d in (_checkpoint_dir(cfg.model), source))
+        skip = ("dtype", "torch_dtype", "transformers_version", "architectures")
+        diff = sorted(k for k in set(a) | set(b) if k not in skip and a.get(k) != b.get(k))
+        if diff:
+            raise ValueError(f"--lora: --init {source} (the adapters' base) and --model {cfg.model} have different "
+                             f"configs ({diff}); give one of them, or an --init of the same model")
+
+
+def with_lora(model: engine.Llava, cfg: StageConfig, base: str) -> None:
+    """PEFT LoRA adapters on the frozen decoder (A drawn under --seed: every rank draws the same), the
+    projector fully trained, the vision tower frozen; ``--qlora``: the decoder linears' base weights in
+    4-bit NF4 (torchao), quantized on the GPU."""
+    torch.manual_seed(cfg.seed)
+    add_lora(model, cfg.lora, base=base)
+    if cfg.qlora:
+        model.to(cfg.device)
+        quantize_base_nf4(model)
 
 
 def freeze_for_stage(model: engine.Llava, stage: int) -> None:
@@ -192,7 +266,7 @@ def loop_config(cfg: StageConfig) -> LoopConfig:
                       max_grad_norm=cfg.max_grad_norm, seed=cfg.seed, fused=cfg.fused,
                       grad_checkpointing=cfg.grad_checkpointing, memory_capacity_gib=cfg.memory_capacity_gib,
                       nvtx=cfg.nvtx, save_every=cfg.save_every,
-                      eval_every=cfg.eval_every, num_workers=cfg.num_workers)
+                      eval_every=cfg.eval_every, num_workers=cfg.num_workers, projector_lr=cfg.projector_lr)
 
 
 def run_stage(cfg: StageConfig):
