@@ -28,6 +28,9 @@ setup(
         "pydantic>=2.6",
         # the teacher (train.make_instruct) and the judge (llava_evals) call OpenAI-compatible endpoints
         "openai>=1.50",
+        # weight-only int8/int4 inference (engine.quantize): 0.18 is the release tested (its int8
+        # PerRow config, int4 tile_packed_to_4d packing and the CPU int4 prototype config)
+        "torchao>=0.18",
         "tqdm>=4.66",   # progress bars of the evaluators' answer runs
     ],
     extras_require={

@@ -247,14 +247,20 @@ def _build(state: dict, config: LlavaConfig, where: str, *, dtype, device, kerne
 
 
 def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: str | None = None,
-         kernel_backend: str | None = "torch") -> Llava:
+         kernel_backend: str | None = "torch", quantize: str | None = None) -> Llava:
     """Load a LLaVA checkpoint directory (HF llava or original LLaVA layout).
 
     ``vision``: a CLIP directory, required for original LLaVA checkpoints whose tower weights
-    are not inside the checkpoint. Raises FileNotFoundError / ValueError naming the file or key.
+    are not inside the checkpoint. ``quantize``: "int8" or "int4" quantizes the decoder's linears
+    (weights only, see ``engine.quantize``) once on ``device``. Raises FileNotFoundError / ValueError
+    naming the file or key.
     """
     state, config = load_state(path, vision=vision)
-    return _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
+    model = _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
+    if quantize is not None:
+        from engine.quantize import quantize_model
+        quantize_model(model, quantize)
+    return model
 
 
 def load_state(path: str, *, vision: str | None = None) -> tuple[dict[str, torch.Tensor], LlavaConfig]:
