@@ -114,7 +114,8 @@ def _config(scheme: str, device: torch.device, dtype: torch.dtype, group_size: i
                              f"kernel); {torch.cuda.get_device_name(device)} is {major}.{minor}; use "
                              f"quantize='int8'")
         from torchao.quantization import Int4WeightOnlyConfig
-        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format="tile_packed_to_4d",
+        from torchao.quantization.quantize_.workflows import Int4PackingFormat
+        return Int4WeightOnlyConfig(group_size=group_size, int4_packing_format=Int4PackingFormat.TILE_PACKED_TO_4D,
                                     set_inductor_config=False)
     from torchao.prototype.quantization.int4.inference_workflow import PrototypeInt4WeightOnlyConfig
     return PrototypeInt4WeightOnlyConfig(group_size=group_size, set_inductor_config=False)
