@@ -6,7 +6,8 @@ Cases:
   int8 (torchao ``Int8WeightOnlyConfig``, activations fp32) on a LLaMA-shaped decoder big enough that
   decode streams its weights from DRAM: 8 layers × 1024 wide (I = 2816), 32k vocab; 411 MB of fp32 decoder
   linears + a 131 MB fp32 LM head (kept in full precision by ``quantize_model``). 64-token prompts, 32 new
-  tokens each; the decode steps after the prefill step are timed, median of 3 rounds.
+  tokens each; the decode steps after the prefill step are timed, median of 3 rounds, fp32 and int8
+  rounds interleaved.
 - ``cpu linear b1`` (same suite): why int8 decodes as it does on this CPU, one 11008 × 4096 GEMV (180 MB
   in fp32) timed four ways: fp32 ``F.linear``, torchao's int8 weight-only linear (eager: it casts the
   whole int8 weight to the activation dtype, then runs a float GEMM), bf16 ``F.linear``, and ATen's fused
@@ -85,29 +86,36 @@ def decode_seconds(rt: Runtime, prompts, new: int, device) -> float:
 
 def decode_rows(suite: str, case: str, models: dict, batch: int, prompt_len: int, new: int, device, *,
                 rounds: int, copy_mb: int, extra: dict, kv_cache_bytes: int) -> list[Row]:
-    """Time ``models`` (impl → model; the first is the reference) decoding the same prompts."""
+    """Time ``models`` (impl → model; the first is the reference) decoding the same prompts, their rounds
+    interleaved (A B A B ...) so that a shared machine's load falls on both alike; the median round each."""
     g = torch.Generator().manual_seed(batch)
     prompts = [[1] + torch.randint(3, VOCAB - 1, (prompt_len - 1,), generator=g).tolist() for _ in range(batch)]
     copy_gbs = copy_bandwidth_gbps(device, copy_mb)
+    rts = {impl: Runtime(m, RuntimeConfig(max_batch=max(batch, 2), kv_cache_bytes=kv_cache_bytes,
+                                          prefix_caching=False)) for impl, m in models.items()}
+    for rt in rts.values():
+        decode_seconds(rt, prompts, 2, device)                       # warm-up (and CUDA graph capture)
+    loads, times = [os.getloadavg()[0]], {impl: [] for impl in rts}
+    for _ in range(rounds):
+        for impl, rt in rts.items():
+            times[impl].append(decode_seconds(rt, prompts, new, device))
+        loads.append(os.getloadavg()[0])
     rows, ref_ms = [], None
     for impl, m in models.items():
-        rt = Runtime(m, RuntimeConfig(max_batch=max(batch, 2), kv_cache_bytes=kv_cache_bytes, prefix_caching=False))
-        decode_seconds(rt, prompts, 2, device)                       # warm-up (and CUDA graph capture)
-        load = os.getloadavg()[0]
-        secs = sorted(decode_seconds(rt, prompts, new, device) for _ in range(rounds))[rounds // 2]
-        cfg = m.config.text
+        secs = sorted(times[impl])[rounds // 2]
+        cfg, rt = m.config.text, rts[impl]
         kvb = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * rt.cache.k.element_size()
         steps = new - 1
         work = steps * weight_bytes(m) + batch * sum(prompt_len + j for j in range(1, new)) * kvb
         row = Row(suite, case, impl, secs * 1e3, work, formula="steps*W + sum_seq sum_step ctx*kvb",
                   ref_ms=ref_ms, extra=dict(extra, tok_s=batch * steps / secs, weight_mb=weight_bytes(m) / 1e6,
-                                            copy_gbs=copy_gbs, cuda_graphs=rt.graphs is not None,
-                                            load_avg_before=load, load_avg_after=os.getloadavg()[0]))
+                                            round_ms=[t * 1e3 for t in times[impl]], copy_gbs=copy_gbs,
+                                            cuda_graphs=rt.graphs is not None, load_avg_1min=loads))
         row.extra["frac_of_copy"] = row.rate / copy_gbs
         ref_ms = ref_ms or secs * 1e3
         rows.append(row)
-        del rt
-        gc.collect()
+    rts.clear()
+    gc.collect()
     return rows
 
 

@@ -61,7 +61,8 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int | None = No
     The quantized weights are frozen (``requires_grad=False``): this is for inference (generation, the
     runtime, the server); training a quantized base is QLoRA's job. Raises ValueError for an unknown
     scheme, a model on the meta device, one already quantized, a device the scheme has no kernel for,
-    or int4 on CUDA without bfloat16 weights; ImportError naming the package when torchao is missing.
+    int4 on CUDA without bfloat16 weights or below compute capability 8.0, or an int4 group size that
+    does not divide the decoder's widths; ImportError naming torchao when it is missing.
     """
     if scheme not in SCHEMES:
         raise ValueError(f"quantize={scheme!r} is not a known scheme; choose one of {', '.join(SCHEMES)}")
@@ -76,9 +77,11 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int | None = No
     device, dtype = weights[0].device, weights[0].dtype
     if group_size is not None and scheme != "int4":
         raise ValueError(f"group_size is an int4 setting; {scheme} quantizes per output channel")
+    try:
+        from torchao.quantization import quantize_
+    except ImportError as e:
+        raise ImportError(f"quantize={scheme!r} needs torchao (pip install torchao): {e}") from e
     config = _config(scheme, device, dtype, group_size, {m.in_features for m in linears.values()})
-
-    from torchao.quantization import quantize_
     quantize_(model.decoder, config, filter_fn=lambda module, fqn: fqn in linears)
     left = [name for name, m in linears.items() if type(m.weight.data) is torch.Tensor]
     if left:  # torchao skips (logs, does not raise) a weight whose shape its kernel cannot take
