@@ -411,6 +411,10 @@ def atomic_dir(out_dir: str, write) -> None:
 
 def export_hf(model: Llava, out_dir: str, **kw) -> None:
     """Write ``model`` as an HF llava checkpoint directory (see ``write_hf_checkpoint``)."""
+    from engine.quantize import is_quantized
+    if is_quantized(model):  # its state dict holds torchao tensors, not the checkpoint's weights
+        raise ValueError(f"export_hf({out_dir}): the model's decoder is quantized; export the full-precision model "
+                         f"(and quantize when loading: engine.load(path, quantize=...))")
     write_hf_checkpoint(model.state_dict(), model.config, out_dir, **kw)
 
 

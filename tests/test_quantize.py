@@ -214,7 +214,7 @@ def test_quantizing_or_changing_quantized_weights_drops_runtime_prefixes(ckpt):
     assert run() == 0
 
 
-def test_clear_errors(ckpt, fp32):
+def test_clear_errors(ckpt, fp32, tmp_path):
     with pytest.raises(ValueError, match=r"quantize='int3' is not a known scheme; choose one of int8, int4"):
         engine.load(ckpt, quantize="int3")
     with pytest.raises(ValueError, match="meta device"):
@@ -230,6 +230,9 @@ def test_clear_errors(ckpt, fp32):
     with pytest.raises(ValueError, match=r"group_size=16 must be one of \(128, 64, 32\)"):
         quantize_model(engine.Llava(engine.tiny_config()), "int4", group_size=16)
     assert not is_quantized(fp32)                          # a failed call leaves the model as it was
+    with pytest.raises(ValueError, match="the model's decoder is quantized; export the full-precision model"):
+        engine.export_hf(twice, str(tmp_path / "export"))
+    assert not (tmp_path / "export").exists()
 
 
 @pytest.mark.gpu
