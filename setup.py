@@ -23,7 +23,10 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
         "peft>=0.21",  # LoRA adapters (engine/lora.py): injection, merge and the adapter format
-        "torchao>=0.18",  # the 4-bit NF4 base of --qlora (engine.lora.quantize_base_nf4)
+        # the 4-bit NF4 base of --qlora (engine.lora.quantize_base_nf4) and weight-only int8/int4 inference
+        # (engine.quantize): 0.18 is the release tested (its NF4 tensor, int8 PerRow config, int4
+        # tile_packed_to_4d packing and the CPU int4 prototype config)
+        "torchao>=0.18",
         # serving (engine.serve): the stack of vLLM's and SGLang's OpenAI servers
         "fastapi>=0.110",
         "uvicorn>=0.29",

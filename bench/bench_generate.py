@@ -31,6 +31,7 @@ preallocated KV cache is resident, so its size is reported beside it (``resident
 """
 from __future__ import annotations
 
+import copy
 import gc
 import random
 import time
@@ -38,6 +39,7 @@ import time
 import pytest
 import torch
 from common import Row, bench_device, copy_bandwidth_gbps, pick, save, track_peak_memory
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import (
     LlavaForConditionalGeneration,
@@ -226,10 +228,44 @@ def decode_case(benchmark, name: str, batch: int):
                 extra=dict(tok_s=new / secs, copy_gbs=copy_gbs, frac_of_copy=work / secs / 1e9 / copy_gbs,
                            cuda_graphs=rt.graphs is not None, resident_kv_cache_mb=kv_cache_bytes(cfg, v) / 2**20)),
             ]
+    if name == "gpu" and batch == 1:  # weight-only int4 (engine.quantize) on the same weights and prompt
+        rows.append(int4_row(ours, cfg, v, prompts, limits, kv_tokens, secs, case, formula, copy_gbs))
     save(SUITE, rows)
     print(f"[{SUITE}] {case}: ours {new / secs:.1f} tok/s, transformers {new / hf_secs:.1f} tok/s, "
           f"{work / secs / 1e9:.1f} GB/s of {copy_gbs:.1f} GB/s copy")
     return secs, hf_secs
+
+
+def int4_row(ours, cfg, v, prompts, limits, kv_tokens, ref_secs, case, formula, copy_gbs) -> Row:
+    """Our runtime on an int4 weight-only copy of ``ours`` (torchao tinygemm on CUDA), the same decode;
+    goal: ≥ 2× the bf16 tokens/s (batch-1 decode is weight-bandwidth bound, int4 is ~3.6× fewer bytes)."""
+    from engine.quantize import quantize_model
+
+    q = quantize_model(copy.deepcopy(ours), "int4")
+    rt = Runtime(q, RuntimeConfig(max_batch=2, kv_cache_bytes=kv_bytes_per_token(cfg, v["dtype"]) * 4096))
+    ours_decode(rt, prompts, limits, v["device"])                  # warm-up: captures the graphs it will use
+    with track_peak_memory() as peak:
+        secs, reqs = ours_decode(rt, prompts, limits, v["device"])
+    assert [len(r.tokens) for r in reqs] == limits
+    w = sum(quantized_bytes(p) for n, p in q.decoder.named_parameters() if not n.startswith("embed."))
+    if q.decoder.lm_head is None:
+        w += quantized_bytes(q.decoder.embed.weight)
+    steps, new = max(limits) - 1, sum(n - 1 for n in limits)
+    work = steps * w + kv_tokens * kv_bytes_per_token(cfg, v["dtype"])
+    del rt, q
+    gc.collect()
+    print(f"[{SUITE}] {case} int4: {new / secs:.1f} tok/s, {ref_secs / secs:.2f}x bf16 (goal >= 2x)")
+    return Row(SUITE, case, "ours int4", secs * 1e3, work, formula=formula, ref_ms=ref_secs * 1e3,
+               peak_mem_mb=peak["mb"], extra=dict(tok_s=new / secs, copy_gbs=copy_gbs, weight_mb=w / 1e6,
+                                                  frac_of_copy=work / secs / 1e9 / copy_gbs, speedup_vs="ours bf16",
+                                                  goal="int4 >= 2x ours bf16 tok/s"))
+
+
+def quantized_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor, or of the plain tensors inside a tensor subclass (a quantized weight)."""
+    if is_traceable_wrapper_subclass(t):
+        return sum(quantized_bytes(getattr(t, name)) for name in t.__tensor_flatten__()[0])
+    return t.numel() * t.element_size()
 
 
 def ours_ttft(rt: Runtime, prompt, pixels, device, *, cold=True) -> float:

@@ -9,11 +9,13 @@
 #   configure + build of csrc/ (3 .cu + bindings.cpp, -j16)         ~1-1.5 min  (cap 60 + 150 s)
 #   pytest -m gpu tests/ (Triton autotune compiles dominate: the
 #     projector's ~140 s serial; spread over 4 xdist workers)         ~1.5-2.5 min (cap 200 s)
-#   pytest -m gpu bench/ (7B-shaped generate ~60-90 s, 1B train
+#   pytest -m gpu bench/ (7B-shaped generate ~60-90 s plus ~20-30 s for
+#     its decode-b1 int4 row (engine.quantize: a quantized copy of the
+#     same weights, a row of generate.json, no ninth file), 1B train
 #     step ~45 s, 7B QLoRA step peak memory (bench_train.py, into
 #     train_step.json; not yet run: estimate ~40 s), masked loss
 #     ~30 s, scatter ~25 s, projector ~20 s, paged decode ~10 s),
-#     in priority order                                               ~3.5-4 min  (cap 240 s, ends by 560 s)
+#     in priority order                                               ~3.5-4.5 min (cap 240 s, ends by 560 s)
 #
 #   run on the device machine from the repository root, carrying .whl (liger-kernel):
 #     bash bench/device_run.sh

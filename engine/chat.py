@@ -32,6 +32,7 @@ from engine.conversation import IMAGE_TOKEN, Template, generation_prompt, get_te
 from engine.generate import Runtime, generate
 from engine.image import ImageSpec
 from engine.model import Llava
+from engine.quantize import SCHEMES
 
 _ROLES = {"user": "human", "assistant": "gpt"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
@@ -183,13 +184,15 @@ def chat(model: Llava, messages, images: list | None = None, *, tokenizer,
     return decoder.text
 
 
-def load_model(path: str, *, device: str | None = None, dtype: str | None = None) -> Llava:
+def load_model(path: str, *, device: str | None = None, dtype: str | None = None,
+               quantize: str | None = None) -> Llava:
     """``engine.load`` for the command lines, in eval mode: ``dtype`` is a name in ``DTYPES`` (None keeps
-    the checkpoint's). ValueError naming an unknown dtype; engine.load's errors for the checkpoint."""
+    the checkpoint's); ``quantize`` "int8" | "int4" (weight-only, engine.quantize). ValueError naming an
+    unknown dtype; engine.load's errors for the checkpoint."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     import engine
-    return engine.load(path, device=device, dtype=DTYPES[dtype] if dtype else None).eval()
+    return engine.load(path, device=device, dtype=DTYPES[dtype] if dtype else None, quantize=quantize).eval()
 
 
 def load_tokenizer(path: str):
@@ -225,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
+    p.add_argument("--quantize", default=None, choices=SCHEMES, help="weight-only quantized decoder linears")
     args = p.parse_args(argv)
     print(json.dumps({"config": vars(args)}), file=sys.stderr)
 
@@ -235,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"--image {f}: no such file")
         images.append(Image.open(f).convert("RGB"))
-    model = load_model(args.model, device=args.device, dtype=args.dtype)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
     text = chat(model, [{"role": "user", "content": args.question}], images,
                 tokenizer=load_tokenizer(args.model), template=args.template,
                 image_spec=image_spec_for(args.model, model), max_new_tokens=args.max_new_tokens,

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from engine.graphs import DecodeGraphs, GraphCaptureError
 from engine.image_spans import check_sizes, image_spans, split_per_prompt
@@ -454,7 +455,7 @@ class Runtime:
     def _forget_prefixes_if_weights_changed(self) -> None:
         """Shared K/V is only valid for the weights that computed it: an in-place update bumps a
         parameter's version counter, a reassignment changes its storage."""
-        stamp = tuple((p.data_ptr(), p._version) for p in self.model.parameters())
+        stamp = tuple(_weight_stamp(p) for p in self.model.parameters())
         if stamp != self._weights_stamp:
             self.cache.forget_prefixes()
             self._weights_stamp = stamp
@@ -629,6 +630,14 @@ class Runtime:
                 self._finish(r, "length")
                 events.append(StepEvent(r, None, "length"))
         return events
+
+
+def _weight_stamp(p: torch.Tensor) -> tuple:
+    """(address, version) of a weight's storage; for a tensor subclass (a quantized weight, whose own
+    data_ptr is 0 and version never moves) the stamps of the plain tensors it holds."""
+    if not is_traceable_wrapper_subclass(p):
+        return (p.data_ptr(), p._version)
+    return tuple(_weight_stamp(getattr(p, name)) for name in p.__tensor_flatten__()[0])
 
 
 # ----------------------------------------------------------------------------- generate()

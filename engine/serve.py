@@ -62,6 +62,7 @@ from engine.conversation import IMAGE_TOKEN, Template, get_template, stop_string
 from engine.generate import Runtime, RuntimeConfig, SamplingParams, StepEvent
 from engine.image import ImageSpec
 from engine.model import Llava
+from engine.quantize import SCHEMES
 
 log = logging.getLogger("engine.serve")
 
@@ -75,6 +76,7 @@ class ServerConfig:
     template: str = "vicuna_v1"
     device: str | None = None
     dtype: str | None = None
+    quantize: str | None = None          # "int8" | "int4": weight-only quantized decoder linears
     max_tokens_limit: int = 2048         # most max_tokens a request may ask for
     default_max_tokens: int = 256
     max_images: int = 4                  # per request
@@ -95,6 +97,8 @@ class ServerConfig:
         for name in ("max_images", "max_image_pixels", "max_body_bytes", "max_n", "max_batch"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.quantize is not None and self.quantize not in SCHEMES:
+            raise ValueError(f"quantize={self.quantize!r} is not one of {', '.join(SCHEMES)}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string when given")
 
@@ -790,7 +794,7 @@ class LlavaServer:
 def build_server(cfg: ServerConfig, *, model: Llava | None = None, tokenizer=None) -> LlavaServer:
     """Load the checkpoint (unless given) and bind; call ``serve_forever()`` on the result."""
     if model is None:
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     spec = image_spec_for(cfg.model, model)
     return LlavaServer(cfg, model, tokenizer, get_template(cfg.template), spec)
@@ -805,6 +809,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--template", default="vicuna_v1")
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
+    p.add_argument("--quantize", default=None, choices=SCHEMES, help="weight-only quantized decoder linears")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="max_tokens when a request gives none (default: min(256, --max-tokens-limit))")

@@ -251,18 +251,29 @@ def _build(state: dict, config: LlavaConfig, where: str, *, dtype, device, kerne
 
 
 def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: str | None = None,
-         kernel_backend: str | None = "torch", adapter: str | None = None) -> Llava:
+         kernel_backend: str | None = "torch", adapter: str | None = None,
+         quantize: str | None = None) -> Llava:
     """Load a LLaVA checkpoint directory (HF llava or original LLaVA layout).
 
     ``vision``: a CLIP directory, required for original LLaVA checkpoints whose tower weights
     are not inside the checkpoint. ``adapter``: a PEFT LoRA adapter directory trained on this base
-    (engine/lora.py), applied unmerged. Raises FileNotFoundError / ValueError naming the file or key.
+    (engine/lora.py), applied unmerged. ``quantize``: "int8" or "int4" quantizes the decoder's linears
+    (weights only, see ``engine.quantize``) once on ``device``. Raises FileNotFoundError / ValueError
+    naming the file or key.
     """
+    if adapter is not None and quantize is not None:
+        # PEFT would wrap torchao tensors it was not tested with; merging first gives one plain model.
+        raise ValueError(f"load({path}): adapter= and quantize= together are not supported; merge the adapter "
+                         f"first (python -m train.merge_lora --base {path} --adapter {adapter} --output MERGED), "
+                         "then load MERGED with quantize=")
     state, config = load_state(path, vision=vision)
     model = _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
     if adapter is not None:
         from engine.lora import apply_adapter
         apply_adapter(model, adapter, base=path)
+    if quantize is not None:
+        from engine.quantize import quantize_model
+        quantize_model(model, quantize)
     return model
 
 
@@ -422,6 +433,10 @@ def write_tokenizer_files(tokenizer_dir: str, out_dir: str) -> None:
 
 def export_hf(model: Llava, out_dir: str, **kw) -> None:
     """Write ``model`` as an HF llava checkpoint directory (see ``write_hf_checkpoint``)."""
+    from engine.quantize import is_quantized
+    if is_quantized(model):  # its state dict holds torchao tensors, not the checkpoint's weights
+        raise ValueError(f"export_hf({out_dir}): the model's decoder is quantized; export the full-precision model "
+                         f"(and quantize when loading: engine.load(path, quantize=...))")
     write_hf_checkpoint(model.state_dict(), model.config, out_dir, **kw)
 
 
