@@ -331,6 +331,35 @@ def write_bad_data(assets: TinyAssets, root: str) -> tuple[str, dict[str, str]]:
     return data, names
 
 
+# Multi-image records: (id, images, turns); images index the tiny assets' training images.
+MULTI_IMAGE = [
+    ("multi-together", [0, 1], [("<image>\n<image>\nWhich picture has more shapes?", "The second one has more.")]),
+    ("multi-rounds", [2, 0], [("<image>\nWhat is in this picture?", "A few coloured shapes."),
+                              ("And in <image> this one?", "Shapes on a plain background.")]),
+    ("multi-three", [3, 4, 5], [("Compare <image> with <image> and <image>.", "They all show shapes.")]),
+    ("multi-list-of-one", [6], [("<image>\nDescribe it.", "Some shapes.")]),
+    ("multi-string", 7, [("<image>\nDescribe it briefly.", "Shapes.")]),     # a string: one image
+]
+
+
+def write_multi_image_data(assets: TinyAssets, root: str) -> str:
+    """A LLaVA JSON of the ``MULTI_IMAGE`` records over the tiny assets' images (``"image"`` lists, and one
+    plain string), plus one text-only record; returns its path."""
+    with open(assets.image_data) as f:
+        names = [r["image"] for r in json.load(f)]
+    records = []
+    for rid, which, turns in MULTI_IMAGE:
+        convs = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        image = names[which] if isinstance(which, int) else [names[k] for k in which]
+        records.append({"id": rid, "image": image, "conversations": convs})
+    q, a = TEXT_ONLY[0]
+    records.append({"id": "multi-text", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+    path = os.path.join(root, "multi.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
 # ---- the training CLIs as subprocesses -------------------------------------------------------------------
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 
 import pytest
 import torch
-from helpers import IMAGE_SIZE, assert_close_rule, hf_model, rel_err
+from helpers import IMAGE_SIZE, assert_close_rule, hf_model, load_tiny, rel_err, write_multi_image_data
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 import engine
@@ -80,8 +81,13 @@ def padded_hf_batch(batch, pad_id: int):
 # --------------------------------------------------------------------------- parity with transformers
 
 
-def test_stage2_step_matches_transformers(assets, hf_dir, samples, tmp_path):
-    batch = [samples[2], samples[-1], samples[5], samples[-3]]      # image, text, image, text: lengths differ
+@pytest.mark.parametrize("images", ["one", "several"])
+def test_stage2_step_matches_transformers(assets, hf_dir, samples, tmp_path, images):
+    if images == "one":
+        batch = [samples[2], samples[-1], samples[5], samples[-3]]  # image, text, image, text: lengths differ
+    else:   # 3 images, text, 2 images in two rounds, 1 image: one tower call over all 6, in order
+        multi = {s.id: s for s in load_tiny(assets, write_multi_image_data(assets, str(tmp_path)))[0]}
+        batch = [multi["multi-three"], multi["multi-text"], multi["multi-rounds"], multi["multi-string"]]
     assert len({s.length for s in batch}) > 1
     mb = collate(batch, image_size=IMAGE_SIZE)
 
@@ -189,7 +195,7 @@ def test_accumulated_micro_batches_equal_one_batch(assets, samples, tmp_path):
 
 def test_loop_step_does_not_depend_on_the_micro_batch_split(assets, samples, tmp_path):
     """One optimizer step of 4 samples as 1 micro-batch and as 4: same loss, grad-norm and weights."""
-    image_samples = [s for s in samples if s.image is not None][:4]
+    image_samples = [s for s in samples if s.images][:4]
     runs = {}
     for name, budget in (("one", 100_000), ("four", 1)):             # budget 1: one sample per micro-batch
         model = ours_for_training(assets.model_dir)
@@ -205,6 +211,24 @@ def test_loop_step_does_not_depend_on_the_micro_batch_split(assets, samples, tmp
     assert abs(m1["grad_norm"] - m4["grad_norm"]) <= 1e-6 * m1["grad_norm"]
     for k in p1:
         assert rel_err(p4[k], p1[k]) <= 1e-6, k
+
+
+def test_loop_trains_on_multi_image_records(assets, tmp_path):
+    """Two optimizer steps over records with 1-3 images each (several per micro-batch) run, and the
+    images reach the loss: the projector gets a gradient and the loss is finite."""
+    data = write_multi_image_data(assets, str(tmp_path))
+    multi = [s for s in load_tiny(assets, data)[0] if s.images]
+    assert sum(len(s.images) for s in multi) > len(multi)
+    model = ours_for_training(assets.model_dir)
+    before = model.projector.linear_1.weight.detach().clone()
+    cfg = loop_cfg(tmp_path / "run", global_batch=3, max_steps=2)
+    result = train(model, multi, cfg, device=torch.device("cpu"), tokenizer_dir=assets.tok_dir)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert result.steps_done == 2 and [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert sum(r["tokens"] for r in rows) == sum(s.length for s in multi)   # 3 + 2 samples: all of them
+    assert not torch.equal(model.projector.linear_1.weight, before)
 
 
 # --------------------------------------------------------------------------- schedule and checkpoint helpers
@@ -244,7 +268,7 @@ def test_fused_kernels_give_the_reference_loss_curve(assets, samples, tmp_path, 
     monkeypatch.setenv("LLAVA_KERNEL_BACKEND", "triton")   # what --fused picks on a GPU, forced on CPU
     from llava_kernels import dispatch
     assert set(dispatch.describe(torch.device("cpu")).values()) == {"triton"}
-    image_samples = [s for s in samples if s.image is not None][:6]
+    image_samples = [s for s in samples if s.images][:6]
     curves, weights = {}, {}
     for fused in (False, True):
         model = ours_for_training(assets.model_dir)

@@ -211,9 +211,9 @@ def test_undecodable_image_stops_the_run_naming_it_and_keeps_what_was_written(as
     shutil.copytree(assets.image_folder, folder)
     samples = load_tiny(assets, assets.mixed_data)[0]
     plan = plan_steps(samples, global_batch=1, seed=0, epoch=0)
-    victim = next(samples[s[0]] for s in plan[2:] if samples[s[0]].image is not None)
+    victim = next(samples[s[0]] for s in plan[2:] if samples[s[0]].images)
     victim_step = next(k for k, s in enumerate(plan) if samples[s[0]] is victim)
-    path = os.path.join(folder, os.path.relpath(victim.image, assets.image_folder))
+    path = os.path.join(folder, os.path.relpath(victim.images[0], assets.image_folder))
     with open(path, "rb") as f:
         payload = f.read()
     with open(path, "wb") as f:
