@@ -12,6 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from engine import anyres
+
 # CLIP towers named by original LLaVA checkpoints (``mm_vision_tower``): their architecture is a
 # public fact, so a checkpoint that names one needs no download to be configured.
 KNOWN_CLIP_TOWERS = {
@@ -93,6 +95,8 @@ class LlavaConfig:
     image_token_id: int = 32000
     vision_feature_layer: tuple[int, ...] = (-2,)
     vision_feature_select_strategy: str = "default"
+    # LLaVA-1.6 AnyRes: (height, width) resolutions an image may be tiled to; () = LLaVA-1.5 (one tile).
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         if self.projector_type not in PROJECTOR_TYPES:
@@ -105,11 +109,45 @@ class LlavaConfig:
         for layer in self.vision_feature_layer:
             if not -(n + 1) <= layer <= n:
                 raise ValueError(f"vision_feature_layer={layer} is out of range for a {n}-layer vision tower")
+        self._check_pinpoints()
+
+    def _check_pinpoints(self) -> None:
+        pins, tile = self.image_grid_pinpoints, self.vision.image_size
+        if not isinstance(pins, tuple) or not all(
+                isinstance(p, tuple) and len(p) == 2 and all(type(v) is int and v > 0 for v in p) for p in pins):
+            raise ValueError(f"image_grid_pinpoints={pins!r} must be a tuple of (height, width) int pairs")
+        bad = [p for p in pins if p[0] % tile or p[1] % tile]
+        if bad:
+            raise ValueError(f"image_grid_pinpoints {bad} are not multiples of the vision tower's image_size={tile}")
+        if pins and self.vision_feature_select_strategy != "default":
+            raise ValueError(f"image_grid_pinpoints (AnyRes) needs vision_feature_select_strategy='default', got "
+                             f"{self.vision_feature_select_strategy!r} (the tile grid has no room for a CLS row)")
 
     @property
     def image_seq_len(self) -> int:
         """Rows each image contributes to the text sequence (576 for ViT-L/14 at 336 px)."""
         return self.vision.num_patches + (1 if self.vision_feature_select_strategy == "full" else 0)
+
+    @property
+    def anyres(self) -> bool:
+        """LLaVA-1.6 AnyRes: images are tiled (see engine/anyres.py) and the model has ``image_newline``."""
+        return bool(self.image_grid_pinpoints)
+
+    def image_rows(self, height: int, width: int) -> int:
+        """Placeholder rows one image of this original size expands to in the text: image_seq_len
+        without AnyRes; with it the base tile, the unpadded grid and one newline row per grid row."""
+        if not self.anyres:
+            anyres.check_size(height, width)
+            return self.image_seq_len
+        v = self.vision
+        return anyres.num_rows(height, width, self.image_grid_pinpoints, v.image_size, v.image_size // v.patch_size)
+
+    def image_tiles(self, height: int, width: int) -> int:
+        """Vision-tower inputs for one image of this original size: 1, or 1 base + grid tiles (AnyRes)."""
+        if not self.anyres:
+            anyres.check_size(height, width)
+            return 1
+        return anyres.num_tiles(height, width, self.image_grid_pinpoints, self.vision.image_size)
 
     @property
     def vision_layers_needed(self) -> int:

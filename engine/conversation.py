@@ -24,12 +24,14 @@ silent "mask the whole sample"). The whitespace between the assistant prefix and
 model generates that space, whether a SentencePiece tokenizer merges it into the first word
 (`" A"` -> `"▁A"`) or emits it alone (`" 3"` -> `"▁"`, `"3"` with split digits).
 
-Sizes: T = tokens of the rendered text after image expansion; S = image_seq_len rows per image.
+Sizes: T = tokens of the rendered text after image expansion; S = image_seq_len rows per image
+(one int for all images, or one per image in marker order: AnyRes images differ).
 """
 from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 IMAGE_TOKEN = "<image>"
@@ -212,16 +214,46 @@ def _where(tokenizer, text: str, tid: int, a: int, b: int) -> str:
     return f"token {tokenizer.convert_ids_to_tokens(tid)!r} at characters {a}:{b} of {text!r}"
 
 
+def _is_count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _check_rows(image_seq_len) -> None:
+    if _is_count(image_seq_len):
+        return
+    if isinstance(image_seq_len, (str, bytes)) or not isinstance(image_seq_len, Sequence):
+        raise ValueError(f"image_seq_len must be a positive int or a sequence of them (rows per image), "
+                         f"got {image_seq_len!r}")
+    for i, v in enumerate(image_seq_len):
+        if not _is_count(v):
+            raise ValueError(f"image_seq_len[{i}] must be a positive int, got {v!r}")
+
+
+def _rows_per_image(image_seq_len: int | Sequence[int], n_images: int) -> list[int]:
+    """Rows of each `<image>` marker, in order (image_seq_len already checked by `_check_rows`)."""
+    if isinstance(image_seq_len, int):
+        return [image_seq_len] * n_images
+    if len(image_seq_len) != n_images:
+        raise ValueError(f"image_seq_len gives rows for {len(image_seq_len)} images but the conversation has "
+                         f"{n_images} {IMAGE_TOKEN!r} markers")
+    return list(image_seq_len)
+
+
 def tokenize_conversation(tokenizer, template: Template, conversations, *, image_token_id: int,
-                          image_seq_len: int, for_generation: bool = False) -> TokenizedConversation:
-    """Token ids and labels of a conversation, each `<image>` expanded to S = image_seq_len ids.
+                          image_seq_len: int | Sequence[int],
+                          for_generation: bool = False) -> TokenizedConversation:
+    """Token ids and labels of a conversation, each `<image>` expanded to its rows.
+
+    image_seq_len: an int = every image has that many rows (S); a sequence = rows per image in
+    `<image>` marker order (AnyRes: ``LlavaConfig.image_rows(h, w)`` of each image).
 
     tokenizer: the checkpoint's own HF fast tokenizer (offsets are needed); BOS is added as the
     tokenizer adds it. Labels (aligned with input_ids) keep the ids of the answer tokens and their
     stop tokens; everything else is -100.
     Raises ValueError: bad conversation (see `render`), a slow tokenizer, a stop string `</s>` that is
     not the tokenizer's single EOS token, a token straddling an answer or `<image>` boundary, a text
-    token equal to image_token_id, an answer with no token.
+    token equal to image_token_id, an answer with no token, image_seq_len not a positive int nor a
+    sequence of them with one entry per `<image>` marker.
     """
     _check_template(template)
     if not getattr(tokenizer, "is_fast", False):
@@ -229,8 +261,7 @@ def tokenize_conversation(tokenizer, template: Template, conversations, *, image
                          f"{type(tokenizer).__name__}")
     if not isinstance(image_token_id, int) or image_token_id < 0:
         raise ValueError(f"image_token_id must be a non-negative int, got {image_token_id!r}")
-    if not isinstance(image_seq_len, int) or image_seq_len < 1:
-        raise ValueError(f"image_seq_len must be a positive int, got {image_seq_len!r}")
+    _check_rows(image_seq_len)
     eos_id = None
     if template.stop_is_eos:
         if tokenizer.eos_token != template.stop or tokenizer.eos_token_id is None:
@@ -241,6 +272,7 @@ def tokenize_conversation(tokenizer, template: Template, conversations, *, image
     rendered = render(template, conversations, for_generation=for_generation)
     text, answers = rendered.text, rendered.answer_spans
     images = [(m.start(), m.end()) for m in re.finditer(re.escape(IMAGE_TOKEN), text)]
+    rows = _rows_per_image(image_seq_len, len(images))
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets, seq_ids = enc["input_ids"], enc["offset_mapping"], enc.sequence_ids(0)
     # Label spans: each answer + stop, extended left over the whitespace the model generates first.
@@ -263,8 +295,8 @@ def tokenize_conversation(tokenizer, template: Template, conversations, *, image
                     if k != last_image + 1:
                         raise ValueError(f"{IMAGE_TOKEN!r} placeholders tokenized out of order at "
                                          f"{_where(tokenizer, text, tid, a, b)}")
-                    input_ids += [image_token_id] * image_seq_len
-                    labels += [IGNORE_INDEX] * image_seq_len
+                    input_ids += [image_token_id] * rows[k]
+                    labels += [IGNORE_INDEX] * rows[k]
                     last_image = k
                 continue
         if tid == image_token_id:
@@ -295,7 +327,7 @@ def tokenize_conversation(tokenizer, template: Template, conversations, *, image
 
 
 def generation_prompt(tokenizer, template: Template, messages, *, image_token_id: int,
-                      image_seq_len: int) -> list[int]:
+                      image_seq_len: int | Sequence[int]) -> list[int]:
     """Token ids of a prompt that ends on a human turn, ending with the assistant prefix.
 
     Same tokenization as `tokenize_conversation` (images expanded), so a prompt's ids equal the

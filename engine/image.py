@@ -8,12 +8,17 @@
 
 Images with transparency are composited onto white before anything else (what transformers'
 `convert_to_rgb` does); other modes (L, P, CMYK, ...) are converted to RGB.
-Output: float32 `[3, size, size]` (`preprocess`) or `[N, 3, size, size]` (`preprocess_batch`),
-channels in RGB order.
+- AnyRes (LLaVA-1.6, `preprocess_anyres`): the base tile (the image squashed to size × size) and the
+  tiles of the image resized with its aspect into the best pinpoint resolution and padded black;
+  transformers' LlavaNextImageProcessor does the same.
+
+Output: float32 `[3, size, size]` (`preprocess`), `[N, 3, size, size]` (`preprocess_batch`) or
+`[K, 3, size, size]` (`preprocess_anyres`, `ImageSpec.preprocess_image`), channels in RGB order.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
+
+from engine import anyres
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -82,9 +89,50 @@ def preprocess(image: Image.Image, *, size: int = 336, mode: str = "pad",
     if (new_w, new_h) != (w, h):
         rgb = rgb.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
     top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = np.asarray(rgb, dtype=np.float64)[top:top + size, left:left + size]      # (size, size, 3)
-    x = (x / 255.0 - np.asarray(mean, dtype=np.float64)) / np.asarray(std, dtype=np.float64)
+    return _normalize(np.asarray(rgb)[top:top + size, left:left + size], mean, std)
+
+
+def _normalize(rgb: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 (h, w, 3) -> float32 (3, h, w): rescale by 1/255 and normalize, in float64."""
+    x = (rgb.astype(np.float64) / 255.0 - np.asarray(mean, dtype=np.float64)) / np.asarray(std, dtype=np.float64)
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32))
+
+
+def resize_and_pad(image: Image.Image, height: int, width: int) -> Image.Image:
+    """AnyRes: resize an RGB image into height × width keeping its aspect (the fitting side exactly,
+    the other side ceil'ed), bicubic, then center it on a black canvas (odd remainder bottom/right)."""
+    w, h = image.size
+    scale_w, scale_h = width / w, height / h
+    # h * (width / w), not h * width / w: the float rounding decides the ceil (700 * (336 / 300) = 784.0000001).
+    if scale_w < scale_h:
+        new_w, new_h = width, min(math.ceil(h * scale_w), height)
+    else:
+        new_w, new_h = min(math.ceil(w * scale_h), width), height
+    if (new_w, new_h) != (w, h):
+        image = image.resize((new_w, new_h), resample=Image.Resampling.BICUBIC)
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    canvas.paste(image, ((width - new_w) // 2, (height - new_h) // 2))
+    return canvas
+
+
+def preprocess_anyres(image: Image.Image, *, size: int, pinpoints: anyres.Pinpoints,
+                      mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD) -> torch.Tensor:
+    """One PIL image -> float32 `[K, 3, size, size]`, K = 1 + gh·gw: the whole image squashed to
+    size × size (bicubic), then the tiles of `resize_and_pad` to the best of `pinpoints`, row-major.
+
+    Equal to transformers' LlavaNextImageProcessor (PIL backend) with size shortest_edge = crop = size.
+    Raises ValueError: not a PIL image, zero size, empty pinpoints (and as `preprocess`).
+    """
+    _check(size, "crop", mean, std)
+    if not pinpoints:
+        raise ValueError("preprocess_anyres needs non-empty pinpoints")
+    rgb = _to_rgb(image)
+    best_h, best_w = anyres.select_best_resolution(rgb.height, rgb.width, pinpoints)
+    base = rgb if rgb.size == (size, size) else rgb.resize((size, size), resample=Image.Resampling.BICUBIC)
+    grid = np.asarray(resize_and_pad(rgb, best_h, best_w))                        # (best_h, best_w, 3)
+    tiles = [np.asarray(base)] + [grid[i:i + size, j:j + size]
+                                  for i in range(0, best_h, size) for j in range(0, best_w, size)]
+    return torch.stack([_normalize(t, mean, std) for t in tiles])
 
 
 def preprocess_batch(images: Sequence[Image.Image], *, size: int = 336, mode: str = "pad",
@@ -108,9 +156,30 @@ class ImageSpec:
     mode: str = "pad"
     mean: tuple[float, float, float] = CLIP_MEAN
     std: tuple[float, float, float] = CLIP_STD
+    # AnyRes (LLaVA-1.6) (height, width) resolutions; () = one tile per image (LLaVA-1.5, `mode` applies).
+    pinpoints: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self):
         _check(self.size, self.mode, self.mean, self.std)
+        pins = self.pinpoints
+        if not isinstance(pins, tuple) or not all(
+                isinstance(p, tuple) and len(p) == 2 and all(type(v) is int and v > 0 for v in p) for p in pins):
+            raise ValueError(f"pinpoints={pins!r} must be a tuple of (height, width) int pairs")
+        bad = [p for p in pins if p[0] % self.size or p[1] % self.size]
+        if bad:
+            raise ValueError(f"pinpoints {bad} are not multiples of the tile size {self.size}")
+
+    @classmethod
+    def from_config(cls, config, *, mode: str = "pad") -> ImageSpec:
+        """The spec of an ``engine.config.LlavaConfig``: tower image size, its pinpoints (CLIP mean/std)."""
+        return cls(size=config.vision.image_size, mode=mode, pinpoints=config.image_grid_pinpoints)
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """One PIL image -> float32 `[K, 3, size, size]`: K = 1 + grid tiles with pinpoints (see
+        `preprocess_anyres`), else K = 1 and equal to ``preprocess(image)[None]``."""
+        if not self.pinpoints:
+            return self.preprocess(image)[None]
+        return preprocess_anyres(image, size=self.size, pinpoints=self.pinpoints, mean=self.mean, std=self.std)
 
     @classmethod
     def from_vision_config(cls, vision_config, *, mode: str = "pad") -> ImageSpec:
@@ -122,7 +191,8 @@ class ImageSpec:
 
     @classmethod
     def from_hf_dir(cls, path: str, *, mode: str = "pad") -> ImageSpec:
-        """Read a checkpoint's `preprocessor_config.json` (crop_size, size.shortest_edge, mean, std)."""
+        """Read a checkpoint's `preprocessor_config.json` (crop_size, size.shortest_edge, mean, std and,
+        for LLaVA-NeXT, image_grid_pinpoints)."""
         file = os.path.join(path, "preprocessor_config.json")
         if not os.path.isfile(file):
             raise FileNotFoundError(f"no preprocessor_config.json in {path}")
@@ -136,7 +206,14 @@ class ImageSpec:
             raise ValueError(f"{file}: only square crops equal to the shortest edge are supported "
                              f"(crop_size={cfg.get('crop_size')!r}, size={cfg.get('size')!r})")
         mean, std = cfg.get("image_mean", CLIP_MEAN), cfg.get("image_std", CLIP_STD)
-        return cls(size=crop, mode=mode, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std))
+        pins = cfg.get("image_grid_pinpoints") or []
+        if not isinstance(pins, list) or not all(isinstance(p, list) and len(p) == 2 for p in pins):
+            raise ValueError(f"{file}: image_grid_pinpoints={pins!r} must be a list of [height, width] pairs")
+        try:
+            return cls(size=crop, mode=mode, mean=tuple(float(m) for m in mean), std=tuple(float(s) for s in std),
+                       pinpoints=tuple(tuple(p) for p in pins))
+        except ValueError as err:
+            raise ValueError(f"{file}: {err}") from None
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return preprocess(image, size=self.size, mode=self.mode, mean=self.mean, std=self.std)
