@@ -298,13 +298,14 @@ def load_tiny(assets: TinyAssets, path: str, **kw):
     unless ``template`` is given): (samples, report)."""
     from transformers import AutoTokenizer
 
+    from engine.config import from_hf
     from train.data import load_samples
 
     tok = AutoTokenizer.from_pretrained(assets.tok_dir)
     kw.setdefault("template", "vicuna_v1")
     kw.setdefault("image_folder", assets.image_folder)
-    return load_samples(path, tok, image_token_id=assets.image_token_id, image_seq_len=assets.image_seq_len,
-                        **kw)
+    kw.setdefault("image_rows", from_hf(assets.model_dir).image_rows)
+    return load_samples(path, tok, image_token_id=assets.image_token_id, **kw)
 
 
 def write_bad_data(assets: TinyAssets, root: str) -> tuple[str, dict[str, str]]:

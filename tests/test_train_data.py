@@ -274,6 +274,26 @@ def test_bad_multi_image_record_names_the_record(assets, tmp_path, image, marker
     assert f"{data}: record bad-multi: " in str(e.value) and fill(error) in str(e.value), str(e.value)
 
 
+def test_anyres_rows_per_image_come_from_each_image_size(assets, tmp_path):
+    """With grid pinpoints, each image's run is ``cfg.image_rows(h, w)`` of that image's own size, read from
+    its file: three sizes/aspect ratios → three different run lengths in one record, in marker order."""
+    from engine.config import from_hf
+
+    cfg = from_hf(assets.model_dir).replace(image_grid_pinpoints=((28, 56), (56, 28), (56, 56)))
+    sizes = [(20, 60), (50, 17), (41, 41)]                              # (height, width): wide, tall, square
+    names = []
+    for k, (h, w) in enumerate(sizes):
+        names.append(f"anyres-{k}.png")
+        Image.new("RGB", (w, h), (40 * k, 90, 200)).save(tmp_path / names[-1])
+    data = tmp_path / "anyres.json"
+    data.write_text(json.dumps([{"id": "anyres-3", "image": names, "conversations": [
+        {"from": "human", "value": "<image> <image> <image> Which is square?"}, {"from": "gpt", "value": "C"}]}]))
+    (s,), _ = load_tiny(assets, str(data), image_folder=str(tmp_path), image_rows=cfg.image_rows)
+    want = [cfg.image_rows(h, w) for h, w in sizes]
+    assert len(set(want)) == 3 and min(want) > cfg.image_seq_len
+    assert [e - b for b, e in _runs(s.input_ids, assets.image_token_id)] == want
+
+
 # --------------------------------------------------------------------------- bad records
 
 

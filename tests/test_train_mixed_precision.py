@@ -63,7 +63,7 @@ model_dir, data, folder, out = sys.argv[1:5]
 tok = AutoTokenizer.from_pretrained(model_dir)
 ref = engine.load(model_dir, dtype=torch.float32, kernel_backend="torch")
 samples, _ = load_samples(data, tok, template="vicuna_v1", image_token_id=ref.config.image_token_id,
-                          image_seq_len=ref.config.image_seq_len, image_folder=folder, max_length=2048)
+                          image_rows=ref.config.image_rows, image_folder=folder, max_length=2048)
 mb = collate(samples[rank * 3: rank * 3 + 3], image_size=int(sys.argv[5]))
 cfg = LoopConfig(output="/tmp/unused", lr=1e-3, global_batch=3)
 result = {}

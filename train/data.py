@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -135,11 +136,14 @@ def _cut_images(rows: list[int], kept_rows: int) -> int | None:
     return len(rows) if total == kept_rows else None
 
 
-def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, image_seq_len: int,
+def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, image_rows: Callable[[int, int], int],
                  image_folder: str | None = None, max_length: int = 2048, truncate: bool = False,
                  on_bad_record: str = "error", answer_first: bool = False) -> tuple[list[Sample], LoadReport]:
     """Validate and tokenize every record up front.
 
+    ``image_rows(height, width)``: the placeholder rows of one image of that original size (the
+    model's ``LlavaConfig.image_rows``: image_seq_len, or AnyRes's count); each image's size comes
+    from its file header, so every image of a record gets its own run length.
     ``on_bad_record``: "error" raises the first BadRecord; "skip" records it in the report.
     Over-long samples (> ``max_length`` tokens) are dropped (counted), or with ``truncate``
     cut at ``max_length`` unless that would split an image's rows or leave no target; images
@@ -152,7 +156,7 @@ def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, im
     report, samples = LoadReport(), []
     for i, rec in enumerate(read_records(path)):
         try:
-            rid, images, _ = _validate(rec, i, image_folder)
+            rid, images, sizes = _validate(rec, i, image_folder)
             convs = rec["conversations"]
             if answer_first:
                 convs = [dict(t, value=answer_first_order(t["value"])) if t.get("from") == "gpt" else t
@@ -160,8 +164,9 @@ def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, im
             if template == "plain":
                 convs = convs[:2]
             try:
+                rows = [image_rows(h, w) for h, w in sizes]
                 tok = tokenize_conversation(tokenizer, tmpl, convs, image_token_id=image_token_id,
-                                            image_seq_len=image_seq_len)
+                                            image_seq_len=rows)
             except ValueError as e:
                 raise BadRecord(f"record {rid}: {e}") from e
         except BadRecord as e:
@@ -171,7 +176,6 @@ def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, im
             continue
         ids, labels = tok.input_ids, tok.labels
         if len(ids) > max_length:
-            rows = [image_seq_len] * len(images)
             whole = _cut_images(rows, ids[:max_length].count(image_token_id))
             if not truncate or whole is None or all(x == IGNORE_INDEX for x in labels[1:max_length]):
                 report.too_long.append(rid)

@@ -126,7 +126,7 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
     torch.manual_seed(seed)
     model = Llava(tiny_llava(len(tokenizer), image_token, sizes.image_size),
                   kernel_backend=None if fused else "torch").to(dev)
-    kw = dict(image_token_id=image_token, image_seq_len=model.config.image_seq_len, image_folder=data_dir,
+    kw = dict(image_token_id=image_token, image_rows=model.config.image_rows, image_folder=data_dir,
               max_length=512)
     summary = {}
     for stage, path, template, lr, epochs, steps in (

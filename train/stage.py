@@ -207,7 +207,7 @@ def run_stage(cfg: StageConfig):
     model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     kw = dict(template=cfg.template, image_token_id=model.config.image_token_id,
-              image_seq_len=model.config.image_seq_len, image_folder=cfg.image_folder, max_length=cfg.max_length,
+              image_rows=model.config.image_rows, image_folder=cfg.image_folder, max_length=cfg.max_length,
               truncate=cfg.truncate, on_bad_record=cfg.on_bad_record, answer_first=cfg.answer_first)
     samples, report = load_samples(cfg.data, tokenizer, **kw)
     eval_samples = load_samples(cfg.eval_data, tokenizer, **kw)[0] if cfg.eval_data else None
