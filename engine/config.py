@@ -1,7 +1,8 @@
 """Model configuration: frozen, keyword-only dataclasses and the one loader ``from_hf``.
 
-``from_hf(path)`` reads either an HF llava ``config.json`` (transformers v4 and v5 spellings)
-or an original LLaVA ``config.json`` (a LLaMA config with ``mm_*`` keys). Anything we do not
+``from_hf(path)`` reads either an HF llava / llava_next ``config.json`` (transformers v4 and v5
+spellings) or an original LLaVA ``config.json`` (a LLaMA or Mistral config with ``mm_*`` keys;
+LLaVA-1.6 adds ``image_aspect_ratio: anyres`` and ``image_grid_pinpoints``). Anything we do not
 implement raises ``ValueError`` naming the field, rather than silently computing something else.
 """
 from __future__ import annotations
@@ -24,6 +25,9 @@ _CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_layers=24, num_he
                  layer_norm_eps=1e-5, hidden_act="quick_gelu")
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+MISTRAL = ("mistral", "llava_mistral")
+# transformers' LlavaNextConfig default when a llava_next config.json has no image_grid_pinpoints.
+LLAVA_NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 SELECT_STRATEGIES = ("default", "full")
 
 
@@ -160,13 +164,16 @@ class LlavaConfig:
         return self.vision.hidden_size * len(self.vision_feature_layer)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """The HF ``LlavaConfig`` dict (transformers loads it unchanged). A ``linear`` projector is
-        written as linear_1 + identity activation + identity linear_2 (see engine/weights.py)."""
+        """The HF ``LlavaConfig`` dict, ``LlavaNextConfig`` when AnyRes (transformers loads it unchanged).
+        A ``linear`` projector is written as linear_1 + identity activation + identity linear_2 (see
+        engine/weights.py)."""
         v, t = self.vision, self.text
         layer = self.vision_feature_layer
+        anyres_keys = {"image_grid_pinpoints": [list(p) for p in self.image_grid_pinpoints]} if self.anyres else {}
         return {
-            "architectures": ["LlavaForConditionalGeneration"],
-            "model_type": "llava",
+            "architectures": ["LlavaNextForConditionalGeneration" if self.anyres else "LlavaForConditionalGeneration"],
+            "model_type": "llava_next" if self.anyres else "llava",
+            **anyres_keys,
             "image_token_index": self.image_token_id,
             "image_seq_length": self.image_seq_len,
             "projector_hidden_act": "gelu" if self.projector_type == "mlp2x_gelu" else "linear",
@@ -227,8 +234,20 @@ def _rope_theta(d: dict, where: str) -> float:
 
 
 def text_config_from_dict(d: dict, where: str = "text_config") -> TextConfig:
-    """A LLaMA ``config.json`` dict (or an HF llava ``text_config``) → TextConfig."""
-    _expect(d, "model_type", ("llama", "llava_llama", None), where, default="llama")
+    """A LLaMA ``config.json`` dict (or an HF llava ``text_config``) → TextConfig.
+
+    Mistral (``mistral``, upstream's ``llava_mistral``) is LLaMA when its sliding window covers every
+    position (``sliding_window`` null or ≥ max_position_embeddings); another window is a ValueError.
+    """
+    kind = _expect(d, "model_type", ("llama", "llava_llama", "mistral", "llava_mistral", None), where,
+                   default="llama")
+    if kind in MISTRAL:
+        # transformers' MistralConfig defaults: sliding_window 4096, max_position_embeddings 131072.
+        window, positions = d.get("sliding_window", 4096), d.get("max_position_embeddings", 4096 * 32)
+        if window is not None and window < positions:
+            raise ValueError(f"{where}: model_type={kind!r} with sliding_window={window} < max_position_embeddings="
+                             f"{positions} is not supported (only a window covering every position, or null, "
+                             f"which makes Mistral a LLaMA)")
     _expect(d, "hidden_act", ("silu",), where, default="silu")
     _expect(d, "attention_bias", (False,), where, default=False)
     _expect(d, "mlp_bias", (False,), where, default=False)
@@ -246,7 +265,7 @@ def text_config_from_dict(d: dict, where: str = "text_config") -> TextConfig:
         num_kv_heads=int(d.get("num_key_value_heads") or heads),
         head_dim=int(d.get("head_dim") or hidden // heads), rope_theta=_rope_theta(d, where),
         rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+        max_position_embeddings=int(d.get("max_position_embeddings", 4096 * 32 if kind in MISTRAL else 4096)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id", 1), eos_token_id=eos, pad_token_id=d.get("pad_token_id"),
     )
@@ -275,10 +294,31 @@ def _feature_layers(value, where: str) -> tuple[int, ...]:
     raise ValueError(f"{where}: vision_feature_layer={value!r} must be an int or a non-empty list of ints")
 
 
+def _pinpoints(value, where: str, *, swap: bool = False) -> tuple[tuple[int, int], ...]:
+    """A JSON list of [a, b] pairs → ((height, width), ...); ``swap``: the pairs are (width, height)."""
+    if not isinstance(value, list) or not value or not all(
+            isinstance(p, list) and len(p) == 2 and all(type(v) is int for v in p) for p in value):
+        raise ValueError(f"{where}: image_grid_pinpoints={value!r} must be a non-empty list of [int, int] pairs")
+    return tuple((b, a) if swap else (a, b) for a, b in value)
+
+
+# transformers' LlamaConfig / MistralConfig defaults. A transformers-4.x ``text_config`` holds only the
+# fields that differ from them (llava-hf's llava-v1.6-mistral-7b-hf has no hidden_size), so the
+# missing ones are these; other keys keep text_config_from_dict's defaults.
+_HF_TEXT_DEFAULTS = {
+    "llama": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                  num_attention_heads=32, max_position_embeddings=2048),
+    "mistral": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096 * 32,
+                    sliding_window=4096),
+}
+
+
 def _from_hf_llava(d: dict, where: str) -> LlavaConfig:
     act = _expect(d, "projector_hidden_act", ("gelu", "linear"), where, default="gelu")
     strategy = _expect(d, "vision_feature_select_strategy", SELECT_STRATEGIES, where, default="default")
     text_d = dict(_require(d, "text_config", where))
+    text_d = {**_HF_TEXT_DEFAULTS.get(text_d.get("model_type", "llama"), {}), **text_d}
     # The top-level flag wins over the text config's (transformers does the same).
     tie = bool(d.get("tie_word_embeddings", False) or text_d.get("tie_word_embeddings", False))
     text_d["tie_word_embeddings"] = tie
@@ -294,6 +334,8 @@ def _from_hf_llava(d: dict, where: str) -> LlavaConfig:
         image_token_id=int(image_token),
         vision_feature_layer=_feature_layers(d.get("vision_feature_layer", -2), where),
         vision_feature_select_strategy=strategy,
+        image_grid_pinpoints=(_pinpoints(d.get("image_grid_pinpoints") or [list(p) for p in LLAVA_NEXT_PINPOINTS],
+                                         where) if d.get("model_type") == "llava_next" else ()),
     )
 
 
@@ -315,6 +357,15 @@ def _from_original_llava(d: dict, where: str, vision: VisionConfig | None) -> Ll
     if mm_hidden != vision.hidden_size:
         raise ValueError(f"{where}: mm_hidden_size={mm_hidden} does not match the vision tower's hidden_size="
                          f"{vision.hidden_size}")
+    aspect = d.get("image_aspect_ratio")
+    if isinstance(aspect, str) and aspect.startswith("anyres") and aspect != "anyres":
+        raise ValueError(f"{where}: image_aspect_ratio={aspect!r} is not supported (only 'anyres', 'pad')")
+    pinpoints = ()
+    if aspect == "anyres":
+        _expect(d, "mm_patch_merge_type", ("spatial_unpad",), where, default="flat")
+        # Upstream LLaVA-1.6 reads each pinpoint as (width, height) (mm_utils.select_best_resolution);
+        # transformers' llava_next as (height, width): swapped here so the grid is upstream's.
+        pinpoints = _pinpoints(d.get("image_grid_pinpoints"), where, swap=True)
     text = text_config_from_dict(d, where)
     return LlavaConfig(
         vision=vision, text=text, projector_type=projector, projector_bias=True,
@@ -323,16 +374,20 @@ def _from_original_llava(d: dict, where: str, vision: VisionConfig | None) -> Ll
         image_token_id=int(d.get("image_token_index", text.vocab_size)),
         vision_feature_layer=(int(d.get("mm_vision_select_layer", -2)),),
         vision_feature_select_strategy="default" if select == "patch" else "full",
+        image_grid_pinpoints=pinpoints,
     )
 
 
 def config_from_dict(d: dict, where: str = "config.json", *, vision: VisionConfig | None = None) -> LlavaConfig:
     """Either layout of LLaVA config dict → LlavaConfig (see module docstring)."""
-    if is_original_llava(d):
-        return _from_original_llava(d, where, vision)
-    if d.get("model_type") == "llava":
-        return _from_hf_llava(d, where)
-    raise ValueError(f"{where}: model_type={d.get('model_type')!r} is neither an HF llava config "
+    if is_original_llava(d) or d.get("model_type") in ("llava", "llava_next"):
+        try:
+            return _from_original_llava(d, where, vision) if is_original_llava(d) else _from_hf_llava(d, where)
+        except ValueError as err:  # the dataclasses' own checks do not know the file: name it
+            if str(err).startswith(where):
+                raise
+            raise ValueError(f"{where}: {err}") from None
+    raise ValueError(f"{where}: model_type={d.get('model_type')!r} is neither an HF llava / llava_next config "
                      "nor an original LLaVA config (no mm_vision_tower)")
 
 

@@ -9,6 +9,10 @@ starting with a human turn and alternating. Templates reproduce upstream LLaVA's
 - `plain` (stage 1):       `"<image>" + caption + "\\n"`; the instruction is dropped, one round only.
 - `llava_llama_2`:         `"[INST] <<SYS>>\\n<system>\\n<</SYS>>\\n\\n<image>\\nQ [/INST] A </s>"`, then
                            `"<s>[INST] Q2 [/INST] A2 </s>"` per further round.
+- `mistral_instruct` (LLaVA-1.6 Mistral): `"[INST] <image>\nQ [/INST] A </s>[INST] Q2 [/INST] A2 </s>"`.
+- `chatml_direct` (LLaVA-1.6 34B): `"<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n
+                           <image>\nQ<|im_end|><|im_start|>assistant\nA<|im_end|>..."` (no newline after
+                           `<|im_end|>`, as upstream's MPT style writes it).
 
 `<image>` is moved to the front of its human turn (`"<image>\\n" + rest`, stripped), as upstream's
 `preprocess_multimodal` does; a turn with k images gets k placeholders (upstream would keep one).
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 IMAGE_TOKEN = "<image>"
 IGNORE_INDEX = -100
 HUMAN, GPT = "human", "gpt"
-_STYLES = ("two", "single", "plain", "llama_2")
+_STYLES = ("two", "single", "plain", "llama_2", "mpt")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,7 +49,8 @@ class Template:
     """One conversation format.
 
     style: "two" (separator after human turns, `sep2` after answers), "single" (`sep` after every
-    turn), "plain" (image + answer + `sep`), "llama_2" (`[INST] ... [/INST] answer </s><s>...`).
+    turn), "plain" (image + answer + `sep`), "llama_2" (`[INST] ... [/INST] answer </s><s>...`), "mpt"
+    (ChatML: `system sep`, then `role + text + sep` per turn, the roles ending in a newline).
     stop: the string that ends an assistant answer; it is part of the labels.
     """
     name: str
@@ -85,6 +90,13 @@ TEMPLATES: dict[str, Template] = {t.name: t for t in (
                "content that the user provides, and assist the user with a variety of tasks using natural "
                "language.",
         roles=("USER", "ASSISTANT"), sep="<s>", sep2="</s>", stop="</s>"),
+    Template(   # LLaVA-1.6 Mistral-7B: llama_2 without a system prompt and without "<s>" between rounds
+        name="mistral_instruct", style="llama_2", system="", roles=("USER", "ASSISTANT"), sep="", sep2="</s>",
+        stop="</s>"),
+    Template(   # LLaVA-1.6 34B (Nous-Hermes-2-Yi): ChatML; the tokenizer must know <|im_start|>/<|im_end|>
+        name="chatml_direct", style="mpt", system="<|im_start|>system\nAnswer the questions.",
+        roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), sep="<|im_end|>", sep2="<|im_end|>",
+        stop="<|im_end|>"),
 )}
 
 
@@ -190,6 +202,15 @@ def render(template: Template, conversations, *, for_generation: bool = False) -
                 answer(f"{assistant}: ", value, end_answer)
         if for_generation:
             text += f"{assistant}:"
+    elif template.style == "mpt":
+        text = template.system + template.sep
+        for i, value in enumerate(values):
+            if i % 2 == 0:
+                text += user + value + template.sep
+            else:
+                answer(assistant, value, template.sep)
+        if for_generation:
+            text += assistant
     else:  # llama_2
         for i, value in enumerate(values):
             if i % 2 == 0:
@@ -275,8 +296,10 @@ def tokenize_conversation(tokenizer, template: Template, conversations, *, image
     rows = _rows_per_image(image_seq_len, len(images))
     enc = tokenizer(text, add_special_tokens=True, return_offsets_mapping=True)
     ids, offsets, seq_ids = enc["input_ids"], enc["offset_mapping"], enc.sequence_ids(0)
-    # Label spans: each answer + stop, extended left over the whitespace the model generates first.
-    answers = [(len(text[:s].rstrip()), e) for s, e in answers]
+    # Label spans: each answer + stop, extended left over the whitespace the model generates first
+    # (none for "mpt": its assistant role ends with the newline, which the generation prompt holds).
+    if template.style != "mpt":
+        answers = [(len(text[:s].rstrip()), e) for s, e in answers]
 
     ans_starts, img_starts = [s for s, _ in answers], [s for s, _ in images]
     input_ids: list[int] = []

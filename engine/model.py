@@ -2,6 +2,7 @@
 
 Letters: B sequences, T packed tokens (or padded length in ``forward``), D text width,
 H/Hkv query/key-value heads, Dh head dim, V vocab, N images, S rows per image, M = N·S.
+AnyRes (LLaVA-1.6): image i has K_i tower tiles and R_i rows (``cfg.image_tiles/image_rows``).
 
 A batch is packed: the tokens of all sequences concatenated (``input_ids`` [T]), described by
 ``cu_seqlens`` (int32 [B+1]), ``position_ids`` (restarting at 0 per sequence) and
@@ -23,6 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import llava_kernels
+from engine import anyres
 from engine.attention import varlen_attention
 from engine.config import LlavaConfig, TextConfig
 from engine.vision import VisionTower
@@ -265,6 +267,9 @@ class Llava(nn.Module):
         self.vision = VisionTower(config.vision)
         self.projector = Projector(config)
         self.decoder = Decoder(config.text)
+        # AnyRes (LLaVA-1.6): the row that ends every feature row of an image's tile grid; none otherwise.
+        d = config.text.hidden_size
+        self.image_newline = nn.Parameter(torch.randn(d) * d**-0.5) if config.anyres else None
 
     @property
     def head_weight(self) -> torch.Tensor:
@@ -277,37 +282,96 @@ class Llava(nn.Module):
             fuse_linears(layer.attn.q, layer.attn.k, layer.attn.v)
             fuse_linears(layer.mlp.gate, layer.mlp.up)
 
-    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N, 3, H, W] → projected image rows [N·S, D] in the decoder's dtype.
+    def encode_images(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Image tiles [ΣK, 3, S_px, S_px] → projected image rows [ΣR, D] in the decoder's dtype.
+
+        Without AnyRes K = 1 per image, R = image_seq_len and ``image_sizes`` is ignored. With it,
+        ``image_sizes`` [N, 2] gives each image's original (height, width); image i owns the next
+        K_i = cfg.image_tiles(h_i, w_i) tiles (base first, then its grid row-major) and yields
+        R_i = cfg.image_rows(h_i, w_i) rows: the base tile's rows, then the unpadded grid with
+        ``image_newline`` after every feature row (engine/anyres.py). All tiles of all images go
+        through the tower and the projector in one call each.
 
         The tower runs without autograd unless one of its weights trains, so a frozen tower
         never keeps activations.
         """
+        cfg = self.config
+        tiles = self._tiles_per_image(pixel_values, image_sizes) if cfg.anyres else None
         train_tower = torch.is_grad_enabled() and any(p.requires_grad for p in self.vision.parameters())
         with torch.set_grad_enabled(train_tower), nvtx_range("vision", self.nvtx):
-            feats = self.vision(pixel_values, self.config.vision_feature_layer,
-                                self.config.vision_feature_select_strategy)  # (N, S, Dv·layers)
+            feats = self.vision(pixel_values, cfg.vision_feature_layer,
+                                cfg.vision_feature_select_strategy)  # (ΣK, P, Dv·layers)
         with nvtx_range("projector", self.nvtx):
             rows = self.projector(feats.flatten(0, 1).to(self.projector.linear_1.weight.dtype), self.kernel_backend)
-        return rows.to(self.decoder.embed.weight.dtype)
+        rows = rows.to(self.decoder.embed.weight.dtype)                                  # (ΣK·P, D)
+        if tiles is None:
+            return rows
+        per_tile = rows.view(pixel_values.shape[0], feats.shape[1], -1)                  # (ΣK, P, D)
+        out = []
+        for (h, w), image in zip(image_sizes.tolist(), per_tile.split(tiles), strict=True):
+            out.append(anyres.pack_features(image[0], image[1:], h, w, cfg.image_grid_pinpoints,
+                                            cfg.vision.image_size, self.image_newline))  # (R_i, D)
+        return torch.cat(out)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """Packed ids [T] (+ images for the placeholders, in order) → input embeddings [T, D]."""
+    def _tiles_per_image(self, pixel_values: torch.Tensor, image_sizes: torch.Tensor | None) -> list[int]:
+        """K_i per image from ``image_sizes`` [N, 2]; ValueError unless they sum to the tiles given."""
+        if pixel_values.dim() != 4:
+            raise ValueError(f"pixel_values must be the tiles of all images concatenated, [ΣK, 3, H, W]; got "
+                             f"{tuple(pixel_values.shape)}")
+        if image_sizes is None:
+            raise ValueError("this model is AnyRes (image_grid_pinpoints): image_sizes [N, 2] of (height, width) "
+                             "per image is required with pixel_values")
+        if not isinstance(image_sizes, torch.Tensor) or image_sizes.dim() != 2 or image_sizes.shape[1] != 2 \
+                or image_sizes.dtype.is_floating_point or image_sizes.dtype == torch.bool:
+            raise ValueError(f"image_sizes must be an integer tensor [N, 2] of (height, width); got "
+                             f"{getattr(image_sizes, 'dtype', type(image_sizes).__name__)} "
+                             f"{tuple(getattr(image_sizes, 'shape', ()))}")
+        sizes = image_sizes.tolist()
+        tiles = []
+        for i, (h, w) in enumerate(sizes):
+            try:
+                tiles.append(self.config.image_tiles(h, w))
+            except ValueError as err:
+                raise ValueError(f"image_sizes[{i}]: {err}") from None
+        if sum(tiles) != pixel_values.shape[0]:
+            raise ValueError(f"image_sizes {sizes} need {sum(tiles)} tiles (per image {tiles}) but pixel_values "
+                             f"holds {pixel_values.shape[0]}")
+        return tiles
+
+    def rows_per_image(self, pixel_values: torch.Tensor | None, image_sizes: torch.Tensor | None) -> list[int]:
+        """Rows per image the placeholders must hold for these inputs (validated as ``encode_images``)."""
+        if pixel_values is None:
+            if self.config.anyres and image_sizes is not None and len(image_sizes):
+                raise ValueError(f"image_sizes lists {len(image_sizes)} images but pixel_values is None")
+            return []
+        if not self.config.anyres:
+            return [self.config.image_seq_len] * pixel_values.shape[0]
+        self._tiles_per_image(pixel_values, image_sizes)
+        return [self.config.image_rows(h, w) for h, w in image_sizes.tolist()]
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+        """Packed ids [T] (+ image tiles for the placeholders, images in order; ``image_sizes``
+        [N, 2] with AnyRes, see ``encode_images``) → input embeddings [T, D]. Image i's rows fill
+        the next R_i placeholder positions."""
         is_image = input_ids == self.config.image_token_id
         positions = is_image.nonzero().flatten()                                    # (M,)
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if positions.numel() != n_images * self.config.image_seq_len:
-            raise ValueError(f"the prompt holds {positions.numel()} image placeholder tokens "
-                             f"({positions.numel() / self.config.image_seq_len:g} images of "
-                             f"{self.config.image_seq_len} rows) but {n_images} images were given")
+        rows = self.rows_per_image(pixel_values, image_sizes)
+        if positions.numel() != sum(rows):
+            if self.config.anyres:
+                need = f"rows per image {rows} for image_sizes {image_sizes.tolist() if rows else []}"
+            else:
+                need = f"{self.config.image_seq_len} rows each"
+            raise ValueError(f"the prompt holds {positions.numel()} image placeholder tokens but {len(rows)} images "
+                             f"were given ({need}: {sum(rows)} rows)")
         w = self.decoder.embed.weight
-        rows = self.encode_images(pixel_values) if n_images else w.new_empty(0, w.shape[1])
+        feats = self.encode_images(pixel_values, image_sizes) if rows else w.new_empty(0, w.shape[1])
         with nvtx_range("scatter", self.nvtx):
-            return llava_kernels.scatter_image_tokens(input_ids, w, rows, positions, backend=self.kernel_backend)
+            return llava_kernels.scatter_image_tokens(input_ids, w, feats, positions, backend=self.kernel_backend)
 
     def forward_packed(self, input_ids: torch.Tensor, *, cu_seqlens: torch.Tensor, position_ids: torch.Tensor,
                        max_seqlen: int, pixel_values: torch.Tensor | None = None,
-                       attn: AttentionContext | None = None) -> torch.Tensor:
+                       image_sizes: torch.Tensor | None = None, attn: AttentionContext | None = None) -> torch.Tensor:
         """The training/prefill entry point: packed ids [T] → final hidden states [T, D] (no head).
 
         ``attn`` defaults to causal varlen attention over ``cu_seqlens``; the generation runtime
@@ -316,7 +380,7 @@ class Llava(nn.Module):
         if input_ids.dim() != 1 or position_ids.shape != input_ids.shape:
             raise ValueError(f"packed input_ids and position_ids must both be [T]; got {tuple(input_ids.shape)} "
                              f"and {tuple(position_ids.shape)}")
-        x = self.embed(input_ids, pixel_values)
+        x = self.embed(input_ids, pixel_values, image_sizes)
         attn = attn or PackedAttention(cu_seqlens, max_seqlen, self.attention_backend)
         with nvtx_range("decoder", self.nvtx):  # sequences from position 0: positions < max_seqlen
             return self.decoder(x, position_ids, attn, max_seqlen)
@@ -326,7 +390,7 @@ class Llava(nn.Module):
         return F.linear(hidden, self.head_weight)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
         """HF-style entry: padded ids [B, T] (left or right padding via ``attention_mask``) →
         logits [B, T, V]; rows at padding positions are zero. Sequences are packed internally,
         so padding costs nothing; positions restart at each sequence's first real token (RoPE
@@ -339,7 +403,7 @@ class Llava(nn.Module):
         lengths = mask.sum(1).tolist()
         cu, pos, max_len = pack_cu_seqlens(lengths, input_ids.device)
         hidden = self.forward_packed(input_ids[mask], cu_seqlens=cu, position_ids=pos, max_seqlen=max_len,
-                                     pixel_values=pixel_values)
+                                     pixel_values=pixel_values, image_sizes=image_sizes)
         logits = self.logits(hidden)                                                 # (T_packed, V)
         out = logits.new_zeros(*input_ids.shape, logits.shape[-1])
         out[mask] = logits

@@ -1,13 +1,14 @@
 """Checkpoint import and export: one key table per layout, safetensors (and stage-1 ``.bin``).
 
 Layouts read:
-  * HF llava directories (``config.json`` + ``model.safetensors`` or shards with
+  * HF llava / llava_next directories (``config.json`` + ``model.safetensors`` or shards with
     ``model.safetensors.index.json``), with the v4 (``language_model.model.*``) and v5
     (``model.language_model.*``) key layouts, the vision tower with or without ``vision_model``;
   * original LLaVA checkpoints (``model.layers.*`` + ``model.mm_projector.*``) and stage-1
     ``mm_projector.bin`` files (read with ``weights_only=True``);
   * a CLIP directory + a LLaMA directory composed into a fresh LLaVA (new projector).
-Layout written: HF llava (v4 key names, which transformers 4.x and 5.x both load).
+Layout written: HF llava, or llava_next for AnyRes models (v4 key names, which transformers 4.x and
+5.x both load).
 
 Tables map a source key to our parameter name; ``{}`` stands for a layer index and ``None``
 marks keys we drop on purpose. Unknown or missing keys are an error that lists them.
@@ -107,10 +108,13 @@ HF_LLAVA = {
     **_prefixed(("language_model.model.", "model.language_model."), TEXT_TABLE),
     "language_model.lm_head.weight": "decoder.lm_head.weight",
     "lm_head.weight": "decoder.lm_head.weight",
+    "image_newline": "image_newline",            # llava_next, v4 layout
+    "model.image_newline": "image_newline",      # llava_next, v5 layout
 }
 ORIGINAL_LLAVA = {
     **_prefixed(("model.",), TEXT_TABLE),
     "lm_head.weight": "decoder.lm_head.weight",
+    "model.image_newline": "image_newline",      # LLaVA-1.6 (anyres, spatial_unpad)
     **_prefixed(("model.mm_projector.",), ORIGINAL_PROJECTOR_TABLE),
     **_prefixed(("model.vision_tower.vision_tower.vision_model.",), VISION_TABLE),
 }
@@ -371,6 +375,7 @@ def to_hf_state(state: dict[str, torch.Tensor], config: LlavaConfig) -> dict[str
             if dst is not None:
                 inverse[dst] = prefix + src
     inverse["decoder.lm_head.weight"] = "language_model.lm_head.weight"
+    inverse["image_newline"] = "image_newline"      # llava_next (v4 name)
     out = {k: v.detach().contiguous() for k, v in rename(state, inverse, "export").items()}
     if config.projector_type == "linear":
         w = state["projector.linear_1.weight"]

@@ -49,7 +49,9 @@ QUESTIONS = ["What is in the image?", "How many shapes are there?", "Describe it
 ANSWERS = ["A red circle above a blue square.", "3 shapes: 2 circles and 1 star.",
            "(B) The large green hexagon; it is near the bottom-left corner.\nThat's all.", "Yes"]
 # What ends each answer in the rendered text (written out here, independently of the module).
-ANSWER_END = {"vicuna_v1": "</s>", "llava_v0": "###", "plain": "\n", "llava_llama_2": " </s>"}
+ANSWER_END = {"vicuna_v1": "</s>", "llava_v0": "###", "plain": "\n", "llava_llama_2": " </s>",
+              "mistral_instruct": " </s>", "chatml_direct": "<|im_end|>"}
+CHATML = ["<|im_start|>", "<|im_end|>"]   # special tokens of chatml_direct's tokenizers (Yi's)
 S = 5          # image_seq_len: rows per image
 
 
@@ -68,7 +70,7 @@ def _sp_tokenizer(corpus, *, image_special=True):
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
     tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                      decoders.Strip(" ", 1, 0)])
-    specials = ["<unk>", "<s>", "</s>"] + (["<image>"] if image_special else [])
+    specials = ["<unk>", "<s>", "</s>"] + (["<image>"] + CHATML if image_special else [])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
@@ -78,6 +80,7 @@ def _sp_tokenizer(corpus, *, image_special=True):
 @pytest.fixture(scope="module")
 def tokenizers_(tmp_path_factory):
     tiny = AutoTokenizer.from_pretrained(build_tiny_tokenizer(str(tmp_path_factory.mktemp("tiny"))))
+    tiny.add_special_tokens({"additional_special_tokens": CHATML})
     sp = _sp_tokenizer(default_corpus(2000, seed=1))
     assert tiny.is_fast and sp.is_fast
     # The two really differ at the boundaries the labels depend on.
@@ -120,11 +123,23 @@ def test_exact_strings():
                       "a sofa. </s><s>[INST] What color is it? [/INST] It is orange. </s>")
     r = render(get_template("vicuna_v1"), TWO_TURNS)
     assert [r.text[s:e] for s, e in r.answer_spans] == ["A cat on a sofa.</s>", "It is orange.</s>"]
+    # upstream conv_mistral_instruct (LLaVA-1.6): llama_2 style, no system, sep "" between rounds
+    assert render(get_template("mistral_instruct"), TWO_TURNS).text == (
+        "[INST] <image>\nWhat is in the image? [/INST] A cat on a sofa. </s>[INST] What color is it? [/INST] It is "
+        "orange. </s>")
+    # upstream conv_chatml_direct (LLaVA-1.6 34B): MPT style, no newline after <|im_end|>
+    assert render(get_template("chatml_direct"), TWO_TURNS).text == (
+        "<|im_start|>system\nAnswer the questions.<|im_end|><|im_start|>user\n<image>\nWhat is in the image?"
+        "<|im_end|><|im_start|>assistant\nA cat on a sofa.<|im_end|><|im_start|>user\nWhat color is it?<|im_end|>"
+        "<|im_start|>assistant\nIt is orange.<|im_end|>")
 
 
 @pytest.mark.parametrize("name,ending", [("vicuna_v1", "USER: What color is it? ASSISTANT:"),
                                          ("llava_v0", "###Human: What color is it?###Assistant:"),
-                                         ("llava_llama_2", "</s><s>[INST] What color is it? [/INST]")])
+                                         ("llava_llama_2", "</s><s>[INST] What color is it? [/INST]"),
+                                         ("mistral_instruct", "</s>[INST] What color is it? [/INST]"),
+                                         ("chatml_direct", "<|im_start|>user\nWhat color is it?<|im_end|>"
+                                                           "<|im_start|>assistant\n")])
 def test_generation_prompt_ends_with_assistant_prefix(name, ending):
     r = render(get_template(name), TWO_TURNS[:3], for_generation=True)
     assert r.text.endswith(ending)
@@ -173,6 +188,11 @@ def test_labels_are_exactly_the_answers(tokenizers_, tok_name, name, rounds, ima
         target = ANSWERS[r] + ANSWER_END[name]
         if name == "plain" and n_img:     # the caption follows the <image> special token directly
             expected = tok("<image>" + target, add_special_tokens=False).input_ids[1:]
+        elif template.style == "mpt":     # the answer follows the assistant role's newline: no word start
+            role = tok(template.roles[1], add_special_tokens=False).input_ids
+            both = tok(template.roles[1] + target, add_special_tokens=False).input_ids
+            assert both[:len(role)] == role
+            expected = both[len(role):]
         else:                             # the answer follows a space: it starts a word
             expected = tok(target, add_special_tokens=False).input_ids
         assert ids[a:b] == expected, (tok.convert_ids_to_tokens(ids[a:b]), rendered)
@@ -195,7 +215,9 @@ def _masked_text(template, conv):
         text += r.text[last:s]
         last = e
     text += r.text[last:]
-    return text.replace("<image>", "").replace("</s>", "").replace("<s>", "").replace(" ", "")
+    for special in ["<image>", "</s>", "<s>", *CHATML, " "]:
+        text = text.replace(special, "")
+    return text
 
 
 def test_multiple_images_in_a_turn_and_generation(tokenizers_):
