@@ -11,7 +11,7 @@ import random
 
 import pytest
 import torch
-from helpers import IMAGE_SIZE, MULTI_IMAGE, TEXT_ONLY, load_tiny, write_bad_data, write_multi_image_data
+from helpers import IMAGE_SIZE, MULTI_IMAGE, SPEC, TEXT_ONLY, load_tiny, write_bad_data, write_multi_image_data
 from PIL import Image
 
 import engine
@@ -41,7 +41,7 @@ def test_mixed_data_loads_cleanly(assets, samples):
 
 def test_collate_packs_without_padding(samples):
     chosen = [samples[0], samples[-1], samples[1]]          # image, text-only, image
-    mb = collate(chosen, image_size=IMAGE_SIZE)
+    mb = collate(chosen, spec=SPEC)
     lengths = [s.length for s in chosen]
     assert mb.input_ids.tolist() == sum((s.input_ids for s in chosen), [])
     assert mb.cu_seqlens.dtype == torch.int32
@@ -99,8 +99,8 @@ def test_plan_steps_groups_by_modality_and_is_deterministic():
 def test_step_dataset_ranks_split_each_step(samples):
     plan = plan_steps(samples, global_batch=3, seed=0, epoch=0)
     budget = max(s.length for s in samples) + 10                     # two short samples fit together
-    single = StepDataset(samples, plan, max_tokens=budget, image_size=IMAGE_SIZE)
-    ranks = [StepDataset(samples, plan, max_tokens=budget, image_size=IMAGE_SIZE, rank=r, world=2)
+    single = StepDataset(samples, plan, max_tokens=budget, spec=SPEC)
+    ranks = [StepDataset(samples, plan, max_tokens=budget, spec=SPEC, rank=r, world=2)
              for r in (0, 1)]
     padded = {True: 0, False: 0}                                      # by modality
     for k, step in enumerate(plan):
@@ -119,7 +119,7 @@ def test_step_dataset_ranks_split_each_step(samples):
         assert all(int(mb.cu_seqlens[-1]) <= budget or len(mb.ids) == 1 for mb in whole)
     assert padded[True] and padded[False], f"needs padded steps of both modalities, got {padded}"
     # Resuming at step k: the dataset that starts at k yields exactly what the full one yields at k.
-    later = StepDataset(samples, plan, max_tokens=budget, image_size=IMAGE_SIZE, first_step=3)
+    later = StepDataset(samples, plan, max_tokens=budget, spec=SPEC, first_step=3)
     assert len(later) == len(plan) - 3
     (k0, a), (k1, b) = later[0], single[3]
     assert k0 == k1 == 3 and [m.ids for m in a] == [m.ids for m in b]
@@ -209,7 +209,7 @@ def test_collate_puts_every_image_of_a_micro_batch_in_placeholder_order(assets, 
     land exactly on its run of placeholders."""
     _, samples = multi
     chosen = [samples[2], samples[-1], samples[1], samples[4]]           # 3 images, text, 2 images, 1 image
-    mb = collate(chosen, image_size=IMAGE_SIZE)
+    mb = collate(chosen, spec=SPEC)
     paths = [p for s in chosen for p in s.images]
     assert mb.pixel_values.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE) and mb.image_sizes.shape == (6, 2)
     for k, p in enumerate(paths):
@@ -241,7 +241,7 @@ def test_truncation_keeps_whole_images_only(assets, multi):
     got = {s.id: s for s in kept}["multi-rounds"]
     assert "multi-rounds" in report.truncated and got.images == full.images[:1]
     assert got.input_ids == full.input_ids[:b2] and got.labels == full.labels[:b2]
-    mb = collate([got], image_size=IMAGE_SIZE)
+    mb = collate([got], spec=SPEC)
     assert mb.pixel_values.shape[0] == 1
     kept, report = load_tiny(assets, path, max_length=b2 + 1, truncate=True)   # one row of image 2
     assert "multi-rounds" in report.too_long and "multi-rounds" not in {s.id for s in kept}
@@ -331,5 +331,5 @@ def test_image_that_fails_to_decode_names_record_and_file(assets, tmp_path, samp
         assert img.size == (IMAGE_SIZE, IMAGE_SIZE)                 # the header is intact
     bad = Sample(victim.id, victim.input_ids, victim.labels, (broken,))
     with pytest.raises(BadRecord) as e:
-        collate([samples[1], bad], image_size=IMAGE_SIZE)
+        collate([samples[1], bad], spec=SPEC)
     assert victim.id in str(e.value) and broken in str(e.value)

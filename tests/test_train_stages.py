@@ -25,7 +25,7 @@ import time
 import pytest
 import torch
 import torch.distributed.checkpoint as dcp
-from helpers import ENV, IMAGE_SIZE, REPO, load_tiny, metrics, ok, rel_err, weights, write_bad_data
+from helpers import ENV, REPO, SPEC, load_tiny, metrics, ok, rel_err, weights, write_bad_data
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
 import engine
@@ -130,7 +130,7 @@ def test_stage1_then_stage2_cli(assets, tmp_path):
     tok = AutoTokenizer.from_pretrained(f"{s2}/final")
     assert tok.convert_tokens_to_ids("<image>") == assets.image_token_id
     sample = load_tiny(assets, assets.image_data)[0][0]
-    mb = collate([sample], image_size=IMAGE_SIZE)
+    mb = collate([sample], spec=SPEC)
     with torch.no_grad():
         got = ours(mb.input_ids[None], mb.pixel_values)
         ref = hf(input_ids=mb.input_ids[None], pixel_values=mb.pixel_values).logits

@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 
 from engine.conversation import IGNORE_INDEX, IMAGE_TOKEN, get_template, tokenize_conversation
-from engine.image import preprocess
+from engine.image import ImageSpec
 from engine.model import pack_cu_seqlens
 
 
@@ -253,7 +253,7 @@ class MicroBatch:
     cu_seqlens: torch.Tensor     # (B+1,) int32
     position_ids: torch.Tensor   # (T,) int64
     max_seqlen: int
-    pixel_values: torch.Tensor | None  # (N, 3, H, W): every image of every sample, in placeholder order
+    pixel_values: torch.Tensor | None  # (ΣK, 3, S, S): every tile of every image of every sample, in order
     ids: list[str]
     image_sizes: torch.Tensor | None = None   # (N, 2) int64: each image's original (height, width)
 
@@ -281,9 +281,11 @@ def shifted_targets(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE_INDEX]
 
 
-def collate(samples: list[Sample], *, image_size: int, image_mode: str = "pad") -> MicroBatch:
-    """Pack samples (decoding their images) into one MicroBatch: the images of all samples, in
-    order, are one pixel tensor, so the vision tower encodes them in one call."""
+def collate(samples: list[Sample], *, spec: ImageSpec) -> MicroBatch:
+    """Pack samples (decoding their images) into one MicroBatch: every tile of every image of all the
+    samples, in order, is one pixel tensor [ΣK, 3, S, S] (``spec.preprocess_image``: K = 1 per image, or
+    AnyRes's base + grid tiles), so the vision tower encodes them in one call; ``image_sizes`` [N, 2]
+    holds each image's original (height, width), from which the model finds its tiles and rows."""
     ids, targets, pixels, sizes = [], [], [], []
     for s in samples:
         ids += s.input_ids
@@ -292,21 +294,21 @@ def collate(samples: list[Sample], *, image_size: int, image_mode: str = "pad") 
             try:
                 with Image.open(path) as img:
                     sizes.append((img.height, img.width))
-                    pixels.append(preprocess(img.convert("RGB"), size=image_size, mode=image_mode))
+                    pixels.append(spec.preprocess_image(img))          # (K, 3, S, S)
             except (OSError, ValueError) as e:
                 raise BadRecord(f"record {s.id}: cannot read image {path} ({e})") from e
     cu, pos, max_len = pack_cu_seqlens([s.length for s in samples])
     return MicroBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(targets, dtype=torch.long), cu, pos,
-                      max_len, torch.stack(pixels) if pixels else None, [s.id for s in samples],
+                      max_len, torch.cat(pixels) if pixels else None, [s.id for s in samples],
                       torch.tensor(sizes, dtype=torch.long) if sizes else None)
 
 
-def padding_micro_batch(sample: Sample, *, image_size: int, image_mode: str = "pad") -> MicroBatch:
+def padding_micro_batch(sample: Sample, *, spec: ImageSpec) -> MicroBatch:
     """``sample`` with no target and no id: keeps ranks' collective calls in step when one rank
     has fewer micro-batches than another; it contributes nothing to loss or gradients. A real
     sample of the step (not a one-token stub) so the rank runs the same modules as the others:
     FSDP reduce-scatters only parameters that received a gradient (the projector needs an image)."""
-    mb = collate([sample], image_size=image_size, image_mode=image_mode)
+    mb = collate([sample], spec=spec)
     return replace(mb, targets=torch.full_like(mb.targets, IGNORE_INDEX), ids=[])
 
 
@@ -314,11 +316,9 @@ class StepDataset(torch.utils.data.Dataset):
     """Item k = the micro-batches of optimizer step ``first_step + k`` for this rank, collated in a
     DataLoader worker (image decoding off the training thread)."""
 
-    def __init__(self, samples, steps, *, max_tokens, image_size, rank=0, world=1, first_step=0,
-                 image_mode="pad"):
+    def __init__(self, samples, steps, *, max_tokens, spec: ImageSpec, rank=0, world=1, first_step=0):
         self.samples, self.steps, self.first = samples, steps, first_step
-        self.max_tokens, self.image_size, self.rank, self.world = max_tokens, image_size, rank, world
-        self.image_mode = image_mode
+        self.max_tokens, self.spec, self.rank, self.world = max_tokens, spec, rank, world
 
     def __len__(self):
         return len(self.steps) - self.first
@@ -335,11 +335,9 @@ class StepDataset(torch.utils.data.Dataset):
         groups = per_rank[self.rank]
         # Every rank runs as many micro-batches as the busiest one (collectives stay matched).
         most = max(map(len, per_rank))
-        mbs = [collate([self.samples[i] for i in g], image_size=self.image_size, image_mode=self.image_mode)
-               for g in groups]
+        mbs = [collate([self.samples[i] for i in g], spec=self.spec) for g in groups]
         if len(mbs) < most:   # steps are single-modality, so the step's first sample matches the others
-            pad = padding_micro_batch(self.samples[self.steps[step][0]], image_size=self.image_size,
-                                      image_mode=self.image_mode)
+            pad = padding_micro_batch(self.samples[self.steps[step][0]], spec=self.spec)
             mbs += [pad] * (most - len(mbs))
         return step, mbs
 

@@ -176,9 +176,11 @@ def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[e
 
 
 def freeze_for_stage(model: engine.Llava, stage: int) -> None:
-    """Stage 1: only the projector trains. Stage 2: projector + LLM; the vision tower never does."""
+    """Stage 1: only the connector trains. Stage 2: connector + LLM; the vision tower never does.
+    The connector is the projector and, with AnyRes, the ``image_newline`` row (upstream LLaVA-NeXT's
+    stage 2 trains it with everything outside the tower)."""
     for name, p in model.named_parameters():
-        if name.startswith("projector."):
+        if name.startswith("projector.") or name == "image_newline":
             p.requires_grad_(True)
         elif name.startswith("decoder."):
             p.requires_grad_(stage == 2)
