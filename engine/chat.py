@@ -10,7 +10,11 @@ message first (it replaces the template's system text), then user and assistant 
 alternating, ending on a user turn. ``<image>`` in a user message marks where an image goes;
 with no marker at all, the images go to the start of the first user message (LLaVA's habit).
 
-CLI: ``python -m engine.chat --model DIR [--image FILE] "question"``.
+Several images: one ``<image>`` marker per image, in order (a marker without its image, or an image
+without its marker when others have one, is a ValueError). With AnyRes each image expands to its own
+number of rows (``LlavaConfig.image_rows`` of its size) and tiles.
+
+CLI: ``python -m engine.chat --model DIR [--image FILE ...] "question"`` (``--image`` repeats).
 """
 from __future__ import annotations
 
@@ -59,8 +63,10 @@ def to_conversation(messages) -> tuple[str | None, list[dict]]:
 
 
 def encode_chat(tokenizer, template: Template, messages, images: list, model: Llava,
-                image_spec: ImageSpec | None = None) -> tuple[list[int], torch.Tensor | None]:
-    """Prompt token ids (placeholders expanded) and pixels [N, 3, H, W] (or None) for a chat.
+                image_spec: ImageSpec | None = None) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    """Prompt token ids (each image's placeholders expanded to its ``cfg.image_rows(h, w)`` rows), the
+    pixels of all images' tiles [ΣK, 3, S, S] and their sizes [N, 2] (height, width) — None, None
+    without images — ready for ``engine.generate(images=, image_sizes=)``.
 
     ``images``: PIL images in the order of their ``<image>`` markers. ValueError when the markers
     and images disagree, or the conversation is malformed (see engine/conversation.py).
@@ -76,11 +82,17 @@ def encode_chat(tokenizer, template: Template, messages, images: list, model: Ll
         raise ValueError(f"the messages mark {marks} {IMAGE_TOKEN} placeholders but {len(images)} images "
                          "were given")
     cfg = model.config
-    ids = generation_prompt(tokenizer, template, turns, image_token_id=cfg.image_token_id,
-                            image_seq_len=cfg.image_seq_len)
-    spec = image_spec or ImageSpec.from_vision_config(cfg.vision)
-    pixels = spec.preprocess_batch(images) if images else None
-    return ids, pixels
+    spec = image_spec or ImageSpec.from_config(cfg)
+    if spec.pinpoints != cfg.image_grid_pinpoints:
+        raise ValueError(f"the image preprocessing's pinpoints {spec.pinpoints} differ from the model's "
+                         f"image_grid_pinpoints {cfg.image_grid_pinpoints}")
+    rows = [cfg.image_rows(im.height, im.width) for im in images]
+    ids = generation_prompt(tokenizer, template, turns, image_token_id=cfg.image_token_id, image_seq_len=rows)
+    if not images:
+        return ids, None, None
+    pixels = torch.cat([spec.preprocess_image(im) for im in images])
+    sizes = torch.tensor([[im.height, im.width] for im in images], dtype=torch.long)
+    return ids, pixels, sizes
 
 
 def stop_token_ids(tokenizer, model: Llava) -> list[int]:
@@ -155,10 +167,10 @@ def chat(model: Llava, messages, images: list | None = None, *, tokenizer,
     """
     template = get_template(template) if isinstance(template, str) else template
     images = list(images or [])
-    ids, pixels = encode_chat(tokenizer, template, messages, images, model, image_spec)
+    ids, pixels, sizes = encode_chat(tokenizer, template, messages, images, model, image_spec)
     decoder = TextDecoder(tokenizer, stop_strings(template))
-    events = generate(model, [ids], images=pixels, max_new_tokens=max_new_tokens, temperature=temperature,
-                      top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
+    events = generate(model, [ids], images=pixels, image_sizes=sizes, max_new_tokens=max_new_tokens,
+                      temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty,
                       stop_token_ids=stop_token_ids(tokenizer, model), seed=seed, stream=True,
                       runtime=runtime)
     with contextlib.closing(events):
@@ -189,16 +201,21 @@ def load_tokenizer(path: str):
 
 
 def image_spec_for(path: str, model: Llava) -> ImageSpec:
-    """The checkpoint's preprocessor_config.json when present, else the tower's image size."""
+    """The checkpoint's preprocessor_config.json when present (its pinpoints, else the model's), else the
+    tower's image size and the model's pinpoints."""
     if os.path.isfile(os.path.join(path, "preprocessor_config.json")):
-        return ImageSpec.from_hf_dir(path)
-    return ImageSpec.from_vision_config(model.config.vision)
+        spec = ImageSpec.from_hf_dir(path)
+        if not spec.pinpoints and model.config.anyres:
+            spec = dataclasses.replace(spec, pinpoints=model.config.image_grid_pinpoints)
+        return spec
+    return ImageSpec.from_config(model.config)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m engine.chat",
                                 description="Ask a LLaVA checkpoint one question.")
-    p.add_argument("question", help="the user message (an image, if given, goes before it)")
+    p.add_argument("question", help="the user message: one <image> marker per --image "
+                   "where each goes, or none (the images then go before it)")
     p.add_argument("--model", required=True, help="checkpoint directory (HF llava layout with a tokenizer)")
     p.add_argument("--image", action="append", default=[], help="image file (repeat for several)")
     p.add_argument("--template", default="vicuna_v1")

@@ -23,8 +23,13 @@ Token ids in, token ids out (no tokenizer here). One ``Runtime.step()`` is one f
   host sync per step brings back the new tokens for the stop check. Finished sequences release
   their slot and blocks at once; waiting requests join at the next step (continuous batching).
 
+Images (engine.image_spans): a prompt holds any number; image i is ``image_sizes[i]`` (height,
+width), takes the next ``cfg.image_rows(h, w)`` placeholder ids (one unbroken run) and the next
+``cfg.image_tiles(h, w)`` tiles of ``pixel_values`` [ΣK, 3, S, S] (AnyRes: rows and tiles vary per
+image; without AnyRes and without sizes, ``image_seq_len`` rows and one tile each).
+
 Prefix reuse (``RuntimeConfig.prefix_caching``, on by default): a prompt whose first full
-cache blocks hold exactly the tokens and images of an earlier prompt's (the same system prompt,
+cache blocks hold exactly the tokens and images (tiles and size) of an earlier prompt's (the same system prompt,
 the earlier turns of a chat with the same image) shares those blocks and prefills only the
 rest, attending to the shared K/V (``PrefixPrefillAttention``); images wholly inside the shared
 part skip the vision tower. Requests prefilled together share too: a burst of requests with one
@@ -53,8 +58,9 @@ from typing import NamedTuple
 import torch
 
 from engine.graphs import DecodeGraphs, GraphCaptureError
+from engine.image_spans import check_sizes, image_spans, split_per_prompt
 from engine.kv_attention import DecodeAttention, MixedAttention, PrefillAttention, PrefixPrefillAttention
-from engine.kv_cache import ImageSpan, PagedKVCache, block_keys, image_digest
+from engine.kv_cache import ImageSpan, PagedKVCache, block_keys
 from engine.model import Llava, pack_cu_seqlens
 from engine.sampling import SamplingParams, sample_tokens
 
@@ -101,8 +107,9 @@ class Request:
     """A sequence inside a runtime. ``tokens`` grows as it decodes; ``finish_reason`` is set at the end
     ("stop", "length", "cancelled" or "error" with ``error`` holding the message)."""
     prompt: list[int]
-    pixel_values: torch.Tensor | None
+    pixel_values: torch.Tensor | None     # [ΣK, 3, S, S]: every tile of every image of the prompt, in order
     params: SamplingParams
+    image_sizes: torch.Tensor | None = None  # [N, 2] (height, width) per image, when given
     keep_logits: bool = False
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
@@ -113,7 +120,7 @@ class Request:
     cached: int = 0                   # tokens whose K/V are in the cache
     limit: int = 0                    # most new tokens (max_new_tokens capped by the context length)
     reused: int = 0                   # leading prompt tokens whose K/V came from a shared prefix
-    spans: list[ImageSpan] | None = None  # the prompt's images (digests with prefix caching only)
+    spans: list[ImageSpan] = field(default_factory=list)  # the prompt's images (digests with prefix caching)
     keys: list[bytes] | None = None       # prefix keys of the sequence's full blocks so far
     registered: int = 0               # leading blocks offered for reuse so far
     arrival: int = 0                  # submission order: the scheduler's priority (older first)
@@ -208,9 +215,13 @@ class Runtime:
     # ---- requests -------------------------------------------------------------------------------------
 
     def submit(self, prompt: list[int], *, pixel_values: torch.Tensor | None = None,
-               params: SamplingParams | None = None, keep_logits: bool = False) -> Request:
-        """Queue one prompt (image placeholders expanded) with its images [N, 3, H, W] (N = placeholder
-        runs, in order). ValueError when the prompt, the images or the lengths are invalid."""
+               image_sizes: torch.Tensor | None = None, params: SamplingParams | None = None,
+               keep_logits: bool = False) -> Request:
+        """Queue one prompt (image placeholders expanded) with its images: ``pixel_values`` [ΣK, 3, S, S],
+        all tiles of all images in placeholder order, and ``image_sizes`` [N, 2] (height, width) per image
+        (required by an AnyRes model; without it every image is one tile of ``image_seq_len`` rows).
+        Image i takes the next ``cfg.image_rows(h_i, w_i)`` placeholders, one unbroken run. ValueError
+        when the prompt, the images or the lengths are invalid (an image that cannot fit is named)."""
         params = params or SamplingParams()
         cfg = self.mcfg
         if not isinstance(prompt, (list, tuple)) or not prompt:
@@ -219,18 +230,23 @@ class Runtime:
         if not all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
             bad = next(t for t in prompt if not (isinstance(t, int) and 0 <= t < vocab))
             raise ValueError(f"prompt token {bad!r} is not an int in [0, {vocab})")
-        if len(prompt) >= self.max_seq_len:
-            raise ValueError(f"prompt of {len(prompt)} tokens leaves no room to generate within the "
-                             f"context length {self.max_seq_len}")
-        n_rows = sum(t == cfg.image_token_id for t in prompt)
-        n_images = 0 if pixel_values is None else pixel_values.shape[0]
-        if n_rows != n_images * cfg.image_seq_len:
-            raise ValueError(f"prompt has {n_rows} image placeholder tokens but {n_images} images of "
-                             f"{cfg.image_seq_len} rows were given")
         size = cfg.vision.image_size
-        if n_images and tuple(pixel_values.shape[1:]) != (cfg.vision.num_channels, size, size):
+        if pixel_values is not None and (pixel_values.dim() != 4 or tuple(pixel_values.shape[1:]) != (
+                cfg.vision.num_channels, size, size)):
             raise ValueError(f"pixel_values must be [N, {cfg.vision.num_channels}, {size}, {size}]; got "
                              f"{tuple(pixel_values.shape)}")
+        n_px = 0 if pixel_values is None else pixel_values.shape[0]
+        sizes = check_sizes(cfg, image_sizes, n_px, "submit")
+        spans = image_spans(cfg, list(prompt), pixel_values, sizes, digests=self.config.prefix_caching)
+        for j, im in enumerate(spans):
+            if im.end - im.start >= self.max_seq_len:
+                of = f" of {im.size[0]}x{im.size[1]} pixels" if im.size else ""
+                raise ValueError(f"image {j}{of} expands to {im.end - im.start} placeholder rows; the context "
+                                 f"length is {self.max_seq_len}")
+        if len(prompt) >= self.max_seq_len:
+            rows = f" ({sum(im.end - im.start for im in spans)} of them rows of {len(spans)} images)" if spans else ""
+            raise ValueError(f"prompt of {len(prompt)} tokens{rows} leaves no room to generate within the "
+                             f"context length {self.max_seq_len}")
         if params.seed is None:
             params = dataclasses.replace(params, seed=int(torch.randint(0, 2**31 - 1, ()).item()))
         limit = min(params.max_new_tokens, self.max_seq_len - len(prompt))
@@ -239,8 +255,9 @@ class Runtime:
         if need > self.cache.num_blocks - 1:
             raise ValueError(f"prompt of {len(prompt)} tokens + {limit} new tokens needs {need} KV-cache "
                              f"blocks; the cache has {self.cache.num_blocks - 1}")
-        req = Request(prompt=list(prompt), pixel_values=pixel_values if n_images else None, params=params,
-                      keep_logits=keep_logits, limit=limit, arrival=self._arrivals)
+        req = Request(prompt=list(prompt), pixel_values=pixel_values if spans else None, params=params,
+                      image_sizes=torch.tensor(sizes, dtype=torch.long) if spans and sizes else None,
+                      keep_logits=keep_logits, limit=limit, arrival=self._arrivals, spans=spans)
         self._arrivals += 1
         self.waiting.append(req)
         return req
@@ -429,13 +446,7 @@ class Runtime:
         self.penalty[s], self.seeds[s] = p.repetition_penalty, p.seed
 
     def _spans(self, r: Request) -> list[ImageSpan]:
-        """The prompt's images: placeholder rows and (for prefix keys) a digest of the pixels."""
-        if r.spans is None:
-            s = self.mcfg.image_seq_len
-            rows = [i for i, t in enumerate(r.prompt) if t == self.mcfg.image_token_id]
-            digest = image_digest if self.config.prefix_caching else (lambda px: b"")
-            r.spans = [ImageSpan(rows[j * s], rows[j * s + s - 1] + 1, digest(r.pixel_values[j]))
-                       for j in range(len(rows) // s)]
+        """The prompt's images: placeholder rows, tiles and (for prefix keys) a digest (set by ``submit``)."""
         return r.spans
 
     # ---- prefix reuse ---------------------------------------------------------------------------------
@@ -491,7 +502,7 @@ class Runtime:
         pre = [(r, n) for r, n in work if not r.decoding]
         nd = len(dec)
         ids, pos, plain = [], [], []       # plain: rows embedded as text (decode rows, generated tokens)
-        prompt_rows, images = [], []
+        prompt_rows, images, sizes = [], [], []
         for r in dec:
             plain.append(len(ids))
             ids.append(r.tokens[-1])
@@ -504,7 +515,10 @@ class Runtime:
                 (prompt_rows if j < p else plain).append(len(ids) + j - c)
             ids += seq
             pos += range(c, e)
-            images += [r.pixel_values[j] for j, im in enumerate(self._spans(r)) if c <= im.start < e]
+            for im in r.spans:  # the images whose rows this chunk holds (a chunk never splits one)
+                if c <= im.start < e:
+                    images.append(r.pixel_values[im.first_tile:im.end_tile])
+                    sizes.append(im.size)
             q_lens.append(n)
             k_lens.append(e)
             slot_mapping += self.cache.slots(r.blocks, c, e)
@@ -515,8 +529,9 @@ class Runtime:
         x = model.decoder.embed.weight.new_empty(len(ids), d)                               # (T, D)
         if prompt_rows:
             at = torch.tensor(prompt_rows, device=dev)
-            pixels = torch.stack(images).to(dev) if images else None  # the tower casts to its own dtype
-            x[at] = model.embed(ids_t[at], pixels)
+            pixels = torch.cat(images).to(dev) if images else None  # the tower casts to its own dtype
+            known = images and all(sz is not None for sz in sizes)  # required with AnyRes (submit checks)
+            x[at] = model.embed(ids_t[at], pixels, torch.tensor(sizes, device=dev) if known else None)
         if plain:
             at = torch.tensor(plain, device=dev)
             x[at] = model.decoder.embed(ids_t[at])
@@ -632,38 +647,24 @@ def default_runtime(model: Llava) -> Runtime:
     return rt
 
 
-def split_images(model: Llava, prompts: list[list[int]],
-                 images: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Cut ``images`` [N, 3, H, W] into each prompt's images, by its count of placeholder runs."""
-    cfg = model.config
-    if images is not None and images.dim() != 4:
-        raise ValueError(f"images must be a [N, 3, H, W] tensor; got shape {tuple(images.shape)}")
-    counts = []
-    for i, p in enumerate(prompts):
-        rows = sum(t == cfg.image_token_id for t in p)
-        if rows % cfg.image_seq_len:
-            raise ValueError(f"prompt {i} has {rows} image placeholder tokens, not a multiple of "
-                             f"image_seq_len={cfg.image_seq_len}")
-        counts.append(rows // cfg.image_seq_len)
-    total = 0 if images is None else images.shape[0]
-    if sum(counts) != total:
-        raise ValueError(f"the prompts hold {sum(counts)} images' placeholders but {total} images were given")
-    out, at = [], 0
-    for n in counts:
-        out.append(images[at:at + n] if n else None)
-        at += n
-    return out
+def split_images(model: Llava, prompts: list[list[int]], images: torch.Tensor | None,
+                 image_sizes: torch.Tensor | None = None) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """Cut ``images`` [ΣK, 3, S, S] and ``image_sizes`` [N, 2] into each prompt's (pixels, sizes): a
+    prompt takes the next images until their rows (``cfg.image_rows``) cover its placeholders."""
+    return split_per_prompt(model.config, prompts, images, image_sizes)
 
 
 def generate(model: Llava, prompts: list[list[int]], *, images: torch.Tensor | None = None,
+             image_sizes: torch.Tensor | None = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              repetition_penalty: float = 1.0, stop_token_ids: list[int] | None = None,
              seed: int | None = None, stream: bool = False, output_logits: bool = False,
              runtime: Runtime | None = None):
     """Generate continuations of token-id prompts.
 
-    prompts: token-id lists (ragged; image placeholders expanded to image_seq_len ids each);
-    images: [N, 3, H, W] pixels for all placeholder runs of all prompts, in order (or None);
+    prompts: token-id lists (ragged; each image's placeholders expanded to its rows, ``cfg.image_rows``);
+    images: [ΣK, 3, S, S] the tiles of all images of all prompts, in order (or None);
+    image_sizes: [N, 2] (height, width) of each image (required for AnyRes; optional otherwise);
     stop_token_ids: None = the checkpoint's EOS; [] = never stop early. Prompt i samples with
     seed ``seed + i`` (so its output does not depend on the rest of the batch).
     Returns a list of ``GenerationOutput`` (``.tokens`` new tokens, stop token excluded;
@@ -673,7 +674,7 @@ def generate(model: Llava, prompts: list[list[int]], *, images: torch.Tensor | N
     """
     if not isinstance(prompts, (list, tuple)) or not prompts:
         raise ValueError("prompts must be a non-empty list of token-id lists")
-    per_prompt = split_images(model, prompts, images)
+    per_prompt = split_images(model, prompts, images, image_sizes)
     if stop_token_ids is None:
         eos = model.config.text.eos_token_id
         stop_token_ids = [] if eos is None else [eos]
@@ -682,13 +683,14 @@ def generate(model: Llava, prompts: list[list[int]], *, images: torch.Tensor | N
         raise RuntimeError("the runtime is busy (an earlier streaming generate was not exhausted or closed)")
     reqs = []
     try:
-        for i, (p, pix) in enumerate(zip(prompts, per_prompt, strict=True)):
+        for i, (p, (pix, sizes)) in enumerate(zip(prompts, per_prompt, strict=True)):
             params = SamplingParams(max_new_tokens=max_new_tokens, temperature=float(temperature),
                                     top_p=float(top_p), top_k=int(top_k),
                                     repetition_penalty=float(repetition_penalty),
                                     stop_token_ids=tuple(int(t) for t in stop_token_ids),
                                     seed=None if seed is None else seed + i)
-            reqs.append(rt.submit(list(p), pixel_values=pix, params=params, keep_logits=output_logits))
+            reqs.append(rt.submit(list(p), pixel_values=pix, image_sizes=sizes, params=params,
+                                  keep_logits=output_logits))
     except BaseException:
         for r in reqs:
             rt.cancel(r)

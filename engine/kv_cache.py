@@ -164,16 +164,22 @@ class PagedKVCache:
 
 
 class ImageSpan(NamedTuple):
-    """The placeholder rows [start, end) of one image in a prompt, and a digest of its pixels."""
+    """One image of a prompt: its placeholder rows [start, end), a digest of its pixels (and size), its
+    tiles [first_tile, end_tile) in the prompt's pixel_values, and its original (height, width) (None
+    when the caller gave no sizes)."""
     start: int
     end: int
     digest: bytes
+    first_tile: int = 0
+    end_tile: int = 1
+    size: tuple[int, int] | None = None
 
 
-def image_digest(pixels: torch.Tensor) -> bytes:
-    """A content digest of one image's pixels [3, H, W] (dtype and shape included)."""
+def image_digest(pixels: torch.Tensor, size: tuple[int, int] | None = None) -> bytes:
+    """A content digest of one image: its pixels (one tile [3, H, W] or its tiles [K, 3, H, W]; dtype
+    and shape included) and its original size (two AnyRes images can share tiles, not rows)."""
     raw = pixels.detach().contiguous().cpu().flatten().view(torch.uint8).numpy().tobytes()
-    return hashlib.sha256(f"{pixels.dtype}{tuple(pixels.shape)}".encode() + raw).digest()
+    return hashlib.sha256(f"{pixels.dtype}{tuple(pixels.shape)}{size}".encode() + raw).digest()
 
 
 def block_keys(tokens: list[int], block_size: int, images: list[ImageSpan], start: int, end: int,

@@ -7,7 +7,11 @@ Endpoints: ``POST /v1/chat/completions`` (``stream: true`` answers with server-s
 (also the KV-cache block counts: a quiet server has every block free). Message content is a
 string or a list of parts ``{"type": "text", "text"}`` / ``{"type": "image_url", "image_url":
 {"url"}}`` where the URL is a base64 ``data:`` URL or a local file (``file://`` or a plain path;
-under ``--image-root`` when one is set). Nothing is fetched from the network. Supported request
+under ``--image-root`` when one is set); a message may hold several images (up to ``--max-images`` per
+request), each where its part is. Token budget: each image takes its own number of prompt tokens
+(``LlavaConfig.image_rows`` of its size: with AnyRes, from the grid pinpoints); a request whose image,
+images or prompt cannot fit the context (``--max-seq-len``) gets a 400 naming the image
+(``messages[i].content[j]``) or the total. Nothing is fetched from the network. Supported request
 fields: ``max_tokens`` / ``max_completion_tokens``, ``n``, ``stop``, ``seed``, ``temperature``,
 ``top_p``, ``top_k``, ``repetition_penalty``, ``logprobs`` / ``top_logprobs`` (log-probabilities
 of the model's raw next-token distribution, before temperature and filtering), ``stream``,
@@ -79,6 +83,7 @@ class ServerConfig:
     max_n: int = 8                       # most choices per request
     max_batch: int = 64
     kv_cache_bytes: int | None = None
+    max_seq_len: int | None = None       # context length (default: the model's); prompts and image rows count
     image_root: str | None = None        # local image paths must lie under it when set
     prefix_caching: bool = True          # share the K/V of identical prompt prefixes (system prompt, chat turns)
     api_key: str | None = dataclasses.field(default=None, repr=False)  # "Authorization: Bearer KEY" when set
@@ -225,9 +230,10 @@ def _load_image(url: str, where: str, cfg: ServerConfig):
         raise BadRequest(f"{where}: cannot read the image ({type(e).__name__}: {e})") from None
 
 
-def parse_messages(messages: list[Message], cfg: ServerConfig) -> tuple[list[dict], list]:
-    """Validated messages → (``engine.chat`` messages with ``<image>`` markers, PIL images in order)."""
-    out, images = [], []
+def parse_messages(messages: list[Message], cfg: ServerConfig) -> tuple[list[dict], list, list[str]]:
+    """Validated messages → (``engine.chat`` messages with ``<image>`` markers, PIL images in order, where
+    each image is in the request: ``messages[i].content[j]``)."""
+    out, images, wheres = [], [], []
     for i, m in enumerate(messages):
         if isinstance(m.content, str):
             text = m.content
@@ -242,9 +248,25 @@ def parse_messages(messages: list[Message], cfg: ServerConfig) -> tuple[list[dic
                     raise BadRequest(f"{where}: more than {cfg.max_images} images in one request")
                 url = part.image_url.url if isinstance(part.image_url, ImageURL) else part.image_url
                 images.append(_load_image(url, where, cfg))
+                wheres.append(where)
                 text += IMAGE_TOKEN
         out.append({"role": m.role, "content": text})
-    return out, images
+    return out, images, wheres
+
+
+def check_budget(model_cfg, context: int, images: list, wheres: list[str]) -> None:
+    """The token budget, before any tokenizing or preprocessing: each image takes ``image_rows(h, w)``
+    prompt tokens (AnyRes: from the grid pinpoints); BadRequest naming the image that cannot fit in the
+    ``context``, or listing them when together they cannot."""
+    rows = [model_cfg.image_rows(im.height, im.width) for im in images]
+    for where, im, r in zip(wheres, images, rows, strict=True):
+        if r >= context:
+            raise BadRequest(f"{where}: an image of {im.width}x{im.height} pixels takes {r} prompt tokens; the "
+                             f"context length is {context} tokens")
+    if sum(rows) >= context:
+        each = ", ".join(f"{w}: {r}" for w, r in zip(wheres, rows, strict=True))
+        raise BadRequest(f"the request's {len(images)} images take {sum(rows)} prompt tokens ({each}); the "
+                         f"context length is {context} tokens")
 
 
 def _in_range(name: str, value: int, lo: int, hi: int) -> int:
@@ -316,10 +338,11 @@ class Job:
     The queue receives lists of ``Delta`` and, on a failure, a ``BadRequest`` (rejected by the
     runtime's validation, before anything was generated) or a ``RuntimeError``."""
     prompt: list[int]
-    pixels: torch.Tensor | None
+    pixels: torch.Tensor | None           # [ΣK, 3, S, S] every tile of every image
     choices: list[_Choice]
     top_logprobs: int | None
     loop: asyncio.AbstractEventLoop
+    image_sizes: torch.Tensor | None = None  # [N, 2] (height, width) per image
     queue: asyncio.Queue = dataclasses.field(default_factory=asyncio.Queue)
 
     @property
@@ -411,7 +434,8 @@ class EngineLoop(threading.Thread):
         if op == "submit":
             try:
                 for c in job.choices:
-                    c.request = rt.submit(job.prompt, pixel_values=job.pixels, params=c.params,
+                    c.request = rt.submit(job.prompt, pixel_values=job.pixels, image_sizes=job.image_sizes,
+                                          params=c.params,
                                           keep_logits=job.top_logprobs is not None)
                     self._owner[id(c.request)] = (job, c)
             except ValueError as e:
@@ -494,7 +518,7 @@ class ServerState:
         self.tokenizer_lock = threading.Lock()  # HF fast tokenizers are not safe to share across threads
         self.stop_ids = tuple(stop_token_ids(tokenizer, model))
         runtime = Runtime(model, RuntimeConfig(max_batch=cfg.max_batch, kv_cache_bytes=cfg.kv_cache_bytes,
-                                               prefix_caching=cfg.prefix_caching))
+                                               max_seq_len=cfg.max_seq_len, prefix_caching=cfg.prefix_caching))
         self.engine = EngineLoop(runtime, tokenizer, self.tokenizer_lock)
 
 
@@ -550,9 +574,9 @@ def create_app(state: ServerState) -> FastAPI:
         authorize(request)
         req = _validate(await _read_json(request, cfg.max_body_bytes))
         plan = plan_request(req, cfg, state.stop_ids)
-        ids, pixels = await run_in_threadpool(_encode, state, req)
+        ids, pixels, sizes = await run_in_threadpool(_encode, state, req)
         loop = asyncio.get_running_loop()
-        job = Job(prompt=ids, pixels=pixels, top_logprobs=plan.top_logprobs, loop=loop,
+        job = Job(prompt=ids, pixels=pixels, image_sizes=sizes, top_logprobs=plan.top_logprobs, loop=loop,
                   choices=[_Choice(i, p, TextDecoder(state.tokenizer, stop_strings(state.template) + plan.stops))
                            for i, p in enumerate(plan.params)])
         state.engine.submit(job)
@@ -613,14 +637,23 @@ async def _read_json(request: Request, limit: int):
         raise BadRequest(f"the body is not valid JSON ({e})") from None
 
 
-def _encode(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], torch.Tensor | None]:
-    """Images decoded, prompt tokenized, pixels preprocessed (in a worker thread)."""
-    messages, images = parse_messages(req.messages, state.cfg)
+def _encode(state: ServerState, req: ChatCompletionRequest) -> tuple[list[int], torch.Tensor | None,
+                                                                      torch.Tensor | None]:
+    """Images decoded and checked against the token budget, prompt tokenized, pixels preprocessed (in a
+    worker thread): (ids, pixels [ΣK, 3, S, S], image sizes [N, 2])."""
+    messages, images, wheres = parse_messages(req.messages, state.cfg)
+    context = state.engine.runtime.max_seq_len
+    check_budget(state.model.config, context, images, wheres)
     try:
         with state.tokenizer_lock:
-            return encode_chat(state.tokenizer, state.template, messages, images, state.model, state.image_spec)
+            ids, pixels, sizes = encode_chat(state.tokenizer, state.template, messages, images, state.model,
+                                             state.image_spec)
     except ValueError as e:
         raise BadRequest(str(e)) from None
+    if len(ids) >= context:
+        with_images = f" (with the rows of {len(images)} image{'s' * (len(images) != 1)})" if images else ""
+        raise BadRequest(f"the prompt takes {len(ids)} tokens{with_images}; the context length is {context} tokens")
+    return ids, pixels, sizes
 
 
 async def _disconnected(request: Request) -> None:
@@ -776,6 +809,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-n", type=int, default=8, help="most choices (n) per request")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--kv-cache-bytes", type=int, default=None)
+    p.add_argument("--max-seq-len", type=int, default=None,
+                   help="context length in tokens, prompt (image rows included) + answer (default: the model's)")
     p.add_argument("--image-root", default=None, help="only read local images under this directory")
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="recompute every prompt in full (default: share identical prompt prefixes)")

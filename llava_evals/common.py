@@ -226,12 +226,13 @@ class CheckpointAnswerer:
                     except StopIteration:
                         exhausted = True
                         break
-                    ids, pixels = encode_chat(self.tokenizer, self.template, [{"role": "user", "content": prompt}],
-                                              [image] if image is not None else [], self.model, self.spec)
+                    ids, pixels, sizes = encode_chat(self.tokenizer, self.template,
+                                                     [{"role": "user", "content": prompt}],
+                                                     [image] if image is not None else [], self.model, self.spec)
                     params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=float(self.temperature),
                                             stop_token_ids=self.stop_ids,
                                             seed=None if self.seed is None else self.seed + key)
-                    req = rt.submit(ids, pixel_values=pixels, params=params)
+                    req = rt.submit(ids, pixel_values=pixels, image_sizes=sizes, params=params)
                     live[id(req)] = (key, TextDecoder(self.tokenizer, self.stop_strings), req)
                 if not live:
                     return

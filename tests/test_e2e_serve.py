@@ -73,7 +73,7 @@ def tiny(tmp_path_factory) -> Tiny:
 
     # The prompt the server will get for the first record's detail description.
     messages = build_messages(load_prompts(os.path.join(DEFAULT_PROMPTS, "detail")), records[0], "detail")
-    ids, _ = encode_chat(tok, get_template("vicuna_v1"), messages, [], model)
+    ids, _, _ = encode_chat(tok, get_template("vicuna_v1"), messages, [], model)
 
     def greedy():
         return generate(model, [ids], max_new_tokens=MAX_TOKENS)[0]

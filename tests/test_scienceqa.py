@@ -421,8 +421,9 @@ def test_continuous_batching_answers_equal_batch_size_one(sensitive_checkpoint, 
                for it in items]
 
     def greedy_outputs():
-        return [generate(single.model, [ids], images=px, max_new_tokens=8, stop_token_ids=list(single.stop_ids))[0]
-                for ids, px in encoded]
+        return [generate(single.model, [ids], images=px, image_sizes=sz, max_new_tokens=8,
+                         stop_token_ids=list(single.stop_ids))[0]
+                for ids, px, sz in encoded]
 
     answers = [o.tokens for o in greedy_outputs()]
     eos = single.model.config.text.eos_token_id

@@ -274,7 +274,7 @@ def test_n_seed_stop_and_logprobs(server, ckpt):
     # logprobs: the model's own log-softmax at each step (fp32), the greedy token on top
     out = client.chat.completions.create(model="ckpt", messages=msgs, max_tokens=6, logprobs=True, top_logprobs=3)
     content = out.choices[0].logprobs.content
-    ids, _ = encode_chat(tok, get_template("vicuna_v1"), msgs, [], model)
+    ids, _, _ = encode_chat(tok, get_template("vicuna_v1"), msgs, [], model)
     ref = generate(model, [ids], max_new_tokens=6, output_logits=True)[0]
     assert len(content) == len(ref.tokens)
     ref_lp = torch.log_softmax(ref.logits[:len(ref.tokens)].double(), -1)
@@ -464,5 +464,142 @@ def test_chat_cli(ckpt, tmp_path, capsys):
     want = chat(model, [{"role": "user", "content": "What is this?"}], [Image.open(img).convert("RGB")],
                 tokenizer=tok, max_new_tokens=10)
     assert capsys.readouterr().out == want + "\n"
+    other = tmp_path / "r.png"
+    other.write_bytes(png_bytes(6, (20, 50)))
+    question = "Is <image> the same as <image>?"
+    assert main(["--model", path, "--image", str(img), "--image", str(other), "--max-new-tokens", "10",
+                 question]) == 0
+    want = chat(model, [{"role": "user", "content": question}],
+                [Image.open(f).convert("RGB") for f in (img, other)], tokenizer=tok, max_new_tokens=10)
+    assert capsys.readouterr().out == want + "\n"
+    with pytest.raises(ValueError, match="mark 2 <image> placeholders but 1 images"):
+        main(["--model", path, "--image", str(img), question])
     with pytest.raises(FileNotFoundError, match="no such file"):
         main(["--model", path, "--image", str(tmp_path / "missing.png"), "hi"])
+
+
+# ---- several images per message, AnyRes rows and the token budget --------------------------------------
+
+PINPOINTS = ((28, 56), (56, 28), (56, 56), (84, 84))   # tiny AnyRes grids: 28-px tiles (2×2 patches each)
+
+
+def png_of(width, height, seed):
+    return "data:image/png;base64," + base64.b64encode(png_bytes(seed, (width, height))).decode()
+
+
+def image_part(url):
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="module")
+def anyres_ckpt(ckpt):
+    """The tiny model with AnyRes pinpoints (random weights; same tokenizer)."""
+    import dataclasses
+    path, model, tok = ckpt
+    torch.manual_seed(1)
+    m = engine.Llava(dataclasses.replace(model.config, image_grid_pinpoints=PINPOINTS)).eval()
+    return path, m, tok
+
+
+@pytest.fixture(scope="module")
+def anyres_server(anyres_ckpt, tmp_path_factory):
+    """An AnyRes server with a 150-token context (an 84×84 image takes 46 rows, a 30×60 one 32)."""
+    _, model, tok = anyres_ckpt
+    srv = build_server(ServerConfig(model=str(tmp_path_factory.mktemp("anyres")), port=0, max_tokens_limit=16,
+                                    default_max_tokens=8, max_images=4, max_seq_len=150, max_batch=4),
+                       model=model, tokenizer=tok)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv.server_address[1]
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_two_anyres_images_in_one_message_equal_engine_chat(anyres_server, anyres_ckpt):
+    _, model, tok = anyres_ckpt
+    (w1, h1), (w2, h2) = (60, 30), (40, 50)
+    assert (model.config.image_rows(h1, w1), model.config.image_rows(h2, w2)) == (32, 24)
+    assert (model.config.image_tiles(h1, w1), model.config.image_tiles(h2, w2)) == (10, 5)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Is "}, image_part(png_of(w1, h1, 7)),
+                                             {"type": "text", "text": " like "}, image_part(png_of(w2, h2, 8)),
+                                             {"type": "text", "text": "?"}]}]
+    images = [Image.open(io.BytesIO(png_bytes(seed, size))).convert("RGB") for seed, size in ((7, (w1, h1)),
+                                                                                             (8, (w2, h2)))]
+    want = chat(model, [messages[0], {"role": "user", "content": "Is <image> like <image>?"}], images,
+                tokenizer=tok, max_new_tokens=12)
+    text, reason, obj = complete(anyres_server, messages, max_tokens=12)
+    assert text == want and len(want) > 0
+    ids, pixels, sizes = encode_chat(tok, get_template("vicuna_v1"), [messages[0], {
+        "role": "user", "content": "Is <image> like <image>?"}], images, model)
+    assert obj["usage"]["prompt_tokens"] == len(ids) and ids.count(model.config.image_token_id) == 56
+    assert pixels.shape[0] == 15 and sizes.tolist() == [[h1, w1], [h2, w2]]
+    assert stream(anyres_server, messages, max_tokens=12) == (text, reason)
+
+
+def test_token_budget_counts_each_images_anyres_rows(anyres_server, anyres_ckpt):
+    _, model, _ = anyres_ckpt
+    assert model.config.image_rows(84, 84) == 46 and model.config.image_rows(200, 210) == 46
+
+    def post(content, **kw):
+        status, payload = request(anyres_server, "POST", "/v1/chat/completions",
+                                  {"model": "x", "messages": [{"role": "user", "content": content}], **kw})
+        return status, json.loads(payload)["error"]["message"] if status != 200 else json.loads(payload)
+
+    # each image fits alone (46 < 150 rows), together they cannot: the message lists them
+    status, msg = post([image_part(png_of(84, 84, 2)), {"type": "text", "text": "Look: "}]
+                       + [image_part(png_of(210, 200, i)) for i in range(3)], max_tokens=4)
+    assert status == 400
+    assert msg == ("the request's 4 images take 184 prompt tokens (messages[0].content[0]: 46, "
+                   "messages[0].content[2]: 46, messages[0].content[3]: 46, messages[0].content[4]: 46); "
+                   "the context length is 150 tokens")
+    # the images fit (138 rows), the template + text + image rows do not
+    status, msg = post([image_part(png_of(84, 84, i)) for i in range(3)] + [{"type": "text", "text": "Describe."}])
+    assert status == 400 and re.fullmatch(r"the prompt takes \d+ tokens \(with the rows of 3 images\); "
+                                          r"the context length is 150 tokens", msg), msg
+    # more <image> markers than images: the text's literal marker plus one image part
+    status, msg = post([{"type": "text", "text": "<image> and "}, image_part(png_of(28, 28, 4))])
+    assert status == 400 and "mark 2 <image> placeholders but 1 images" in msg
+
+
+def test_one_image_larger_than_the_context_is_named(anyres_ckpt, tmp_path):
+    _, model, tok = anyres_ckpt
+    srv = build_server(ServerConfig(model=str(tmp_path), port=0, max_seq_len=40, max_tokens_limit=8,
+                                    default_max_tokens=4, max_batch=2), model=model, tokenizer=tok)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = srv.server_address[1]
+        body = {"model": "x", "messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Compare "}, image_part(png_of(28, 28, 1)),
+                                         {"type": "text", "text": " with "}, image_part(png_of(210, 200, 5))]}]}
+        status, payload = request(port, "POST", "/v1/chat/completions", body)
+        assert status == 400
+        assert json.loads(payload)["error"]["message"] == (
+            "messages[1].content[3]: an image of 210x200 pixels takes 46 prompt tokens; the context length is "
+            "40 tokens")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_chat_with_more_markers_than_images_is_a_value_error(ckpt):
+    _, model, tok = ckpt
+    img = Image.open(io.BytesIO(png_bytes(1))).convert("RGB")
+    with pytest.raises(ValueError, match="mark 3 <image> placeholders but 2 images were given"):
+        chat(model, [{"role": "user", "content": "<image> vs <image> vs <image>"}], [img, img], tokenizer=tok)
+    with pytest.raises(ValueError, match="mark 1 <image> placeholders but 0 images"):
+        encode_chat(tok, get_template("vicuna_v1"), [{"role": "user", "content": "<image> what?"}], [], model)
+
+
+def test_encode_chat_refuses_preprocessing_with_other_pinpoints(anyres_ckpt):
+    from engine.image import ImageSpec
+    _, model, tok = anyres_ckpt
+    img = Image.open(io.BytesIO(png_bytes(1))).convert("RGB")
+    msgs = [{"role": "user", "content": "<image> what?"}]
+    with pytest.raises(ValueError, match=r"pinpoints \(\) differ from the model's image_grid_pinpoints"):
+        encode_chat(tok, get_template("vicuna_v1"), msgs, [img], model, ImageSpec(size=28))
+    ids, pixels, sizes = encode_chat(tok, get_template("vicuna_v1"), msgs, [img], model)  # the model's own
+    assert ids.count(model.config.image_token_id) == model.config.image_rows(30, 40)
+    assert pixels.shape[0] == model.config.image_tiles(30, 40) and sizes.tolist() == [[30, 40]]
