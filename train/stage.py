@@ -97,6 +97,10 @@ def parser(stage: int) -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=2)
     p.add_argument("--vision-feature-layer", type=int, choices=(-2, -1), help="ablation: feature layer")
     p.add_argument("--answer-first", action="store_true", help="ablation: answer before the reasoning")
+    if stage == 2:
+        p.add_argument("--anyres", action="store_true",
+                       help="embedded default only: run it as LLaVA-1.6 AnyRes (grid pinpoints, varied image sizes); "
+                            "a LLaVA-NeXT --model is AnyRes by its own config")
     return p
 
 
@@ -227,9 +231,13 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     args = parser(stage).parse_args(argv)
     if stage == 2 and not any((args.model, args.data, args.init, args.vision, args.llm)):
         from train.default import run_default
-        run_default(fused=bool(args.fused), output=args.output if args.output != "runs/stage2" else "runs/default",
-                    device=args.device, seed=args.seed, max_steps=args.max_steps)
+        default_out = "runs/default-anyres" if args.anyres else "runs/default"
+        run_default(fused=bool(args.fused), output=args.output if args.output != "runs/stage2" else default_out,
+                    device=args.device, seed=args.seed, max_steps=args.max_steps, anyres=args.anyres)
         return
+    if getattr(args, "anyres", False):
+        raise ValueError("--anyres applies to the embedded default only (no --model/--data/--init/--vision/--llm); "
+                         "a LLaVA-NeXT checkpoint is AnyRes by its config (image_grid_pinpoints)")
     try:
         run_stage(config_from_args(args, stage))
     finally:
