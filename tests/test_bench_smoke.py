@@ -20,7 +20,8 @@ EXPECTED = {
     "masked_loss": ((3 + 1) * 2, {"torch", "triton"}),  # 3 target fractions + 1 AnyRes batch, × (torch, triton)
     "projector": (2 * 3 * 2, {"torch", "triton"}),      # 2 modes × 3 image counts × (torch, triton)
     "scatter": ((4 + 4 * 2) * 2, {"torch", "triton"}),  # (3 + 1 AnyRes) × (fwd + 2 bwd stages), × (torch, triton)
-    "generate": (2 + 2 + 2 + 3 + 3 + 3, {"hf", "ours"}),  # decode b1, b32, ttft, shared prefix, burst, behind long
+    # decode b1, b32, ttft, shared prefix, burst, behind long, AnyRes (ttft + whole generation)
+    "generate": (2 + 2 + 2 + 3 + 3 + 3 + 4, {"hf", "ours"}),
     "train_step": (2, {"transformers", "ours"}),
     "paged_decode": (2 * 2, {"torch", "triton"}),      # b1, b32 × (torch, triton), one head layout
 }
