@@ -16,7 +16,10 @@ Cases (each for a CPU variant — ~140M parameters, fp32 — and a GPU variant �
   whole-prompt prefill, and transformers running the two as one padded batch;
 - ``burst``: 8 such requests arriving together (nothing cached before): time until every one has
   its first token; ours computes the system prompt once in the packed prefill, ours without
-  prefix sharing computes it 8 times, transformers runs them as one batch.
+  prefix sharing computes it 8 times, transformers runs them as one batch;
+- ``anyres``: the same decoder and tower as LLaVA-1.6 (NeXT) AnyRes with its grid pinpoints, vs
+  transformers' ``LlavaNextForConditionalGeneration``: one 672×672 image (5 tiles of 336 px, 2,928
+  rows) + 64 text tokens: time to the first token, then 32 greedy tokens (the same tokens, fp32).
 
 Decode numbers exclude the prefill: ours from the end of the prefill step, transformers' from
 the first call of its logits processors (made right after its prefill forward).
@@ -38,11 +41,22 @@ import time
 
 import pytest
 import torch
-from common import Row, bench_device, copy_bandwidth_gbps, pick, save, track_peak_memory
+from common import (
+    ANYRES_PINPOINTS,
+    ANYRES_SIZES,
+    Row,
+    bench_device,
+    copy_bandwidth_gbps,
+    pick,
+    save,
+    track_peak_memory,
+)
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 from transformers import LlavaConfig as HFLlavaConfig
 from transformers import (
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     LogitsProcessor,
     LogitsProcessorList,
     StoppingCriteria,
@@ -459,6 +473,80 @@ def ttft_case(benchmark, name: str):
                      extra=dict(prompt_tokens=len(prompt), resident_kv_cache_mb=kv_cache_bytes(cfg, v) / 2**20))])
 
 
+def build_anyres(name: str):
+    """(ours, hf LlavaNext, cfg) of the variant's shapes with LLaVA-1.6's grid pinpoints, one set of weights."""
+    key = f"{name}-anyres"
+    if key in _CACHE:
+        return _CACHE[key]
+    v = VARIANTS[name]
+    cfg = config(v).replace(image_grid_pinpoints=ANYRES_PINPOINTS)
+    torch.manual_seed(0)
+    with torch.device(v["device"]):
+        hf = LlavaNextForConditionalGeneration._from_config(LlavaNextConfig.from_dict(cfg.to_hf_dict()),
+                                                            dtype=v["dtype"]).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    ours = assign_state(new_model(cfg), rename(hf.state_dict(), HF_LLAVA, "hf"), "hf", dtype=v["dtype"],
+                        device=v["device"]).eval()
+    _CACHE[key] = (ours, hf, cfg)
+    return _CACHE[key]
+
+
+def anyres_case(benchmark, name: str, new_tokens: int = 32):
+    """One AnyRes image + 64 tokens: TTFT (cold) and the whole greedy generation, ours vs LlavaNext."""
+    ours, hf, cfg = build_anyres(name)
+    v = VARIANTS[name]
+    height, width = ANYRES_SIZES[0]
+    rows, tiles = cfg.image_rows(height, width), cfg.image_tiles(height, width)
+    rng = random.Random(19)
+    prompt = [1] + [IMAGE_TOKEN] * rows + [rng.randrange(3, IMAGE_TOKEN) for _ in range(63)]
+    size = cfg.vision.image_size
+    pixels = torch.randn(tiles, 3, size, size, device=v["device"], dtype=v["dtype"])        # (K, 3, S, S)
+    sizes = torch.tensor([[height, width]], device=v["device"])
+    kv = kv_bytes_per_token(cfg, v["dtype"]) * (len(prompt) + new_tokens + 64)
+    rt = Runtime(ours, RuntimeConfig(max_batch=1, chunked_prefill=False, max_prefill_tokens=1 << 20,
+                                     cuda_graphs=v["device"] == "cuda", kv_cache_bytes=kv))
+
+    def ours_run(n: int) -> tuple[float, float, list[int]]:
+        """(TTFT, total seconds, tokens) of one cold request for n tokens."""
+        rt.cache.forget_prefixes()
+        sync(v["device"])
+        t0 = time.perf_counter()
+        req = rt.submit(prompt, pixel_values=pixels, image_sizes=sizes,
+                        params=SamplingParams(max_new_tokens=n, stop_token_ids=()))
+        ttft = None
+        while rt.has_work:
+            rt.step()
+            ttft = ttft if ttft is not None or not req.tokens else time.perf_counter() - t0
+        sync(v["device"])
+        return ttft, time.perf_counter() - t0, req.tokens
+
+    def hf_run(n: int) -> tuple[float, float, list[int]]:
+        first = _FirstCall(v["device"])
+        sync(v["device"])
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = hf.generate(input_ids=torch.tensor([prompt], device=v["device"]), pixel_values=pixels[None],
+                              image_sizes=sizes, max_new_tokens=n, do_sample=False,
+                              logits_processor=LogitsProcessorList([first]))
+        sync(v["device"])
+        return first.t - t0, time.perf_counter() - t0, out[0, len(prompt):].tolist()
+
+    ours_run(2), hf_run(2)                                                 # warm-up
+    ttft, secs, tokens = benchmark.pedantic(ours_run, args=(new_tokens,), rounds=1, iterations=1)
+    hf_ttft_s, hf_secs, hf_tokens = hf_run(new_tokens)
+    if v["dtype"] == torch.float32:
+        assert tokens == hf_tokens
+    case = f"{name} anyres {height}x{width} image ({tiles} tiles, {rows} rows) + 64 tokens"
+    extra = dict(prompt_tokens=len(prompt), image_rows=rows, tiles=tiles, new_tokens=new_tokens)
+    save(SUITE, [Row(SUITE, f"{case}: ttft", "hf", hf_ttft_s * 1e3, extra=extra),
+                 Row(SUITE, f"{case}: ttft", "ours", ttft * 1e3, ref_ms=hf_ttft_s * 1e3, extra=extra),
+                 Row(SUITE, f"{case}: {new_tokens} tokens", "hf", hf_secs * 1e3, extra=extra),
+                 Row(SUITE, f"{case}: {new_tokens} tokens", "ours", secs * 1e3, ref_ms=hf_secs * 1e3, extra=extra)])
+    print(f"[{SUITE}] {case}: ttft ours {ttft * 1e3:.0f} ms, transformers {hf_ttft_s * 1e3:.0f} ms; "
+          f"{new_tokens} tokens ours {secs * 1e3:.0f} ms, transformers {hf_secs * 1e3:.0f} ms")
+
+
 # the CPU variant is not marked gpu: it runs (only) with `pytest bench/ --benchmark-only`
 @pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_decode_batch1(benchmark, name):
@@ -488,3 +576,8 @@ def test_burst_shared_system_prompt(benchmark, name):
 @pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
 def test_ttft_behind_a_long_prompt(benchmark, name):
     behind_long_case(benchmark, name)
+
+
+@pytest.mark.parametrize("name", ["cpu", pytest.param("gpu", marks=pytest.mark.gpu)])
+def test_anyres_image(benchmark, name):
+    anyres_case(benchmark, name, new_tokens=pick(32, 4))

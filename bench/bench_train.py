@@ -92,7 +92,7 @@ def synthetic_samples(n: int, cfg: LlavaConfig, seed: int = 0) -> list[Sample]:
             ids += toks
             labels += toks if answer else [IGNORE_INDEX] * turn
             answer, text = not answer, text - turn
-        out.append(Sample(f"synthetic-{i}", ids, labels, image=f"synthetic-{i}.png"))
+        out.append(Sample(f"synthetic-{i}", ids, labels, images=(f"synthetic-{i}.png",)))
     return out
 
 

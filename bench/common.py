@@ -60,6 +60,21 @@ def pick(real, smoke):
     return smoke if SMOKE else real
 
 
+# LLaVA-1.6 (NeXT) AnyRes at its 336-px tower (24×24 patches a tile) with its grid pinpoints, and image sizes
+# whose row counts are what such a model's packed batches hold (672×672 → 2,928 rows, HF LlavaNext's count;
+# 480×640 → 2,340; 336×1008 → 2,328). Smoke: a 28-px tower of 2×2 patches, rows 14..24.
+ANYRES_TILE, ANYRES_SIDE, ANYRES_PINPOINTS = pick(
+    (336, 24, ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))), (28, 2, ((28, 56), (56, 28), (56, 56))))
+ANYRES_SIZES = pick(((672, 672), (480, 640), (336, 1008), (1024, 768), (500, 375)), ((56, 56), (30, 70), (70, 30)))
+
+
+def anyres_rows(height: int, width: int) -> int:
+    """Text rows of one AnyRes image of this original size (engine.anyres: base tile, unpadded grid, newlines)."""
+    from engine.anyres import num_rows
+
+    return num_rows(height, width, ANYRES_PINPOINTS, ANYRES_TILE, ANYRES_SIDE)
+
+
 def bench_device() -> str:
     """Where the GPU benchmarks run: ``cuda``, or ``cpu`` in smoke mode."""
     return pick("cuda", "cpu")

@@ -22,6 +22,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
+from engine.image import ImageSpec
+
 
 def rel_err(out: torch.Tensor, truth: torch.Tensor) -> float:
     out, truth = out.detach().double().cpu(), truth.detach().double().cpu()
@@ -189,6 +191,7 @@ def assert_no_secret(texts, *roots: str) -> None:
 # ---- a tiny transformers LLaVA for parity ---------------------------------------------------------------
 
 VOCAB, IMAGE_TOKEN, IMAGE_SIZE = 120, 119, 28  # image 28 px, patch 14 → 4 patches (+1 class token)
+SPEC = ImageSpec(size=IMAGE_SIZE)              # the tiny models' preprocessing (pad to square, no AnyRes)
 
 
 def hf_model(*, act="gelu", layer=-2, strategy="default", kv_heads=2, tie=False, bias=True, seed=0,
@@ -298,13 +301,14 @@ def load_tiny(assets: TinyAssets, path: str, **kw):
     unless ``template`` is given): (samples, report)."""
     from transformers import AutoTokenizer
 
+    from engine.config import from_hf
     from train.data import load_samples
 
     tok = AutoTokenizer.from_pretrained(assets.tok_dir)
     kw.setdefault("template", "vicuna_v1")
     kw.setdefault("image_folder", assets.image_folder)
-    return load_samples(path, tok, image_token_id=assets.image_token_id, image_seq_len=assets.image_seq_len,
-                        **kw)
+    kw.setdefault("image_rows", from_hf(assets.model_dir).image_rows)
+    return load_samples(path, tok, image_token_id=assets.image_token_id, **kw)
 
 
 def write_bad_data(assets: TinyAssets, root: str) -> tuple[str, dict[str, str]]:
@@ -329,6 +333,67 @@ def write_bad_data(assets: TinyAssets, root: str) -> tuple[str, dict[str, str]]:
     names = {"bad-missing": os.path.join(assets.image_folder, "train/does-not-exist.png"),
              "bad-unreadable": garbage, "bad-no-answer": data, "bad-two-markers": data}
     return data, names
+
+
+# Multi-image records: (id, images, turns); images index the tiny assets' training images.
+MULTI_IMAGE = [
+    ("multi-together", [0, 1], [("<image>\n<image>\nWhich picture has more shapes?", "The second one has more.")]),
+    ("multi-rounds", [2, 0], [("<image>\nWhat is in this picture?", "A few coloured shapes."),
+                              ("And in <image> this one?", "Shapes on a plain background.")]),
+    ("multi-three", [3, 4, 5], [("Compare <image> with <image> and <image>.", "They all show shapes.")]),
+    ("multi-list-of-one", [6], [("<image>\nDescribe it.", "Some shapes.")]),
+    ("multi-string", 7, [("<image>\nDescribe it briefly.", "Shapes.")]),     # a string: one image
+]
+
+
+def write_multi_image_data(assets: TinyAssets, root: str) -> str:
+    """A LLaVA JSON of the ``MULTI_IMAGE`` records over the tiny assets' images (``"image"`` lists, and one
+    plain string), plus one text-only record; returns its path."""
+    with open(assets.image_data) as f:
+        names = [r["image"] for r in json.load(f)]
+    records = []
+    for rid, which, turns in MULTI_IMAGE:
+        convs = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        image = names[which] if isinstance(which, int) else [names[k] for k in which]
+        records.append({"id": rid, "image": image, "conversations": convs})
+    q, a = TEXT_ONLY[0]
+    records.append({"id": "multi-text", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]})
+    path = os.path.join(root, "multi.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+# AnyRes on the tiny 28-px tower: pinpoints of 1×2, 2×1 and 2×2 tiles, and images whose sizes pick each grid
+# (wide, tall, square, small) so every image has its own tile count and row count.
+ANYRES_PINPOINTS = [[28, 56], [56, 28], [56, 56]]
+ANYRES_IMAGE_SIZES = [(20, 60), (50, 17), (41, 41), (9, 13)]      # (height, width)
+
+
+def write_anyres_data(root: str) -> str:
+    """Under ``root``: PNGs of ``ANYRES_IMAGE_SIZES`` and a LLaVA JSON using them in order: two images in one
+    turn, a text-only record, one image in a second round, one image; returns the JSON's path."""
+    from PIL import Image
+
+    names = []
+    for k, (h, w) in enumerate(ANYRES_IMAGE_SIZES):
+        img = Image.new("RGB", (w, h), (60 * k % 256, 120, 200 - 40 * k))
+        img.paste((250, 30 * k, 10), (w // 4, h // 4, max(w // 2, w // 4 + 1), max(h // 2, h // 4 + 1)))
+        names.append(f"anyres-{k}.png")
+        img.save(os.path.join(root, names[-1]))
+
+    def rec(rid, image, *turns):
+        convs = [t for q, a in turns for t in ({"from": "human", "value": q}, {"from": "gpt", "value": a})]
+        return {"id": rid, **({"image": image} if image else {}), "conversations": convs}
+
+    records = [rec("anyres-two", names[:2], ("<image>\n<image>\nWhich is taller?", "The second one.")),
+               rec("anyres-text", None, (TEXT_ONLY[1])),
+               rec("anyres-round", [names[2]], ("Hello.", "Hello!"), ("<image>\nWhat colour?", "Blue and red.")),
+               rec("anyres-small", names[3], ("<image>\nDescribe it.", "A small picture."))]
+    path = os.path.join(root, "anyres.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
 
 
 # ---- the training CLIs as subprocesses -------------------------------------------------------------------

@@ -17,10 +17,11 @@ BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # suite → (rows written, implementations every case must have). liger and the csrc ops join when
 # importable / built, so these are lower bounds on the implementations.
 EXPECTED = {
-    "masked_loss": (3 * 2, {"torch", "triton"}),        # 3 target fractions × (torch, triton)
+    "masked_loss": ((3 + 1) * 2, {"torch", "triton"}),  # 3 target fractions + 1 AnyRes batch, × (torch, triton)
     "projector": (2 * 3 * 2, {"torch", "triton"}),      # 2 modes × 3 image counts × (torch, triton)
-    "scatter": ((3 + 3 * 2) * 2, {"torch", "triton"}),  # 3 fwd + 3 × 2 bwd stages, × (torch, triton)
-    "generate": (2 + 2 + 2 + 3 + 3 + 3, {"hf", "ours"}),  # decode b1, b32, ttft, shared prefix, burst, behind long
+    "scatter": ((4 + 4 * 2) * 2, {"torch", "triton"}),  # (3 + 1 AnyRes) × (fwd + 2 bwd stages), × (torch, triton)
+    # decode b1, b32, ttft, shared prefix, burst, behind long, AnyRes (ttft + whole generation)
+    "generate": (2 + 2 + 2 + 3 + 3 + 3 + 4, {"hf", "ours"}),
     "train_step": (2 + 1, {"transformers", "ours"}),   # the 1B step (both); the 7B QLoRA memory case (ours)
     "paged_decode": (2 * 2, {"torch", "triton"}),      # b1, b32 × (torch, triton), one head layout
 }

@@ -44,16 +44,20 @@ def test_deterministic_and_test_split_independent_of_train(tmp_path):
     assert d["captions.jsonl"] != a["captions.jsonl"]
 
 
-def test_boxes_are_tight_and_captions_describe_the_image(tmp_path):
-    size = 48
-    paths = make_shapes_dataset(str(tmp_path), num_train=40, num_test=0, image_size=size, seed=0)
+@pytest.mark.parametrize("sizes", [(), ((32, 64), (64, 32), (48, 48), (40, 72))], ids=["square", "varied"])
+def test_boxes_are_tight_and_captions_describe_the_image(tmp_path, sizes):
+    """Square images, or (the AnyRes default's data) each image's size drawn from ``sizes``."""
+    paths = make_shapes_dataset(str(tmp_path), num_train=40, num_test=0, image_size=48, seed=0, sizes=sizes)
     with open(paths.captions) as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 40
-    counts = Counter()
+    counts, seen = Counter(), Counter()
     for r in records:
         image = np.asarray(Image.open(os.path.join(paths.root, r["image"])).convert("RGB"))  # (H, W, 3)
-        assert image.shape == (size, size, 3) and (r["width"], r["height"]) == (size, size)
+        height, width = image.shape[:2]
+        assert image.shape[2] == 3 and (r["width"], r["height"]) == (width, height)
+        assert (height, width) in (sizes or ((48, 48),))
+        seen[height, width] += 1
         background = re.search(r"on a (\w+) background", r["captions"][0]).group(1)
         ink = (image != np.array(BACKGROUNDS[background])).any(-1)  # (H, W) pixels of some shape
         covered = np.zeros_like(ink)
@@ -64,7 +68,7 @@ def test_boxes_are_tight_and_captions_describe_the_image(tmp_path):
             assert color in COLORS and shape in SHAPES
             counts[shape] += 1
             x1, y1, x2, y2 = box["bbox"]
-            assert 0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size
+            assert 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height
             inside = ink[y1:y2, x1:x2]
             ys, xs = np.nonzero(inside)
             assert (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1) == (0, 0, x2 - x1, y2 - y1), box
@@ -73,7 +77,7 @@ def test_boxes_are_tight_and_captions_describe_the_image(tmp_path):
         assert not (ink & ~covered).any(), "ink outside every box"
         assert len(r["captions"]) == 5
         assert all(c in r["captions"][0] and c in r["captions"][4] for c in cats)
-    assert set(counts) == set(SHAPES)
+    assert set(counts) == set(SHAPES) and set(seen) == set(sizes or ((48, 48),))
 
 
 def parse_mc(sample: dict) -> tuple[str, list[str], str]:
@@ -116,7 +120,7 @@ def test_question_answers_are_unambiguous_and_letters_balanced():
     rng = random.Random(0)
     letters, kinds = Counter(), Counter()
     for _ in range(2000):
-        scene = make_scene(rng, size=64)
+        scene = make_scene(rng, width=64, height=64)
         question, options, answer = multiple_choice(scene, rng)
         letters[answer] += 1
         kinds[question.split()[0]] += 1

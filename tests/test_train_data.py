@@ -11,9 +11,10 @@ import random
 
 import pytest
 import torch
-from helpers import IMAGE_SIZE, TEXT_ONLY, load_tiny, write_bad_data
+from helpers import IMAGE_SIZE, MULTI_IMAGE, SPEC, TEXT_ONLY, load_tiny, write_bad_data, write_multi_image_data
 from PIL import Image
 
+import engine
 from engine.conversation import IGNORE_INDEX
 from engine.image import preprocess
 from train.data import (
@@ -40,7 +41,7 @@ def test_mixed_data_loads_cleanly(assets, samples):
 
 def test_collate_packs_without_padding(samples):
     chosen = [samples[0], samples[-1], samples[1]]          # image, text-only, image
-    mb = collate(chosen, image_size=IMAGE_SIZE)
+    mb = collate(chosen, spec=SPEC)
     lengths = [s.length for s in chosen]
     assert mb.input_ids.tolist() == sum((s.input_ids for s in chosen), [])
     assert mb.cu_seqlens.dtype == torch.int32
@@ -54,7 +55,7 @@ def test_collate_packs_without_padding(samples):
         assert any(x != IGNORE_INDEX for x in got)
     assert mb.num_targets == sum(sum(x != IGNORE_INDEX for x in s.labels[1:]) for s in chosen)
     assert mb.pixel_values.shape == (2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    with Image.open(chosen[2].image) as img:
+    with Image.open(chosen[2].images[0]) as img:
         assert torch.equal(mb.pixel_values[1], preprocess(img.convert("RGB"), size=IMAGE_SIZE, mode="pad"))
     assert shifted_targets([5, -100, 7]) == [-100, 7, -100]
 
@@ -81,14 +82,14 @@ def test_pack_micro_batches_first_fit(lengths, budget):
 
 def test_plan_steps_groups_by_modality_and_is_deterministic():
     rng = random.Random(1)
-    fake = [Sample(f"s{i}", [1] * rng.randint(3, 300), [1] * 3, "img.png" if i % 3 else None)
-            for i in range(50)]
+    # 0, 1 or 2 images: a multi-image record is an image record for the grouping
+    fake = [Sample(f"s{i}", [1] * rng.randint(3, 300), [1] * 3, ("img.png",) * (i % 3)) for i in range(50)]
     plan = plan_steps(fake, global_batch=4, seed=7, epoch=0)
     flat = [i for step in plan for i in step]
     assert sorted(flat) == list(range(50))                          # every sample once per epoch
     assert all(1 <= len(step) <= 4 for step in plan)
-    assert all(len({fake[i].image is None for i in step}) == 1 for step in plan)   # one modality per step
-    n_img = sum(s.image is not None for s in fake)
+    assert all(len({not fake[i].images for i in step}) == 1 for step in plan)   # one modality per step
+    n_img = sum(bool(s.images) for s in fake)
     assert len(plan) == -(-n_img // 4) + -(-(50 - n_img) // 4)
     assert plan == plan_steps(fake, global_batch=4, seed=7, epoch=0)
     assert plan != plan_steps(fake, global_batch=4, seed=7, epoch=1)
@@ -98,8 +99,8 @@ def test_plan_steps_groups_by_modality_and_is_deterministic():
 def test_step_dataset_ranks_split_each_step(samples):
     plan = plan_steps(samples, global_batch=3, seed=0, epoch=0)
     budget = max(s.length for s in samples) + 10                     # two short samples fit together
-    single = StepDataset(samples, plan, max_tokens=budget, image_size=IMAGE_SIZE)
-    ranks = [StepDataset(samples, plan, max_tokens=budget, image_size=IMAGE_SIZE, rank=r, world=2)
+    single = StepDataset(samples, plan, max_tokens=budget, spec=SPEC)
+    ranks = [StepDataset(samples, plan, max_tokens=budget, spec=SPEC, rank=r, world=2)
              for r in (0, 1)]
     padded = {True: 0, False: 0}                                      # by modality
     for k, step in enumerate(plan):
@@ -108,7 +109,7 @@ def test_step_dataset_ranks_split_each_step(samples):
         assert s0 == s1 == k and len(mbs0) == len(mbs1)              # collectives stay matched
         assert sorted(i for mb in mbs0 + mbs1 for i in mb.ids) == step_ids
         assert sum(mb.num_targets for mb in mbs0 + mbs1) == count_targets(samples, step)
-        has_image = samples[step[0]].image is not None
+        has_image = bool(samples[step[0]].images)
         for mb in mbs0 + mbs1:
             if not mb.ids:                                           # padding: no data, same modality
                 padded[has_image] += 1
@@ -118,7 +119,7 @@ def test_step_dataset_ranks_split_each_step(samples):
         assert all(int(mb.cu_seqlens[-1]) <= budget or len(mb.ids) == 1 for mb in whole)
     assert padded[True] and padded[False], f"needs padded steps of both modalities, got {padded}"
     # Resuming at step k: the dataset that starts at k yields exactly what the full one yields at k.
-    later = StepDataset(samples, plan, max_tokens=budget, image_size=IMAGE_SIZE, first_step=3)
+    later = StepDataset(samples, plan, max_tokens=budget, spec=SPEC, first_step=3)
     assert len(later) == len(plan) - 3
     (k0, a), (k1, b) = later[0], single[3]
     assert k0 == k1 == 3 and [m.ids for m in a] == [m.ids for m in b]
@@ -139,6 +140,158 @@ def test_over_long_samples_are_dropped_or_truncated_outside_the_image(assets, sa
     got = {s.id: s for s in kept}[first.id]
     assert first.id in report.truncated and got.input_ids == first.input_ids[:cut]
     assert got.labels == first.labels[:cut]
+
+
+# --------------------------------------------------------------------------- several images per record
+
+
+def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of ``token`` in ``ids``."""
+    out = []
+    for i, x in enumerate(ids):
+        if x == token and (i == 0 or ids[i - 1] != token):
+            out.append([i, i + 1])
+        elif x == token:
+            out[-1][1] = i + 1
+    return [tuple(r) for r in out]
+
+
+def _label_segments(labels: list[int]) -> list[tuple[int, list[int]]]:
+    """(start, ids) of each maximal run of labelled (not -100) tokens."""
+    out, start = [], None
+    for i, x in enumerate([*labels, IGNORE_INDEX]):
+        if x != IGNORE_INDEX and start is None:
+            start = i
+        elif x == IGNORE_INDEX and start is not None:
+            out.append((start, labels[start:i]))
+            start = None
+    return out
+
+
+@pytest.fixture(scope="module")
+def multi(assets, tmp_path_factory):
+    """(data path, samples) of helpers.MULTI_IMAGE + one text-only record."""
+    path = write_multi_image_data(assets, str(tmp_path_factory.mktemp("multi")))
+    samples, report = load_tiny(assets, path)
+    assert report.summary() == "0 bad records skipped, 0 over-long samples dropped, 0 truncated"
+    return path, samples
+
+
+def test_multi_image_records_tokenize_with_one_run_per_image(assets, multi):
+    """Labels decode to exactly the answers (each with its stop); each image is a run of S placeholder rows
+    in the human turn that held its marker; ``images`` lists the files in marker order."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(assets.tok_dir)
+    path, samples = multi
+    with open(path) as f:
+        records = {r["id"]: r for r in json.load(f)}
+    by_id = {s.id: s for s in samples}
+    assert list(by_id) == [rid for rid, _, _ in MULTI_IMAGE] + ["multi-text"]
+    for rid, which, turns in MULTI_IMAGE:
+        s, rec = by_id[rid], records[rid]
+        names = [rec["image"]] if isinstance(which, int) else rec["image"]
+        assert s.images == tuple(os.path.join(assets.image_folder, n) for n in names)
+        answers = _label_segments(s.labels)
+        assert [tok.decode(a) for _, a in answers] == [a + tok.eos_token for _, a in turns]
+        runs = _runs(s.input_ids, assets.image_token_id)
+        assert [e - b for b, e in runs] == [assets.image_seq_len] * len(s.images)
+        # the k-th run sits in the round whose question held the k-th marker: before that round's answer,
+        # after the previous round's
+        markers = [r for r, (q, _) in enumerate(turns) for _ in range(q.count("<image>"))]
+        for (b, _), r in zip(runs, markers, strict=True):
+            assert b < answers[r][0] and (r == 0 or b > answers[r - 1][0] + len(answers[r - 1][1]))
+    assert by_id["multi-text"].images == ()
+
+
+def test_collate_puts_every_image_of_a_micro_batch_in_placeholder_order(assets, multi):
+    """One pixel tensor for all images of all samples, in order; in the model each image's projected rows
+    land exactly on its run of placeholders."""
+    _, samples = multi
+    chosen = [samples[2], samples[-1], samples[1], samples[4]]           # 3 images, text, 2 images, 1 image
+    mb = collate(chosen, spec=SPEC)
+    paths = [p for s in chosen for p in s.images]
+    assert mb.pixel_values.shape == (6, 3, IMAGE_SIZE, IMAGE_SIZE) and mb.image_sizes.shape == (6, 2)
+    for k, p in enumerate(paths):
+        with Image.open(p) as img:
+            assert torch.equal(mb.pixel_values[k], preprocess(img.convert("RGB"), size=IMAGE_SIZE, mode="pad"))
+            assert mb.image_sizes[k].tolist() == [img.height, img.width]
+    model = engine.load(assets.model_dir, dtype=torch.float32, kernel_backend="torch")
+    with torch.no_grad():
+        x = model.embed(mb.input_ids, mb.pixel_values)                    # (T, D)
+        rows = model.encode_images(mb.pixel_values)                       # (6·S, D), image order
+    S = assets.image_seq_len
+    runs = _runs(mb.input_ids.tolist(), assets.image_token_id)
+    assert len(runs) == 6                                                 # a sequence boundary splits runs
+    for k, (b, e) in enumerate(runs):
+        assert torch.equal(x[b:e], rows[k * S:(k + 1) * S])
+    text = mb.input_ids != assets.image_token_id
+    assert torch.equal(x[text], model.decoder.embed.weight[mb.input_ids[text]])
+
+
+def test_truncation_keeps_whole_images_only(assets, multi):
+    """A cut after the first round of a two-image record keeps the first image only; a cut inside the
+    second image's rows drops the sample."""
+    path, samples = multi
+    full = {s.id: s for s in samples}["multi-rounds"]
+    (b1, e1), (b2, e2) = _runs(full.input_ids, assets.image_token_id)
+    answer_end = _label_segments(full.labels)[0][0] + 2
+    assert e1 < answer_end < b2
+    kept, report = load_tiny(assets, path, max_length=b2, truncate=True)       # just before image 2
+    got = {s.id: s for s in kept}["multi-rounds"]
+    assert "multi-rounds" in report.truncated and got.images == full.images[:1]
+    assert got.input_ids == full.input_ids[:b2] and got.labels == full.labels[:b2]
+    mb = collate([got], spec=SPEC)
+    assert mb.pixel_values.shape[0] == 1
+    kept, report = load_tiny(assets, path, max_length=b2 + 1, truncate=True)   # one row of image 2
+    assert "multi-rounds" in report.too_long and "multi-rounds" not in {s.id for s in kept}
+    kept, report = load_tiny(assets, path, max_length=e2, truncate=True)       # all of image 2, no answer
+    assert "multi-rounds" in report.truncated
+    assert {s.id: s for s in kept}["multi-rounds"].images == full.images
+
+
+@pytest.mark.parametrize("image,marker_text,error", [
+    (["train/000000.png", "train/000001.png"], "<image>\nOne marker?", "1 <image> markers but 2 images"),
+    (["train/000000.png"], "<image>\n<image>\nTwo markers?", "2 <image> markers but 1 images"),
+    ([], "<image>\nA marker?", "1 <image> markers but 0 images"),
+    (["train/000000.png", "train/nope.png"], "<image><image> Two?", "image 2 of 2 file {folder}/train/nope.png"),
+    (["train/000000.png", "{garbage}"], "<image><image> Two?", "cannot read image 2 of 2 {garbage}"),
+    (["train/000000.png", 3], "<image><image> Two?", "'image' must be a file name or a list of file names"),
+    ({"a": 1}, "<image> One?", "'image' must be a file name or a list of file names"),
+])
+def test_bad_multi_image_record_names_the_record(assets, tmp_path, image, marker_text, error):
+    garbage = os.path.join(tmp_path, "garbage.png")
+    with open(garbage, "wb") as f:
+        f.write(b"not an image")
+    fill = lambda x: x.format(garbage=garbage, folder=assets.image_folder) if isinstance(x, str) else x  # noqa: E731
+    image = [fill(x) for x in image] if isinstance(image, list) else image
+    data = os.path.join(tmp_path, "bad.json")
+    with open(data, "w") as f:
+        json.dump([{"id": "bad-multi", "image": image, "conversations": [
+            {"from": "human", "value": marker_text}, {"from": "gpt", "value": "Yes."}]}], f)
+    with pytest.raises(BadRecord) as e:
+        load_tiny(assets, data)
+    assert f"{data}: record bad-multi: " in str(e.value) and fill(error) in str(e.value), str(e.value)
+
+
+def test_anyres_rows_per_image_come_from_each_image_size(assets, tmp_path):
+    """With grid pinpoints, each image's run is ``cfg.image_rows(h, w)`` of that image's own size, read from
+    its file: three sizes/aspect ratios → three different run lengths in one record, in marker order."""
+    from engine.config import from_hf
+
+    cfg = from_hf(assets.model_dir).replace(image_grid_pinpoints=((28, 56), (56, 28), (56, 56)))
+    sizes = [(20, 60), (50, 17), (41, 41)]                              # (height, width): wide, tall, square
+    names = []
+    for k, (h, w) in enumerate(sizes):
+        names.append(f"anyres-{k}.png")
+        Image.new("RGB", (w, h), (40 * k, 90, 200)).save(tmp_path / names[-1])
+    data = tmp_path / "anyres.json"
+    data.write_text(json.dumps([{"id": "anyres-3", "image": names, "conversations": [
+        {"from": "human", "value": "<image> <image> <image> Which is square?"}, {"from": "gpt", "value": "C"}]}]))
+    (s,), _ = load_tiny(assets, str(data), image_folder=str(tmp_path), image_rows=cfg.image_rows)
+    want = [cfg.image_rows(h, w) for h, w in sizes]
+    assert len(set(want)) == 3 and min(want) > cfg.image_seq_len
+    assert [e - b for b, e in _runs(s.input_ids, assets.image_token_id)] == want
 
 
 # --------------------------------------------------------------------------- bad records
@@ -170,13 +323,13 @@ def test_image_that_fails_to_decode_names_record_and_file(assets, tmp_path, samp
     """A file whose header reads but whose pixels do not passes loading and fails when collated."""
     victim = samples[0]
     broken = os.path.join(tmp_path, "truncated.png")
-    with open(victim.image, "rb") as f:
+    with open(victim.images[0], "rb") as f:
         payload = f.read()
     with open(broken, "wb") as f:
         f.write(payload[:len(payload) // 2])
     with Image.open(broken) as img:
         assert img.size == (IMAGE_SIZE, IMAGE_SIZE)                 # the header is intact
-    bad = Sample(victim.id, victim.input_ids, victim.labels, broken)
+    bad = Sample(victim.id, victim.input_ids, victim.labels, (broken,))
     with pytest.raises(BadRecord) as e:
-        collate([samples[1], bad], image_size=IMAGE_SIZE)
+        collate([samples[1], bad], spec=SPEC)
     assert victim.id in str(e.value) and broken in str(e.value)

@@ -12,15 +12,28 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 
 import pytest
 import torch
-from helpers import IMAGE_SIZE, assert_close_rule, hf_model, rel_err
-from transformers import AutoTokenizer, LlavaForConditionalGeneration
+from helpers import (
+    ANYRES_IMAGE_SIZES,
+    ANYRES_PINPOINTS,
+    IMAGE_SIZE,
+    SPEC,
+    assert_close_rule,
+    hf_model,
+    load_tiny,
+    rel_err,
+    write_anyres_data,
+    write_multi_image_data,
+)
+from transformers import AutoTokenizer, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration
 
 import engine
 from engine.conversation import IGNORE_INDEX
+from engine.image import ImageSpec
 from engine.weights import to_hf_state
 from train.checkpoint import latest_checkpoint, remove_stale_temporaries
 from train.data import collate
@@ -58,7 +71,7 @@ def hf_module_name(v4_key: str) -> str:
     for old, new in (("language_model.model.", "model.language_model."),
                      ("language_model.lm_head.", "lm_head."),
                      ("multi_modal_projector.", "model.multi_modal_projector."),
-                     ("vision_tower.", "model.vision_tower.")):
+                     ("vision_tower.", "model.vision_tower."), ("image_newline", "model.image_newline")):
         if v4_key.startswith(old):
             return new + v4_key[len(old):]
     raise AssertionError(f"unexpected export key {v4_key}")
@@ -80,10 +93,15 @@ def padded_hf_batch(batch, pad_id: int):
 # --------------------------------------------------------------------------- parity with transformers
 
 
-def test_stage2_step_matches_transformers(assets, hf_dir, samples, tmp_path):
-    batch = [samples[2], samples[-1], samples[5], samples[-3]]      # image, text, image, text: lengths differ
+@pytest.mark.parametrize("images", ["one", "several"])
+def test_stage2_step_matches_transformers(assets, hf_dir, samples, tmp_path, images):
+    if images == "one":
+        batch = [samples[2], samples[-1], samples[5], samples[-3]]  # image, text, image, text: lengths differ
+    else:   # 3 images, text, 2 images in two rounds, 1 image: one tower call over all 6, in order
+        multi = {s.id: s for s in load_tiny(assets, write_multi_image_data(assets, str(tmp_path)))[0]}
+        batch = [multi["multi-three"], multi["multi-text"], multi["multi-rounds"], multi["multi-string"]]
     assert len({s.length for s in batch}) > 1
-    mb = collate(batch, image_size=IMAGE_SIZE)
+    mb = collate(batch, spec=SPEC)
 
     hf = LlavaForConditionalGeneration.from_pretrained(hf_dir, attn_implementation="sdpa").train()
     for name, p in hf.named_parameters():
@@ -111,6 +129,66 @@ def test_stage2_step_matches_transformers(assets, hf_dir, samples, tmp_path):
     assert compared == len(grads)
 
 
+def hf_llava_next(vocab: int, image_token: int, path: str) -> str:
+    """A random tiny LlavaNextForConditionalGeneration on the assets' tower shape (28 px, patch 14) with small
+    pinpoints, its norms, biases, class embedding and image_newline perturbed; saved to ``path``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    torch.manual_seed(0)
+    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                          image_size=IMAGE_SIZE, patch_size=14, hidden_act="quick_gelu")
+    tc = LlamaConfig(vocab_size=vocab, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5)
+    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=image_token, vision_feature_layer=-2,
+                          vision_feature_select_strategy="default", image_grid_pinpoints=ANYRES_PINPOINTS)
+    model = LlavaNextForConditionalGeneration(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith("bias") or "class_embedding" in name or "image_newline" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.save_pretrained(path)
+    return path
+
+
+def test_anyres_stage2_step_matches_transformers_llava_next(assets, tmp_path):
+    """AnyRes training through the packed path: records with 0-2 images of different sizes and aspect ratios,
+    every tile of every image in one pixel tensor, ``image_sizes`` through the loop's forward; loss and every
+    trainable gradient (projector, image_newline, decoder) equal transformers' LlavaNext on the padded batch."""
+    tok = AutoTokenizer.from_pretrained(assets.tok_dir)
+    path = hf_llava_next(len(tok), assets.image_token_id, str(tmp_path / "hf_next"))
+    ours = ours_for_training(path)
+    cfg = ours.config
+    assert cfg.anyres and ours.image_newline.requires_grad
+    data = write_anyres_data(str(tmp_path))
+    batch, report = load_tiny(assets, data, image_folder=str(tmp_path), image_rows=cfg.image_rows)
+    assert len(batch) == 4 and not report.skipped
+    sizes = [(h, w) for h, w in ANYRES_IMAGE_SIZES]
+    assert len({cfg.image_rows(h, w) for h, w in sizes}) == len(sizes)    # every image a different run length
+    mb = collate(batch, spec=ImageSpec.from_config(cfg))
+    tiles = [cfg.image_tiles(h, w) for h, w in sizes]
+    assert mb.image_sizes.tolist() == [list(s) for s in sizes] and mb.pixel_values.shape[0] == sum(tiles)
+
+    hf = LlavaNextForConditionalGeneration.from_pretrained(path, attn_implementation="sdpa").train()
+    for name, p in hf.named_parameters():
+        p.requires_grad_("vision_tower" not in name)
+    ids, mask, labels = padded_hf_batch(batch, pad_id=tok.pad_token_id)
+    per_image = torch.zeros(len(sizes), max(tiles), 3, IMAGE_SIZE, IMAGE_SIZE)   # HF: [N, K_max, 3, S, S]
+    for i, t in enumerate(mb.pixel_values.split(tiles)):
+        per_image[i, :len(t)] = t
+    ref = hf(input_ids=ids, attention_mask=mask, pixel_values=per_image, image_sizes=mb.image_sizes,
+             labels=labels).loss
+    ref.backward()
+
+    loss, _ = micro_loss(ours, mb, mb.num_targets, loop_cfg(tmp_path), NO_AUTOCAST)
+    loss.backward()
+    assert rel_err(loss, ref) <= 1e-5, (float(loss), float(ref))
+    grads = {n: p.grad for n, p in ours.named_parameters() if p.requires_grad}
+    assert "image_newline" in grads and all(g is not None for g in grads.values())
+    hf_params = dict(hf.named_parameters())
+    for key, g in to_hf_state(grads, cfg).items():
+        assert_close_rule(g, hf_params[hf_module_name(key)].grad, what=f"grad of {key}")
+
+
 # --------------------------------------------------------------------------- packing
 
 
@@ -119,11 +197,11 @@ def test_packed_loss_is_token_weighted_mean_of_samples(assets, samples, tmp_path
     batch = [samples[0], samples[-2], samples[3], samples[7]]
     cfg = loop_cfg(tmp_path)
     with torch.no_grad():
-        mb = collate(batch, image_size=IMAGE_SIZE)
+        mb = collate(batch, spec=SPEC)
         packed, _ = micro_loss(model, mb, mb.num_targets, cfg, NO_AUTOCAST)
         total, count = torch.zeros((), dtype=torch.float64), 0
         for s in batch:
-            one = collate([s], image_size=IMAGE_SIZE)
+            one = collate([s], spec=SPEC)
             alone, _ = micro_loss(model, one, one.num_targets, cfg, NO_AUTOCAST)
             total += alone.double() * one.num_targets
             count += one.num_targets
@@ -134,7 +212,7 @@ def test_packed_loss_is_token_weighted_mean_of_samples(assets, samples, tmp_path
 def test_no_attention_across_sequence_boundaries(assets, samples):
     model = ours_for_training(assets.model_dir).eval()
     batch = [samples[0], samples[4], samples[-1]]                    # the middle one is changed below
-    mb = collate(batch, image_size=IMAGE_SIZE)
+    mb = collate(batch, spec=SPEC)
 
     def logits(batch, ids=None, pixels=None):
         ids = batch.input_ids if ids is None else ids
@@ -158,7 +236,7 @@ def test_no_attention_across_sequence_boundaries(assets, samples):
     # And each sequence's rows equal the sequence run on its own.
     for k, s in enumerate(batch):
         lo, hi = mb.cu_seqlens[k].item(), mb.cu_seqlens[k + 1].item()
-        alone = logits(collate([s], image_size=IMAGE_SIZE))
+        alone = logits(collate([s], spec=SPEC))
         assert rel_err(base[lo:hi], alone) <= 1e-6
 
 
@@ -168,13 +246,13 @@ def test_no_attention_across_sequence_boundaries(assets, samples):
 def test_accumulated_micro_batches_equal_one_batch(assets, samples, tmp_path):
     batch = [samples[i] for i in (0, 1, 2, 3, 4, 5, 6, 7)]
     cfg = loop_cfg(tmp_path)
-    n = sum(collate([s], image_size=IMAGE_SIZE).num_targets for s in batch)
+    n = sum(collate([s], spec=SPEC).num_targets for s in batch)
 
     def grads(groups):
         model = ours_for_training(assets.model_dir)
         total = 0.0
         for g in groups:
-            loss, _ = micro_loss(model, collate(g, image_size=IMAGE_SIZE), n, cfg, NO_AUTOCAST)
+            loss, _ = micro_loss(model, collate(g, spec=SPEC), n, cfg, NO_AUTOCAST)
             loss.backward()
             total += float(loss.detach())
         return total, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
@@ -189,7 +267,7 @@ def test_accumulated_micro_batches_equal_one_batch(assets, samples, tmp_path):
 
 def test_loop_step_does_not_depend_on_the_micro_batch_split(assets, samples, tmp_path):
     """One optimizer step of 4 samples as 1 micro-batch and as 4: same loss, grad-norm and weights."""
-    image_samples = [s for s in samples if s.image is not None][:4]
+    image_samples = [s for s in samples if s.images][:4]
     runs = {}
     for name, budget in (("one", 100_000), ("four", 1)):             # budget 1: one sample per micro-batch
         model = ours_for_training(assets.model_dir)
@@ -205,6 +283,24 @@ def test_loop_step_does_not_depend_on_the_micro_batch_split(assets, samples, tmp
     assert abs(m1["grad_norm"] - m4["grad_norm"]) <= 1e-6 * m1["grad_norm"]
     for k in p1:
         assert rel_err(p4[k], p1[k]) <= 1e-6, k
+
+
+def test_loop_trains_on_multi_image_records(assets, tmp_path):
+    """Two optimizer steps over records with 1-3 images each (several per micro-batch) run, and the
+    images reach the loss: the projector gets a gradient and the loss is finite."""
+    data = write_multi_image_data(assets, str(tmp_path))
+    multi = [s for s in load_tiny(assets, data)[0] if s.images]
+    assert sum(len(s.images) for s in multi) > len(multi)
+    model = ours_for_training(assets.model_dir)
+    before = model.projector.linear_1.weight.detach().clone()
+    cfg = loop_cfg(tmp_path / "run", global_batch=3, max_steps=2)
+    result = train(model, multi, cfg, device=torch.device("cpu"), tokenizer_dir=assets.tok_dir)
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert result.steps_done == 2 and [r["step"] for r in rows] == [1, 2]
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 for r in rows)
+    assert sum(r["tokens"] for r in rows) == sum(s.length for s in multi)   # 3 + 2 samples: all of them
+    assert not torch.equal(model.projector.linear_1.weight, before)
 
 
 # --------------------------------------------------------------------------- schedule and checkpoint helpers
@@ -244,7 +340,7 @@ def test_fused_kernels_give_the_reference_loss_curve(assets, samples, tmp_path, 
     monkeypatch.setenv("LLAVA_KERNEL_BACKEND", "triton")   # what --fused picks on a GPU, forced on CPU
     from llava_kernels import dispatch
     assert set(dispatch.describe(torch.device("cpu")).values()) == {"triton"}
-    image_samples = [s for s in samples if s.image is not None][:6]
+    image_samples = [s for s in samples if s.images][:6]
     curves, weights = {}, {}
     for fused in (False, True):
         model = ours_for_training(assets.model_dir)

@@ -26,6 +26,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 SCRIPT = """import contextlib, dataclasses, json, sys, torch, torch.distributed as dist
 import engine
 from transformers import AutoTokenizer
+from engine.image import ImageSpec
 from train.data import collate, load_samples
 from train.distributed import shard_model
 from train.loop import LoopConfig, micro_loss
@@ -63,8 +64,8 @@ model_dir, data, folder, out = sys.argv[1:5]
 tok = AutoTokenizer.from_pretrained(model_dir)
 ref = engine.load(model_dir, dtype=torch.float32, kernel_backend="torch")
 samples, _ = load_samples(data, tok, template="vicuna_v1", image_token_id=ref.config.image_token_id,
-                          image_seq_len=ref.config.image_seq_len, image_folder=folder, max_length=2048)
-mb = collate(samples[rank * 3: rank * 3 + 3], image_size=int(sys.argv[5]))
+                          image_rows=ref.config.image_rows, image_folder=folder, max_length=2048)
+mb = collate(samples[rank * 3: rank * 3 + 3], spec=ImageSpec(size=int(sys.argv[5])))
 cfg = LoopConfig(output="/tmp/unused", lr=1e-3, global_batch=3)
 result = {}
 for name in ("fp32", "autocast", "bf16", "fsdp_mp"):

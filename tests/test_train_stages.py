@@ -27,9 +27,9 @@ import torch
 import torch.distributed.checkpoint as dcp
 from helpers import (
     ENV,
-    IMAGE_SIZE,
     KILL_DURING_SECOND_SAVE,
     REPO,
+    SPEC,
     load_tiny,
     metrics,
     ok,
@@ -124,7 +124,7 @@ def test_stage1_then_stage2_cli(assets, tmp_path):
     tok = AutoTokenizer.from_pretrained(f"{s2}/final")
     assert tok.convert_tokens_to_ids("<image>") == assets.image_token_id
     sample = load_tiny(assets, assets.image_data)[0][0]
-    mb = collate([sample], image_size=IMAGE_SIZE)
+    mb = collate([sample], spec=SPEC)
     with torch.no_grad():
         got = ours(mb.input_ids[None], mb.pixel_values)
         ref = hf(input_ids=mb.input_ids[None], pixel_values=mb.pixel_values).logits
@@ -205,9 +205,9 @@ def test_undecodable_image_stops_the_run_naming_it_and_keeps_what_was_written(as
     shutil.copytree(assets.image_folder, folder)
     samples = load_tiny(assets, assets.mixed_data)[0]
     plan = plan_steps(samples, global_batch=1, seed=0, epoch=0)
-    victim = next(samples[s[0]] for s in plan[2:] if samples[s[0]].image is not None)
+    victim = next(samples[s[0]] for s in plan[2:] if samples[s[0]].images)
     victim_step = next(k for k, s in enumerate(plan) if samples[s[0]] is victim)
-    path = os.path.join(folder, os.path.relpath(victim.image, assets.image_folder))
+    path = os.path.join(folder, os.path.relpath(victim.images[0], assets.image_folder))
     with open(path, "rb") as f:
         payload = f.read()
     with open(path, "wb") as f:

@@ -2,6 +2,10 @@
 
 Letters: T packed tokens of a micro-batch, B sequences in it, N images in it, S rows per image.
 
+A record holds any number of images: LLaVA's ``"image": "a.png"`` (one) or ``"image": ["a.png",
+"b.png"]`` (several, in the order of the conversation's ``<image>`` markers). A micro-batch's images
+of all its samples go to the vision tower in one call, in placeholder order.
+
 A plan is built once per epoch and is a pure function of (samples, seed, epoch, sizes): the
 samples are shuffled, grouped by modality (image / text-only) and length as upstream's
 ``group_by_modality_length`` does, cut into optimizer steps of ``global_batch`` samples, and
@@ -13,13 +17,14 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
 from PIL import Image
 
 from engine.conversation import IGNORE_INDEX, IMAGE_TOKEN, get_template, tokenize_conversation
-from engine.image import preprocess
+from engine.image import ImageSpec
 from engine.model import pack_cu_seqlens
 
 
@@ -32,7 +37,10 @@ class Sample:
     id: str
     input_ids: list[int]
     labels: list[int]                 # aligned with input_ids (HF convention); shifted when packed
-    image: str | None                 # absolute path, or None for a text-only sample
+    images: tuple[str, ...] = ()      # absolute paths in <image> marker order; () for a text-only sample
+
+    def __post_init__(self):
+        assert isinstance(self.images, tuple) and all(isinstance(p, str) for p in self.images), self.images
 
     @property
     def length(self) -> int:
@@ -75,8 +83,20 @@ def read_records(path: str) -> list[dict]:
     return records
 
 
-def _validate(rec, index: int, image_folder: str | None) -> tuple[str, str | None]:
-    """(id, absolute image path or None); raises BadRecord naming the record."""
+def _image_names(rec: dict, rid: str) -> list[str]:
+    """The record's image file names: none, one (a string) or a list of them, in marker order."""
+    image = rec.get("image")
+    if image is None:
+        return []
+    names = [image] if isinstance(image, str) else image
+    if not isinstance(names, list) or not all(isinstance(n, str) and n for n in names):
+        raise BadRecord(f"record {rid}: 'image' must be a file name or a list of file names, got "
+                        f"{type(image).__name__} {str(image)[:80]}")
+    return names
+
+
+def _validate(rec, index: int, image_folder: str | None) -> tuple[str, list[str], list[tuple[int, int]]]:
+    """(id, absolute image paths, (height, width) of each); raises BadRecord naming the record."""
     if not isinstance(rec, dict):
         raise BadRecord(f"record #{index} is not an object")
     rid = str(rec.get("id", f"#{index}"))
@@ -86,31 +106,48 @@ def _validate(rec, index: int, image_folder: str | None) -> tuple[str, str | Non
     if not any(isinstance(t, dict) and t.get("from") == "gpt" for t in convs):
         raise BadRecord(f"record {rid}: the conversation has no assistant ('gpt') turn")
     markers = sum(str(t.get("value", "")).count(IMAGE_TOKEN) for t in convs if isinstance(t, dict))
-    image = rec.get("image")
-    n_images = 0 if image is None else 1
-    if markers != n_images:
-        raise BadRecord(f"record {rid}: {markers} {IMAGE_TOKEN} markers but {n_images} images")
-    if image is None:
-        return rid, None
-    full = os.path.join(image_folder or "", image)
-    if not os.path.isfile(full):
-        raise BadRecord(f"record {rid}: image file {full} does not exist")
-    try:   # the header only (no decoding): catches files that are not images before training starts
-        with Image.open(full) as img:
-            img.size  # noqa: B018
-    except (OSError, ValueError) as e:
-        raise BadRecord(f"record {rid}: cannot read image {full} ({e})") from e
-    return rid, full
+    names = _image_names(rec, rid)
+    if markers != len(names):
+        raise BadRecord(f"record {rid}: {markers} {IMAGE_TOKEN} markers but {len(names)} images")
+    paths, sizes = [], []
+    for k, name in enumerate(names):
+        full = os.path.join(image_folder or "", name)
+        which = f"image {k + 1} of {len(names)}" if len(names) > 1 else "image"
+        if not os.path.isfile(full):
+            raise BadRecord(f"record {rid}: {which} file {full} does not exist")
+        try:   # the header only (no decoding): catches files that are not images before training starts
+            with Image.open(full) as img:
+                width, height = img.size
+        except (OSError, ValueError) as e:
+            raise BadRecord(f"record {rid}: cannot read {which} {full} ({e})") from e
+        paths.append(full)
+        sizes.append((height, width))
+    return rid, paths, sizes
 
 
-def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, image_seq_len: int,
+def _cut_images(rows: list[int], kept_rows: int) -> int | None:
+    """How many whole images ``kept_rows`` placeholder tokens hold (images of ``rows`` rows each, in
+    order), or None when the count ends inside an image."""
+    total = 0
+    for k, r in enumerate(rows):
+        if total == kept_rows:
+            return k
+        total += r
+    return len(rows) if total == kept_rows else None
+
+
+def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, image_rows: Callable[[int, int], int],
                  image_folder: str | None = None, max_length: int = 2048, truncate: bool = False,
                  on_bad_record: str = "error", answer_first: bool = False) -> tuple[list[Sample], LoadReport]:
     """Validate and tokenize every record up front.
 
+    ``image_rows(height, width)``: the placeholder rows of one image of that original size (the
+    model's ``LlavaConfig.image_rows``: image_seq_len, or AnyRes's count); each image's size comes
+    from its file header, so every image of a record gets its own run length.
     ``on_bad_record``: "error" raises the first BadRecord; "skip" records it in the report.
     Over-long samples (> ``max_length`` tokens) are dropped (counted), or with ``truncate``
-    cut at ``max_length`` unless that would split an image's rows or leave no target.
+    cut at ``max_length`` unless that would split an image's rows or leave no target; images
+    whose rows the cut removes entirely leave the sample with them.
     ``answer_first`` reorders reasoning answers ("... The answer is X." → answer first).
     """
     if on_bad_record not in ("error", "skip"):
@@ -119,7 +156,7 @@ def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, im
     report, samples = LoadReport(), []
     for i, rec in enumerate(read_records(path)):
         try:
-            rid, image = _validate(rec, i, image_folder)
+            rid, images, sizes = _validate(rec, i, image_folder)
             convs = rec["conversations"]
             if answer_first:
                 convs = [dict(t, value=answer_first_order(t["value"])) if t.get("from") == "gpt" else t
@@ -127,8 +164,9 @@ def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, im
             if template == "plain":
                 convs = convs[:2]
             try:
+                rows = [image_rows(h, w) for h, w in sizes]
                 tok = tokenize_conversation(tokenizer, tmpl, convs, image_token_id=image_token_id,
-                                            image_seq_len=image_seq_len)
+                                            image_seq_len=rows)
             except ValueError as e:
                 raise BadRecord(f"record {rid}: {e}") from e
         except BadRecord as e:
@@ -138,13 +176,13 @@ def load_samples(path: str, tokenizer, *, template: str, image_token_id: int, im
             continue
         ids, labels = tok.input_ids, tok.labels
         if len(ids) > max_length:
-            cut_inside_image = ids[max_length - 1] == image_token_id == ids[max_length]
-            if not truncate or cut_inside_image or all(x == IGNORE_INDEX for x in labels[1:max_length]):
+            whole = _cut_images(rows, ids[:max_length].count(image_token_id))
+            if not truncate or whole is None or all(x == IGNORE_INDEX for x in labels[1:max_length]):
                 report.too_long.append(rid)
                 continue
-            ids, labels = ids[:max_length], labels[:max_length]
+            ids, labels, images = ids[:max_length], labels[:max_length], images[:whole]
             report.truncated.append(rid)
-        samples.append(Sample(rid, ids, labels, image))
+        samples.append(Sample(rid, ids, labels, tuple(images)))
     return samples, report
 
 
@@ -168,8 +206,8 @@ def plan_steps(samples: list[Sample], *, global_batch: int, seed: int, epoch: in
     so packed micro-batches are full. The last incomplete step is kept.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
-    groups = [[i for i, s in enumerate(samples) if s.image is not None],
-              [i for i, s in enumerate(samples) if s.image is None]]
+    groups = [[i for i, s in enumerate(samples) if s.images],      # one or several images
+              [i for i, s in enumerate(samples) if not s.images]]
     steps = []
     for group in groups:
         rng.shuffle(group)
@@ -215,8 +253,9 @@ class MicroBatch:
     cu_seqlens: torch.Tensor     # (B+1,) int32
     position_ids: torch.Tensor   # (T,) int64
     max_seqlen: int
-    pixel_values: torch.Tensor | None  # (N, 3, H, W)
+    pixel_values: torch.Tensor | None  # (ΣK, 3, S, S): every tile of every image of every sample, in order
     ids: list[str]
+    image_sizes: torch.Tensor | None = None   # (N, 2) int64: each image's original (height, width)
 
     @property
     def num_targets(self) -> int:
@@ -227,12 +266,14 @@ class MicroBatch:
         non-blocking host-to-GPU copies overlap with compute."""
         pin = lambda t: None if t is None else t.pin_memory()  # noqa: E731
         return MicroBatch(pin(self.input_ids), pin(self.targets), pin(self.cu_seqlens), pin(self.position_ids),
-                          self.max_seqlen, pin(self.pixel_values), self.ids)
+                          self.max_seqlen, pin(self.pixel_values), self.ids,
+                          pin(self.image_sizes))
 
     def to(self, device) -> MicroBatch:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return MicroBatch(move(self.input_ids), move(self.targets), move(self.cu_seqlens), move(self.position_ids),
-                          self.max_seqlen, move(self.pixel_values), self.ids)
+                          self.max_seqlen, move(self.pixel_values), self.ids,
+                          move(self.image_sizes))
 
 
 def shifted_targets(labels: list[int]) -> list[int]:
@@ -240,29 +281,34 @@ def shifted_targets(labels: list[int]) -> list[int]:
     return labels[1:] + [IGNORE_INDEX]
 
 
-def collate(samples: list[Sample], *, image_size: int, image_mode: str = "pad") -> MicroBatch:
-    """Pack samples (decoding their images) into one MicroBatch."""
-    ids, targets, pixels = [], [], []
+def collate(samples: list[Sample], *, spec: ImageSpec) -> MicroBatch:
+    """Pack samples (decoding their images) into one MicroBatch: every tile of every image of all the
+    samples, in order, is one pixel tensor [ΣK, 3, S, S] (``spec.preprocess_image``: K = 1 per image, or
+    AnyRes's base + grid tiles), so the vision tower encodes them in one call; ``image_sizes`` [N, 2]
+    holds each image's original (height, width), from which the model finds its tiles and rows."""
+    ids, targets, pixels, sizes = [], [], [], []
     for s in samples:
         ids += s.input_ids
         targets += shifted_targets(s.labels)
-        if s.image is not None:
+        for path in s.images:
             try:
-                with Image.open(s.image) as img:
-                    pixels.append(preprocess(img.convert("RGB"), size=image_size, mode=image_mode))
+                with Image.open(path) as img:
+                    sizes.append((img.height, img.width))
+                    pixels.append(spec.preprocess_image(img))          # (K, 3, S, S)
             except (OSError, ValueError) as e:
-                raise BadRecord(f"record {s.id}: cannot read image {s.image} ({e})") from e
+                raise BadRecord(f"record {s.id}: cannot read image {path} ({e})") from e
     cu, pos, max_len = pack_cu_seqlens([s.length for s in samples])
     return MicroBatch(torch.tensor(ids, dtype=torch.long), torch.tensor(targets, dtype=torch.long), cu, pos,
-                      max_len, torch.stack(pixels) if pixels else None, [s.id for s in samples])
+                      max_len, torch.cat(pixels) if pixels else None, [s.id for s in samples],
+                      torch.tensor(sizes, dtype=torch.long) if sizes else None)
 
 
-def padding_micro_batch(sample: Sample, *, image_size: int, image_mode: str = "pad") -> MicroBatch:
+def padding_micro_batch(sample: Sample, *, spec: ImageSpec) -> MicroBatch:
     """``sample`` with no target and no id: keeps ranks' collective calls in step when one rank
     has fewer micro-batches than another; it contributes nothing to loss or gradients. A real
     sample of the step (not a one-token stub) so the rank runs the same modules as the others:
     FSDP reduce-scatters only parameters that received a gradient (the projector needs an image)."""
-    mb = collate([sample], image_size=image_size, image_mode=image_mode)
+    mb = collate([sample], spec=spec)
     return replace(mb, targets=torch.full_like(mb.targets, IGNORE_INDEX), ids=[])
 
 
@@ -270,11 +316,9 @@ class StepDataset(torch.utils.data.Dataset):
     """Item k = the micro-batches of optimizer step ``first_step + k`` for this rank, collated in a
     DataLoader worker (image decoding off the training thread)."""
 
-    def __init__(self, samples, steps, *, max_tokens, image_size, rank=0, world=1, first_step=0,
-                 image_mode="pad"):
+    def __init__(self, samples, steps, *, max_tokens, spec: ImageSpec, rank=0, world=1, first_step=0):
         self.samples, self.steps, self.first = samples, steps, first_step
-        self.max_tokens, self.image_size, self.rank, self.world = max_tokens, image_size, rank, world
-        self.image_mode = image_mode
+        self.max_tokens, self.spec, self.rank, self.world = max_tokens, spec, rank, world
 
     def __len__(self):
         return len(self.steps) - self.first
@@ -291,11 +335,9 @@ class StepDataset(torch.utils.data.Dataset):
         groups = per_rank[self.rank]
         # Every rank runs as many micro-batches as the busiest one (collectives stay matched).
         most = max(map(len, per_rank))
-        mbs = [collate([self.samples[i] for i in g], image_size=self.image_size, image_mode=self.image_mode)
-               for g in groups]
+        mbs = [collate([self.samples[i] for i in g], spec=self.spec) for g in groups]
         if len(mbs) < most:   # steps are single-modality, so the step's first sample matches the others
-            pad = padding_micro_batch(self.samples[self.steps[step][0]], image_size=self.image_size,
-                                      image_mode=self.image_mode)
+            pad = padding_micro_batch(self.samples[self.steps[step][0]], spec=self.spec)
             mbs += [pad] * (most - len(mbs))
         return step, mbs
 

@@ -11,6 +11,12 @@
 
 On a CPU the fused kernels fall back to the torch reference with a one-line notice (the
 Triton interpreter is far too slow for training); on a GPU ``--fused`` uses them.
+
+``--anyres``: the same run as LLaVA-1.6 (NeXT): the tower tiles each image over the grid pinpoints
+(1×2, 2×1, 2×2 tiles of the tower's size, ``anyres_pinpoints``) and the images have varied sizes and
+aspect ratios (``anyres_image_sizes``), so every image has its own tile grid and row count; training
+takes every tile of every image of a micro-batch in one tower call, and the evaluation generates with
+``image_sizes``.
 """
 from __future__ import annotations
 
@@ -26,7 +32,7 @@ from PIL import Image
 import llava_kernels
 from engine.config import LlavaConfig, TextConfig, VisionConfig
 from engine.conversation import generation_prompt, get_template
-from engine.image import preprocess
+from engine.image import ImageSpec
 from engine.io import write_text_atomic
 from engine.model import Llava
 from train.data import load_samples
@@ -47,13 +53,27 @@ class DefaultSizes:
     max_tokens_per_batch: int = 4096
 
 
-def tiny_llava(vocab_size: int, image_token_id: int, image_size: int) -> LlavaConfig:
+def anyres_pinpoints(image_size: int) -> tuple[tuple[int, int], ...]:
+    """(height, width) grids of the ``--anyres`` default: 1×2, 2×1 and 2×2 tiles of the tower's size."""
+    s = image_size
+    return ((s, 2 * s), (2 * s, s), (2 * s, 2 * s))
+
+
+def anyres_image_sizes(image_size: int) -> tuple[tuple[int, int], ...]:
+    """(height, width) of the ``--anyres`` default's images: wide, tall, square at 1.5× and at 1×, and an
+    odd 5:8 size, so the chosen grids (and the unpadded feature maps) differ."""
+    s = image_size
+    return ((s, 2 * s), (2 * s, s), (3 * s // 2, 3 * s // 2), (s, s), (5 * s // 4, 2 * s))
+
+
+def tiny_llava(vocab_size: int, image_token_id: int, image_size: int, *, anyres: bool = False) -> LlavaConfig:
     return LlavaConfig(
         vision=VisionConfig(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=4, image_size=image_size,
                             patch_size=8),
         text=TextConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_layers=3, num_heads=4,
                         num_kv_heads=2, head_dim=32, max_position_embeddings=1024),
-        projector_type="mlp2x_gelu", image_token_id=image_token_id)
+        projector_type="mlp2x_gelu", image_token_id=image_token_id,
+        image_grid_pinpoints=anyres_pinpoints(image_size) if anyres else ())
 
 
 def caption_records(captions_jsonl: str, out: str) -> str:
@@ -72,23 +92,26 @@ def caption_records(captions_jsonl: str, out: str) -> str:
 
 def mc_accuracy(model: Llava, tokenizer, records: list[dict], image_folder: str, *,
                 batch: int = 64) -> tuple[float, float]:
-    """Greedy answers to multiple-choice records → (accuracy, chance)."""
+    """Greedy answers to multiple-choice records → (accuracy, chance). Each image is preprocessed as the
+    model's config says (one tile, or AnyRes tiles) and expands to ``image_rows`` of its own size."""
     from engine.generate import generate
 
     template = get_template("vicuna_v1")
-    size = model.config.vision.image_size
+    cfg = model.config
+    spec = ImageSpec.from_config(cfg)
     correct, chance = 0, 0.0
     for k in range(0, len(records), batch):
         chunk = records[k:k + batch]
-        prompts, pixels = [], []
+        prompts, pixels, sizes = [], [], []
         for r in chunk:
-            prompts.append(generation_prompt(tokenizer, template, r["conversations"][:1],
-                                             image_token_id=model.config.image_token_id,
-                                             image_seq_len=model.config.image_seq_len))
             with Image.open(os.path.join(image_folder, r["image"])) as img:
-                pixels.append(preprocess(img.convert("RGB"), size=size, mode="pad"))
-        outs = generate(model, prompts, images=torch.stack(pixels), max_new_tokens=3,
-                        stop_token_ids=[tokenizer.eos_token_id])
+                pixels.append(spec.preprocess_image(img))                        # (K, 3, S, S)
+                sizes.append((img.height, img.width))
+            prompts.append(generation_prompt(tokenizer, template, r["conversations"][:1],
+                                             image_token_id=cfg.image_token_id,
+                                             image_seq_len=[cfg.image_rows(*sizes[-1])]))
+        outs = generate(model, prompts, images=torch.cat(pixels), image_sizes=torch.tensor(sizes),
+                        max_new_tokens=3, stop_token_ids=[tokenizer.eos_token_id])
         for r, out in zip(chunk, outs, strict=True):
             text = tokenizer.decode(out.tokens, skip_special_tokens=True).strip()
             options = re.findall(r"^[A-D]\. ", r["conversations"][0]["value"], flags=re.M)
@@ -98,8 +121,9 @@ def mc_accuracy(model: Llava, tokenizer, records: list[dict], image_folder: str,
 
 
 def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu", seed: int = 0,
-                max_steps: int | None = None, sizes: DefaultSizes | None = None) -> dict:
-    """Run the whole embedded default; returns (and prints) the summary with the accuracy."""
+                max_steps: int | None = None, sizes: DefaultSizes | None = None, anyres: bool = False) -> dict:
+    """Run the whole embedded default (``anyres``: as LLaVA-1.6, see the module docstring); returns (and
+    prints) the summary with the accuracy."""
     from transformers import AutoTokenizer
 
     from engine.tokenizer import build_tiny_tokenizer
@@ -114,7 +138,8 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
               f"kernels on this device: {llava_kernels.dispatch.describe(dev)}", flush=True)
     data_dir, tok_dir = os.path.join(output, "data"), os.path.join(output, "tokenizer")
     data = make_default_instruct(data_dir, num_train=sizes.num_train, num_test=sizes.num_test,
-                                 image_size=sizes.image_size, seed=seed, mc_per_image=sizes.mc_per_image)
+                                 image_size=sizes.image_size, seed=seed, mc_per_image=sizes.mc_per_image,
+                                 sizes=anyres_image_sizes(sizes.image_size) if anyres else ())
     stage1_data = caption_records(data["captions"], os.path.join(data_dir, "stage1.json"))
     stage2_data = os.path.join(data_dir, "stage2.json")
     with open(data["instruct"]) as f, open(data["train_mc"]) as g:
@@ -124,9 +149,9 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     torch.manual_seed(seed)
-    model = Llava(tiny_llava(len(tokenizer), image_token, sizes.image_size),
+    model = Llava(tiny_llava(len(tokenizer), image_token, sizes.image_size, anyres=anyres),
                   kernel_backend=None if fused else "torch").to(dev)
-    kw = dict(image_token_id=image_token, image_seq_len=model.config.image_seq_len, image_folder=data_dir,
+    kw = dict(image_token_id=image_token, image_rows=model.config.image_rows, image_folder=data_dir,
               max_length=512)
     summary = {}
     for stage, path, template, lr, epochs, steps in (
@@ -140,7 +165,8 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
                           max_steps=min(limits) if limits else None, seed=seed, fused=fused, num_workers=0)
         print(f"stage {stage}: {len(samples)} samples ({report.summary()})", flush=True)
         result = train(model, samples, loop, device=dev, tokenizer_dir=tok_dir,
-                       run_config={"embedded_default": True, "stage": stage, "sizes": dataclasses.asdict(sizes)})
+                       run_config={"embedded_default": True, "stage": stage, "anyres": anyres,
+                                   "sizes": dataclasses.asdict(sizes)})
         summary[f"stage{stage}_loss"] = result.last_loss
         summary[f"stage{stage}_steps"] = result.steps_done
     with open(data["test_mc"]) as f:
@@ -149,7 +175,7 @@ def run_default(*, fused: bool, output: str = "runs/default", device: str = "cpu
     acc, chance = mc_accuracy(model, tokenizer, test, data_dir)
     with open(data["train_mc"]) as f:
         blind = image_blind_accuracy(json.load(f), test)
-    summary.update(accuracy=acc, chance=chance, image_blind_best=blind, test_questions=len(test),
+    summary.update(anyres=anyres, accuracy=acc, chance=chance, image_blind_best=blind, test_questions=len(test),
                    seconds=round(time.time() - t0, 1), model=os.path.join(output, "stage2", "final"))
     print(f"held-out multiple-choice accuracy: {acc:.1%} on {len(test)} questions (chance {chance:.1%}; "
           f"best answer per question without the image {blind:.1%}); {summary['seconds']} s", flush=True)

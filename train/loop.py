@@ -26,6 +26,7 @@ import torch.distributed as dist
 
 import llava_kernels
 from engine.attention import resolve_backend
+from engine.image import ImageSpec
 from engine.model import nvtx_range
 from train.checkpoint import (
     export_final,
@@ -113,7 +114,8 @@ def micro_loss(model, mb, num_targets: int, cfg: LoopConfig, autocast):
     """Forward + masked loss of one micro-batch; returns (loss, loss-sum over its targets)."""
     with autocast:
         hidden = model.forward_packed(mb.input_ids, cu_seqlens=mb.cu_seqlens, position_ids=mb.position_ids,
-                                      max_seqlen=mb.max_seqlen, pixel_values=mb.pixel_values)
+                                      max_seqlen=mb.max_seqlen, pixel_values=mb.pixel_values,
+                                      image_sizes=mb.image_sizes)
         kind = hidden.device.type
         dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else hidden.dtype
     with nvtx_range("loss", cfg.nvtx):
@@ -148,16 +150,17 @@ def evaluate(model, dataset: StepDataset, cfg: LoopConfig, autocast, device) -> 
 
 
 def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_dir: str | None = None,
-          eval_samples=None, image_size: int | None = None, run_config: dict | None = None,
+          eval_samples=None, image_spec: ImageSpec | None = None, run_config: dict | None = None,
           resume: bool = False) -> TrainResult:
     """Train the parameters of ``model`` that require grad on ``samples``.
 
     ``run_config`` (the stage's effective flags) is logged as JSON and saved with checkpoints.
+    ``image_spec``: the preprocessing (default: the model's tower size and AnyRes pinpoints, ``cfg.image_mode``).
     """
     rank, world = rank_world()
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    image_size = image_size or model.config.vision.image_size
+    spec = image_spec or ImageSpec.from_config(model.config, mode=cfg.image_mode)
     model.nvtx = cfg.nvtx
     # One switch for every op: the model's projector/scatter and micro_loss's masked loss all read
     # model.kernel_backend (None = the dispatcher's choice, which env overrides can still steer).
@@ -211,8 +214,8 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     if eval_samples and cfg.eval_every:
         eval_steps = [list(range(k, min(k + cfg.global_batch, len(eval_samples))))
                       for k in range(0, len(eval_samples), cfg.global_batch)]
-        eval_ds = StepDataset(eval_samples, eval_steps, max_tokens=cfg.max_tokens_per_batch, image_size=image_size,
-                              rank=rank, world=world, image_mode=cfg.image_mode)
+        eval_ds = StepDataset(eval_samples, eval_steps, max_tokens=cfg.max_tokens_per_batch, spec=spec,
+                              rank=rank, world=world)
 
     progress = Progress(total, cfg.progress)
     last_loss, stopped_by, step = None, 0, first - 1
@@ -220,8 +223,8 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
         for epoch, (start, plan) in enumerate(zip(_epoch_starts(plans), plans, strict=True)):
             if start + len(plan) <= first or start >= total:
                 continue
-            ds = StepDataset(samples, plan, max_tokens=cfg.max_tokens_per_batch, image_size=image_size,
-                             rank=rank, world=world, first_step=max(first - start, 0), image_mode=cfg.image_mode)
+            ds = StepDataset(samples, plan, max_tokens=cfg.max_tokens_per_batch, spec=spec,
+                             rank=rank, world=world, first_step=max(first - start, 0))
             # Worker processes decode images and pack the next steps while this one trains. Its own generator:
             # an iterator draws a seed when created, and from the global RNG that draw would shift the
             # dropout masks (LoRA) of a resumed run, which creates its iterator at another step.

@@ -7,7 +7,8 @@ is a pure function of ``seed``: the same call writes byte-identical files.
 What ``make_shapes_dataset(out_dir, ...)`` writes (all image paths relative to ``out_dir``,
 which is therefore the ``--image-folder`` for training):
 
-- ``train/NNNNNN.png``, ``test/NNNNNN.png``: RGB PNGs, ``image_size`` × ``image_size``.
+- ``train/NNNNNN.png``, ``test/NNNNNN.png``: RGB PNGs, ``image_size`` × ``image_size``, or with
+  ``sizes`` each image's (height, width) drawn from that list (AnyRes: varied aspect ratios).
 - ``captions.jsonl``: one training record per line in our caps/boxes form, the input of
   ``train.make_instruct``: ``{"id", "image", "width", "height", "captions": [5 str],
   "boxes": [{"category": "red circle", "bbox": [x1, y1, x2, y2]}]}`` with integer pixel boxes
@@ -53,7 +54,8 @@ class Shape:
 
 @dataclass(frozen=True, kw_only=True)
 class Scene:
-    size: int
+    width: int
+    height: int
     background: str
     shapes: tuple[Shape, ...]
 
@@ -70,29 +72,31 @@ def _overlaps(a, b, gap: int = 1) -> bool:
     return not (a[2] + gap <= b[0] or b[2] + gap <= a[0] or a[3] + gap <= b[1] or b[3] + gap <= a[1])
 
 
-def make_scene(rng: random.Random, *, size: int, max_objects: int = 3) -> Scene:
-    """Draw a scene description: a background and non-overlapping shapes with distinct (colour, shape)."""
+def make_scene(rng: random.Random, *, width: int, height: int, max_objects: int = 3) -> Scene:
+    """Draw a scene description: a background and non-overlapping shapes with distinct (colour, shape).
+    Shape sizes follow the shorter side; a square scene draws exactly what it always drew."""
     background = rng.choice(sorted(BACKGROUNDS))
     # A shape in the background's colour would be invisible; black/white/gray are not shape colours.
     combos = [(c, s) for c in COLORS for s in SHAPES]
     rng.shuffle(combos)
     want = rng.randint(1, max_objects)
+    size = min(width, height)
     lo, hi = max(4, size // 5), max(5, (size * 2) // 5)
     shapes: list[Shape] = []
     for color, shape in combos[:want]:
         for _ in range(50):  # rejection sampling; a crowded scene simply ends up with fewer shapes
             side = rng.randint(lo, hi)
-            x1, y1 = rng.randint(0, size - side), rng.randint(0, size - side)
+            x1, y1 = rng.randint(0, width - side), rng.randint(0, height - side)
             box = (x1, y1, x1 + side, y1 + side)
             if not any(_overlaps(box, s.bbox) for s in shapes):
                 shapes.append(Shape(color=color, shape=shape, bbox=box))
                 break
-    return Scene(size=size, background=background, shapes=tuple(shapes))
+    return Scene(width=width, height=height, background=background, shapes=tuple(shapes))
 
 
 def render_scene(scene: Scene) -> Image.Image:
     """Rasterize a scene to an RGB image (PIL's inclusive corners → our half-open boxes)."""
-    image = Image.new("RGB", (scene.size, scene.size), BACKGROUNDS[scene.background])
+    image = Image.new("RGB", (scene.width, scene.height), BACKGROUNDS[scene.background])
     draw = ImageDraw.Draw(image)
     for s in scene.shapes:
         x1, y1, x2, y2 = s.bbox
@@ -106,8 +110,8 @@ def render_scene(scene: Scene) -> Image.Image:
     return image
 
 
-def _where(s: Shape, size: int) -> str:
-    cx, cy = (s.bbox[0] + s.bbox[2]) / 2 / size, (s.bbox[1] + s.bbox[3]) / 2 / size
+def _where(s: Shape, scene: Scene) -> str:
+    cx, cy = (s.bbox[0] + s.bbox[2]) / 2 / scene.width, (s.bbox[1] + s.bbox[3]) / 2 / scene.height
     v = "top" if cy < 1 / 3 else "bottom" if cy > 2 / 3 else ""
     h = "left" if cx < 1 / 3 else "right" if cx > 2 / 3 else ""
     return f"{v} {h}".strip() or "center"
@@ -121,7 +125,7 @@ def scene_captions(scene: Scene) -> list[str]:
     """Five captions per image, like COCO's, each a different way of saying what is drawn."""
     n = len(scene.shapes)
     things = [f"a {s.category}" for s in scene.shapes]
-    placed = [f"a {s.category} at the {_where(s, scene.size)}" for s in scene.shapes]
+    placed = [f"a {s.category} at the {_where(s, scene)}" for s in scene.shapes]
     count = f"{_NUMBER_WORDS[n]} shape{'s' if n > 1 else ''}"
     first = things[0][0].upper() + things[0][1:]
     return [
@@ -183,18 +187,24 @@ def _mc_record(sample_id: str, image: str, question: str, options: list[str], an
 
 
 def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
-                        seed: int = 0, max_objects: int = 3, mc_per_image: int = 1) -> ShapesPaths:
+                        seed: int = 0, max_objects: int = 3, mc_per_image: int = 1,
+                        sizes: tuple[tuple[int, int], ...] = ()) -> ShapesPaths:
     """Write the shapes dataset under ``out_dir`` (created if needed) and return its paths.
+
+    ``sizes``: (height, width) choices, one drawn per image from its own RNG stream (AnyRes data:
+    varied sizes and aspect ratios); empty = every image ``image_size`` square.
 
     Deterministic in its arguments: train and test scenes come from separate RNG streams, so
     ``num_train`` (and ``mc_per_image``, which adds training questions only) never changes the test set.
-    Raises ValueError for counts < 0, ``image_size`` < 16, ``mc_per_image`` < 1, or ``max_objects``
-    outside 1..3.
+    Raises ValueError for counts < 0, ``image_size`` or a side in ``sizes`` < 16, ``mc_per_image`` < 1,
+    or ``max_objects`` outside 1..3.
     """
     if num_train < 0 or num_test < 0:
         raise ValueError(f"num_train and num_test must be >= 0, got {num_train}, {num_test}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16 pixels, got {image_size}")
+    if not all(len(hw) == 2 and min(hw) >= 16 for hw in sizes):
+        raise ValueError(f"sizes must be (height, width) pairs of sides >= 16 pixels, got {sizes!r}")
     if mc_per_image < 1:
         raise ValueError(f"mc_per_image must be >= 1, got {mc_per_image}")
     if not 1 <= max_objects <= 3:
@@ -205,8 +215,10 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
     for split, count, out in (("train", num_train, train_mc), ("test", num_test, test_mc)):
         rng = random.Random(f"shapes:{seed}:{split}")
         extra = random.Random(f"shapes:{seed}:{split}:extra-questions")
+        pick_size = random.Random(f"shapes:{seed}:{split}:sizes")
         for i in range(count):
-            scene = make_scene(rng, size=image_size, max_objects=max_objects)
+            height, width = pick_size.choice(sizes) if sizes else (image_size, image_size)
+            scene = make_scene(rng, width=width, height=height, max_objects=max_objects)
             image = f"{split}/{i:06d}.png"
             render_scene(scene).save(os.path.join(out_dir, image), format="PNG")
             sample_id = f"shapes-{split}-{i:06d}"
@@ -216,7 +228,7 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
                 for j in range(1, mc_per_image):
                     question, options, answer = multiple_choice(scene, extra)
                     out.append(_mc_record(f"{sample_id}-q{j}", image, question, options, answer))
-                records.append({"id": sample_id, "image": image, "width": image_size, "height": image_size,
+                records.append({"id": sample_id, "image": image, "width": width, "height": height,
                                 "captions": scene_captions(scene),
                                 "boxes": [{"category": s.category, "bbox": list(s.bbox)}
                                           for s in scene.shapes]})
@@ -230,17 +242,18 @@ def make_shapes_dataset(out_dir: str, *, num_train: int = 2000, num_test: int = 
 
 
 def make_default_instruct(out_dir: str, *, num_train: int = 2000, num_test: int = 200, image_size: int = 64,
-                          seed: int = 0, preset: str = "full", mc_per_image: int = 1) -> dict[str, str]:
+                          seed: int = 0, preset: str = "full", mc_per_image: int = 1,
+                          sizes: tuple[tuple[int, int], ...] = ()) -> dict[str, str]:
     """The embedded default's data in one call: shapes → offline teacher (3 kinds) → mixed LLaVA JSON.
 
     Returns the paths ``{"image_folder", "captions", "instruct", "train_mc", "test_mc", "conversation",
     "detail", "complex"}``. Idempotent: a second call with the same arguments rewrites the same files.
-    ``preset`` is a ``train.mix_instruct.PRESETS`` name.
+    ``preset`` is a ``train.mix_instruct.PRESETS`` name; ``sizes`` as in ``make_shapes_dataset``.
     """
     if preset not in PRESETS:
         raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
     paths = make_shapes_dataset(out_dir, num_train=num_train, num_test=num_test, image_size=image_size,
-                                seed=seed, mc_per_image=mc_per_image)
+                                seed=seed, mc_per_image=mc_per_image, sizes=sizes)
     out = {"image_folder": out_dir, "captions": paths.captions, "train_mc": paths.train_mc,
            "test_mc": paths.test_mc}
     datasets = {}

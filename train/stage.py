@@ -115,6 +115,10 @@ def parser(stage: int) -> argparse.ArgumentParser:
                       help=f"comma-separated decoder linears to adapt, of {','.join(TARGETS)}")
     lora.add_argument("--projector-lr", type=float,
                       help="the projector's lr (upstream's mm_projector_lr; default: --lr, with --lora 2e-5)")
+    if stage == 2:
+        p.add_argument("--anyres", action="store_true",
+                       help="embedded default only: run it as LLaVA-1.6 AnyRes (grid pinpoints, varied image sizes); "
+                            "a LLaVA-NeXT --model is AnyRes by its own config")
     return p
 
 
@@ -250,9 +254,11 @@ def with_lora(model: engine.Llava, cfg: StageConfig, base: str) -> None:
 
 
 def freeze_for_stage(model: engine.Llava, stage: int) -> None:
-    """Stage 1: only the projector trains. Stage 2: projector + LLM; the vision tower never does."""
+    """Stage 1: only the connector trains. Stage 2: connector + LLM; the vision tower never does.
+    The connector is the projector and, with AnyRes, the ``image_newline`` row (upstream LLaVA-NeXT's
+    stage 2 trains it with everything outside the tower)."""
     for name, p in model.named_parameters():
-        if name.startswith("projector."):
+        if name.startswith("projector.") or name == "image_newline":
             p.requires_grad_(True)
         elif name.startswith("decoder."):
             p.requires_grad_(stage == 2)
@@ -281,7 +287,7 @@ def run_stage(cfg: StageConfig):
     model.to(device)
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     kw = dict(template=cfg.template, image_token_id=model.config.image_token_id,
-              image_seq_len=model.config.image_seq_len, image_folder=cfg.image_folder, max_length=cfg.max_length,
+              image_rows=model.config.image_rows, image_folder=cfg.image_folder, max_length=cfg.max_length,
               truncate=cfg.truncate, on_bad_record=cfg.on_bad_record, answer_first=cfg.answer_first)
     samples, report = load_samples(cfg.data, tokenizer, **kw)
     eval_samples = load_samples(cfg.eval_data, tokenizer, **kw)[0] if cfg.eval_data else None
@@ -299,9 +305,13 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     args = parser(stage).parse_args(argv)
     if stage == 2 and not any((args.model, args.data, args.init, args.vision, args.llm)):
         from train.default import run_default
-        run_default(fused=bool(args.fused), output=args.output if args.output != "runs/stage2" else "runs/default",
-                    device=args.device, seed=args.seed, max_steps=args.max_steps)
+        default_out = "runs/default-anyres" if args.anyres else "runs/default"
+        run_default(fused=bool(args.fused), output=args.output if args.output != "runs/stage2" else default_out,
+                    device=args.device, seed=args.seed, max_steps=args.max_steps, anyres=args.anyres)
         return
+    if getattr(args, "anyres", False):
+        raise ValueError("--anyres applies to the embedded default only (no --model/--data/--init/--vision/--llm); "
+                         "a LLaVA-NeXT checkpoint is AnyRes by its config (image_grid_pinpoints)")
     try:
         run_stage(config_from_args(args, stage))
     finally:
