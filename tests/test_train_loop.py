@@ -150,6 +150,19 @@ def hf_llava_next(vocab: int, image_token: int, path: str) -> str:
     return path
 
 
+def test_anyres_stages_train_image_newline_in_stage_2_only(assets, tmp_path):
+    """Upstream LLaVA-NeXT: stage 1 (tune_mm_mlp_adapter) trains the projector alone; stage 2 also the
+    decoder and image_newline; the tower never."""
+    path = hf_llava_next(len(AutoTokenizer.from_pretrained(assets.tok_dir)), assets.image_token_id,
+                         str(tmp_path / "hf_next"))
+    for stage, newline in ((1, False), (2, True)):
+        model = ours_for_training(path, stage)
+        assert model.image_newline.requires_grad is newline, stage
+        assert all(p.requires_grad for p in model.projector.parameters())
+        assert all(p.requires_grad is (stage == 2) for p in model.decoder.parameters())
+        assert not any(p.requires_grad for p in model.vision.parameters())
+
+
 def test_anyres_stage2_step_matches_transformers_llava_next(assets, tmp_path):
     """AnyRes training through the packed path: records with 0-2 images of different sizes and aspect ratios,
     every tile of every image in one pixel tensor, ``image_sizes`` through the loop's forward; loss and every

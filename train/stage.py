@@ -254,13 +254,13 @@ def with_lora(model: engine.Llava, cfg: StageConfig, base: str) -> None:
 
 
 def freeze_for_stage(model: engine.Llava, stage: int) -> None:
-    """Stage 1: only the connector trains. Stage 2: connector + LLM; the vision tower never does.
-    The connector is the projector and, with AnyRes, the ``image_newline`` row (upstream LLaVA-NeXT's
-    stage 2 trains it with everything outside the tower)."""
+    """Stage 1: only the projector trains. Stage 2: projector + LLM and, with AnyRes, the ``image_newline``
+    row; the vision tower never does. As upstream LLaVA-NeXT: its stage 1 (``tune_mm_mlp_adapter``) trains
+    the mm_projector alone, its stage 2 everything outside the tower."""
     for name, p in model.named_parameters():
-        if name.startswith("projector.") or name == "image_newline":
+        if name.startswith("projector."):
             p.requires_grad_(True)
-        elif name.startswith("decoder."):
+        elif name.startswith("decoder.") or name == "image_newline":
             p.requires_grad_(stage == 2)
         else:
             p.requires_grad_(False)
