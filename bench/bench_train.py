@@ -324,7 +324,7 @@ def test_stage2_qlora_step_7b_peak_memory(benchmark, tmp_path):
     sample = synthetic_samples(1, cfg)[0]      # one image sample cut to QLORA_TOKENS: image rows + text
     ids = (sample.input_ids + [5] * QLORA_TOKENS)[:QLORA_TOKENS]
     labels = (sample.labels + [5] * QLORA_TOKENS)[:QLORA_TOKENS]
-    one = Sample("qlora", ids, labels, image="qlora.png")
+    one = Sample("qlora", ids, labels, images=("qlora.png",))
     px = cfg.vision.image_size
     mb = micro_batch([one], torch.randn(1, 3, px, px, generator=torch.Generator().manual_seed(0))).to(dev)
     loop_cfg = LoopConfig(output=str(tmp_path), lr=2e-4, global_batch=1, fused=True, progress=False)

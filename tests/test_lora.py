@@ -27,9 +27,9 @@ import torch
 import torch.distributed as dist
 from helpers import (
     ENV,
-    IMAGE_SIZE,
     KILL_DURING_SECOND_SAVE,
     REPO,
+    SPEC,
     hf_model,
     load_tiny,
     metrics,
@@ -244,7 +244,7 @@ def test_trained_adapter_in_peft_and_merge_lora_cli(assets, trained, tmp_path):
     from transformers import LlavaForConditionalGeneration
     final = os.path.join(trained, "final")
     sample = load_tiny(assets, assets.image_data)[0][0]
-    mb = collate([sample], image_size=IMAGE_SIZE)
+    mb = collate([sample], spec=SPEC)
     served = engine.load(assets.model_dir, adapter=final, dtype=torch.float32).eval()
     hf = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(assets.model_dir), final).eval()
     with torch.no_grad():
