@@ -18,17 +18,18 @@ GRIDS = {
 SIZES = [(37, 91), (91, 37), (5, 3), (1, 200), (56, 56), (97, 61), (13, 300)]
 
 
-def hf_next(*, grid="next", text="llama", layer=-2, seed=0):
+def hf_next(*, grid="next", text="llama", layer=-2, seed=0, pinpoints=None, patch=7):
     """A random tiny LlavaNextForConditionalGeneration (eval) with its norms, biases, class
-    embedding and image_newline perturbed, so that every weight matters."""
+    embedding and image_newline perturbed, so that every weight matters. ``pinpoints`` (else
+    GRIDS[grid]) and ``patch`` (the tile stays TILE px) choose the tiling."""
     torch.manual_seed(seed)
     vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=TILE, patch_size=7, hidden_act="quick_gelu")
+                          image_size=TILE, patch_size=patch, hidden_act="quick_gelu")
     common = dict(vocab_size=VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5, max_position_embeddings=1024)
     tc = LlamaConfig(**common) if text == "llama" else MistralConfig(**common, sliding_window=None)
     cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN, vision_feature_layer=layer,
-                          vision_feature_select_strategy="default", image_grid_pinpoints=GRIDS[grid])
+                          vision_feature_select_strategy="default", image_grid_pinpoints=pinpoints or GRIDS[grid])
     model = LlavaNextForConditionalGeneration(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -453,3 +453,23 @@ def recompute_logits(model, prompt, pixels, tokens):
         cu, pos, max_len = pack_cu_seqlens(lens)
         hidden = model.decoder(xs, pos, PackedAttention(cu, max_len))
         return model.logits(hidden[cu[1:].long() - 1])                                     # (n + 1, V)
+
+
+def original_layout(model) -> tuple[dict, dict]:
+    """``model``'s weights in upstream LLaVA's layout: (LLaMA keys + ``model.mm_projector.{0,2}`` (+
+    ``model.image_newline``), the CLIP tower's keys) — tests write original-LLaVA directories with it."""
+    from engine import weights
+    orig, clip = {}, {}
+    for k, v in weights.to_hf_state(model.state_dict(), model.config).items():
+        if k.startswith("language_model.model."):
+            orig["model." + k[len("language_model.model."):]] = v
+        elif k == "language_model.lm_head.weight":
+            orig["lm_head.weight"] = v
+        elif k.startswith("multi_modal_projector.linear_"):
+            idx = {"1": "0", "2": "2"}[k[len("multi_modal_projector.linear_")]]
+            orig[f"model.mm_projector.{idx}.{k.rsplit('.', 1)[1]}"] = v
+        elif k == "image_newline":
+            orig["model.image_newline"] = v
+        else:
+            clip[k[len("vision_tower."):]] = v
+    return orig, clip

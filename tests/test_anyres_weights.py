@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 from anyres_helpers import GRIDS, IMAGE_TOKEN, hf_next, make_prompts
+from helpers import original_layout
 from safetensors.torch import load_file, save_file
 
 import engine
-from engine import weights
 from engine.config import LLAVA_NEXT_PINPOINTS, config_from_dict
 
 
@@ -22,20 +22,8 @@ def _logits(model, seqs, pixels, sizes):
 
 def _original_16(tmp_path, ours, *, text_type="llava_mistral"):
     """``ours`` written in upstream LLaVA-1.6's layout: one directory, tower weights inside."""
-    hf_state = weights.to_hf_state(ours.state_dict(), ours.config)
-    orig = {}
-    for k, v in hf_state.items():
-        if k.startswith("language_model.model."):
-            orig["model." + k[len("language_model.model."):]] = v
-        elif k == "language_model.lm_head.weight":
-            orig["lm_head.weight"] = v
-        elif k.startswith("multi_modal_projector.linear_"):
-            idx = {"1": "0", "2": "2"}[k[len("multi_modal_projector.linear_")]]
-            orig[f"model.mm_projector.{idx}.{k.rsplit('.', 1)[1]}"] = v
-        elif k == "image_newline":
-            orig["model.image_newline"] = v
-        else:
-            orig["model.vision_tower.vision_tower." + k[len("vision_tower."):]] = v
+    orig, tower = original_layout(ours)
+    orig.update({"model.vision_tower.vision_tower." + k: v for k, v in tower.items()})
     hf_cfg = ours.config.to_hf_dict()
     (tmp_path / "clip").mkdir()
     (tmp_path / "clip" / "config.json").write_text(json.dumps(hf_cfg["vision_config"]))

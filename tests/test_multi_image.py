@@ -13,6 +13,7 @@ import math
 
 import pytest
 import torch
+from anyres_helpers import TILE, hf_next
 from helpers import IMAGE_SIZE, IMAGE_TOKEN, hf_model
 
 import engine
@@ -239,34 +240,14 @@ def test_bad_images_get_clear_errors(model):
 # ---- the real AnyRes model against transformers' LlavaNext -----------------------------------------------
 
 PINPOINTS = [[28, 56], [56, 28], [56, 56], [84, 84]]
+assert TILE == IMAGE_SIZE  # the pixels below are IMAGE_SIZE tiles of anyres_helpers' tower
 NEXT_SIZES = [(30, 60), (84, 84), (20, 90), (50, 40)]   # (rows, tiles) = (32, 10), (46, 10), (18, 10), (24, 5)
-
-
-def hf_next_model(seed=0):
-    """A random tiny ``LlavaNextForConditionalGeneration`` (eval), norms, biases, class embedding and
-    image_newline perturbed so every weight matters."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
-
-    torch.manual_seed(seed)
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                          image_size=IMAGE_SIZE, patch_size=14, hidden_act="quick_gelu")
-    tc = LlamaConfig(vocab_size=120, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, rope_theta=500.0, rms_norm_eps=1e-5)
-    cfg = LlavaNextConfig(vision_config=vc, text_config=tc, image_token_index=IMAGE_TOKEN,
-                          image_grid_pinpoints=PINPOINTS, vision_feature_layer=-2,
-                          vision_feature_select_strategy="default")
-    m = LlavaNextForConditionalGeneration(cfg).eval()
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if "norm" in name or name.endswith("bias") or "class_embedding" in name or "newline" in name:
-                p.add_(torch.randn_like(p) * 0.1)
-    return m
 
 
 @pytest.fixture(scope="module")
 def next_models(tmp_path_factory):
     path = tmp_path_factory.mktemp("next")
-    hf = hf_next_model()
+    hf = hf_next(pinpoints=PINPOINTS, patch=14)   # 2×2 patches of 14 px per 28-px tile
     hf.save_pretrained(path)
     return engine.load(str(path)).eval(), hf
 

@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import IMAGE_SIZE, IMAGE_TOKEN, VOCAB, hf_model, pad, prompts, rel_err
+from helpers import IMAGE_SIZE, IMAGE_TOKEN, VOCAB, hf_model, original_layout, pad, prompts, rel_err
 from safetensors.torch import load_file, save_file
 
 import engine
@@ -107,18 +107,7 @@ def test_image_count_mismatch_reports_both_counts(hf_dir):
 
 def _original_checkpoint(tmp_path, hf, ours):
     """Write ``ours`` in upstream LLaVA's layout: LLaMA keys + model.mm_projector.{0,2}, CLIP apart."""
-    hf_state = weights.to_hf_state(ours.state_dict(), ours.config)
-    orig, clip = {}, {}
-    for k, v in hf_state.items():
-        if k.startswith("language_model.model."):
-            orig["model." + k[len("language_model.model."):]] = v
-        elif k == "language_model.lm_head.weight":
-            orig["lm_head.weight"] = v
-        elif k.startswith("multi_modal_projector.linear_"):
-            idx = {"1": "0", "2": "2"}[k[len("multi_modal_projector.linear_")]]
-            orig[f"model.mm_projector.{idx}.{k.rsplit('.', 1)[1]}"] = v
-        else:
-            clip[k[len("vision_tower."):]] = v
+    orig, clip = original_layout(ours)
     (tmp_path / "orig").mkdir()
     (tmp_path / "clip").mkdir()
     save_file(orig, str(tmp_path / "orig" / "model.safetensors"))
