@@ -14,7 +14,8 @@ Several images: one ``<image>`` marker per image, in order (a marker without its
 without its marker when others have one, is a ValueError). With AnyRes each image expands to its own
 number of rows (``LlavaConfig.image_rows`` of its size) and tiles.
 
-CLI: ``python -m engine.chat --model DIR [--image FILE ...] "question"`` (``--image`` repeats).
+CLI: ``python -m engine.chat --model DIR [--image FILE ...] [--adapter LORA_DIR | --quantize int8] "question"``
+(``--image`` repeats).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ from engine.generate import Runtime, generate
 from engine.image import ImageSpec
 from engine.model import Llava
 from engine.quantize import SCHEMES
+from engine.weights import check_adapter
 
 _ROLES = {"user": "human", "assistant": "gpt"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # --dtype names
@@ -185,14 +187,16 @@ def chat(model: Llava, messages, images: list | None = None, *, tokenizer,
 
 
 def load_model(path: str, *, device: str | None = None, dtype: str | None = None,
-               quantize: str | None = None) -> Llava:
+               quantize: str | None = None, adapter: str | None = None) -> Llava:
     """``engine.load`` for the command lines, in eval mode: ``dtype`` is a name in ``DTYPES`` (None keeps
-    the checkpoint's); ``quantize`` "int8" | "int4" (weight-only, engine.quantize). ValueError naming an
-    unknown dtype; engine.load's errors for the checkpoint."""
+    the checkpoint's); ``quantize`` "int8" | "int4" (weight-only, engine.quantize); ``adapter`` a PEFT LoRA
+    adapter directory trained on ``path`` (engine/lora.py), served unmerged. ValueError naming an unknown
+    dtype; engine.load's errors for the checkpoint and the adapter."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     import engine
-    return engine.load(path, device=device, dtype=DTYPES[dtype] if dtype else None, quantize=quantize).eval()
+    return engine.load(path, device=device, dtype=DTYPES[dtype] if dtype else None, quantize=quantize,
+                       adapter=adapter).eval()
 
 
 def load_tokenizer(path: str):
@@ -229,8 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     p.add_argument("--quantize", default=None, choices=SCHEMES, help="weight-only quantized decoder linears")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter directory trained on --model (train.stage2 --lora), applied unmerged")
     args = p.parse_args(argv)
     print(json.dumps({"config": vars(args)}), file=sys.stderr)
+    check_adapter(args.model, args.adapter, args.quantize)   # before any image or weight is read
 
     from PIL import Image
 
@@ -239,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if not os.path.isfile(f):
             raise FileNotFoundError(f"--image {f}: no such file")
         images.append(Image.open(f).convert("RGB"))
-    model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize)
+    model = load_model(args.model, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                       adapter=args.adapter)
     text = chat(model, [{"role": "user", "content": args.question}], images,
                 tokenizer=load_tokenizer(args.model), template=args.template,
                 image_spec=image_spec_for(args.model, model), max_new_tokens=args.max_new_tokens,

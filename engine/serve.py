@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over the generation runtime (FastAPI + uvicorn).
 
-``python -m engine.serve --model DIR [--host 127.0.0.1] [--port 8000] [--api-key KEY]``
+``python -m engine.serve --model DIR [--adapter LORA_DIR | --quantize int8] [--host 127.0.0.1] [--port 8000]
+[--api-key KEY]``
 
 Endpoints: ``POST /v1/chat/completions`` (``stream: true`` answers with server-sent events,
 ``chat.completion.chunk`` objects then ``data: [DONE]``), ``GET /v1/models``, ``GET /health``
@@ -63,6 +64,7 @@ from engine.generate import Runtime, RuntimeConfig, SamplingParams, StepEvent
 from engine.image import ImageSpec
 from engine.model import Llava
 from engine.quantize import SCHEMES
+from engine.weights import check_adapter
 
 log = logging.getLogger("engine.serve")
 
@@ -77,6 +79,7 @@ class ServerConfig:
     device: str | None = None
     dtype: str | None = None
     quantize: str | None = None          # "int8" | "int4": weight-only quantized decoder linears
+    adapter: str | None = None           # a PEFT LoRA adapter directory trained on ``model``, served unmerged
     max_tokens_limit: int = 2048         # most max_tokens a request may ask for
     default_max_tokens: int = 256
     max_images: int = 4                  # per request
@@ -99,6 +102,7 @@ class ServerConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.quantize is not None and self.quantize not in SCHEMES:
             raise ValueError(f"quantize={self.quantize!r} is not one of {', '.join(SCHEMES)}")
+        check_adapter(self.model, self.adapter, self.quantize)
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string when given")
 
@@ -794,7 +798,7 @@ class LlavaServer:
 def build_server(cfg: ServerConfig, *, model: Llava | None = None, tokenizer=None) -> LlavaServer:
     """Load the checkpoint (unless given) and bind; call ``serve_forever()`` on the result."""
     if model is None:
-        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize)
+        model = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype, quantize=cfg.quantize, adapter=cfg.adapter)
     tokenizer = tokenizer or load_tokenizer(cfg.model)
     spec = image_spec_for(cfg.model, model)
     return LlavaServer(cfg, model, tokenizer, get_template(cfg.template), spec)
@@ -810,6 +814,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES))
     p.add_argument("--quantize", default=None, choices=SCHEMES, help="weight-only quantized decoder linears")
+    p.add_argument("--adapter", default=None,
+                   help="a LoRA adapter directory trained on --model (train.stage2 --lora), served unmerged")
     p.add_argument("--max-tokens-limit", type=int, default=2048, help="largest max_tokens a request may ask")
     p.add_argument("--default-max-tokens", type=int, default=None,
                    help="max_tokens when a request gives none (default: min(256, --max-tokens-limit))")
@@ -834,7 +840,7 @@ def main(argv: list[str] | None = None) -> int:
         args.api_key = os.environ.get("LLAVA_SERVE_API_KEY") or None
     try:
         cfg = ServerConfig(**vars(args))
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log.info("config %s", json.dumps(cfg.public()))

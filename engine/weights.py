@@ -261,11 +261,7 @@ def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: st
     (weights only, see ``engine.quantize``) once on ``device``. Raises FileNotFoundError / ValueError
     naming the file or key.
     """
-    if adapter is not None and quantize is not None:
-        # PEFT would wrap torchao tensors it was not tested with; merging first gives one plain model.
-        raise ValueError(f"load({path}): adapter= and quantize= together are not supported; merge the adapter "
-                         f"first (python -m train.merge_lora --base {path} --adapter {adapter} --output MERGED), "
-                         "then load MERGED with quantize=")
+    check_adapter(path, adapter, quantize)
     state, config = load_state(path, vision=vision)
     model = _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
     if adapter is not None:
@@ -275,6 +271,21 @@ def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: st
         from engine.quantize import quantize_model
         quantize_model(model, quantize)
     return model
+
+
+def check_adapter(path: str, adapter: str | None, quantize: str | None) -> None:
+    """What ``load(path, adapter=, quantize=)`` refuses before reading anything, also run by the serving and
+    chat command lines on their flags: ValueError for an adapter with quantization (PEFT would wrap torchao
+    tensors it was not tested with; merging first gives one plain model), FileNotFoundError for an adapter
+    directory that does not exist."""
+    if adapter is None:
+        return
+    if quantize is not None:
+        raise ValueError(f"an adapter (adapter= / --adapter {adapter}) with quantize={quantize!r} is not supported; "
+                         f"merge the adapter first (python -m train.merge_lora --base {path} --adapter {adapter} "
+                         f"--output MERGED), then load MERGED quantized (--model MERGED --quantize {quantize})")
+    if not os.path.isdir(adapter):
+        raise FileNotFoundError(f"adapter directory {adapter} does not exist")
 
 
 def load_state(path: str, *, vision: str | None = None) -> tuple[dict[str, torch.Tensor], LlavaConfig]:

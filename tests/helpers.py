@@ -5,7 +5,8 @@
   most ``factor`` × the error of the reference implementation run in that same precision, plus a
   small floor;
 - fake OpenAI-compatible servers on 127.0.0.1 (``FakeServer``, ``FakeJudge``) and the API-key leak check;
-- a tiny random transformers LLaVA (``hf_model``) with prompts for logit parity;
+- a tiny random transformers LLaVA (``hf_model``) with prompts for logit parity, and a LoRA model with
+  non-zero adapters on any base directory (``perturbed_lora``);
 - the tiny training assets (``build_tiny_assets``; conftest's session fixture ``assets`` builds them
   once) and the helpers for running the training CLIs as subprocesses.
 """
@@ -216,6 +217,22 @@ def hf_model(*, act="gelu", layer=-2, strategy="default", kv_heads=2, tie=False,
             if "norm" in name or name.endswith("bias") or "class_embedding" in name:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+def perturbed_lora(base_dir: str):
+    """``engine.load(base_dir)`` in fp32 with random (non-zero) LoRA adapters (r 4, alpha 8, dropout 0.05) and a
+    changed projector, as after some training; eval mode."""
+    import engine
+    from engine.lora import LoraSettings, add_lora
+
+    model = engine.load(base_dir, dtype=torch.float32)
+    torch.manual_seed(0)
+    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.05), base=base_dir)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name or name.startswith("projector."):
+                p.add_(torch.randn_like(p) * 0.05)
+    return model.eval()
 
 
 def prompts(seq_len: int, *, n_images=(0, 1, 2), lengths=(7, 12, 9), seed=1):

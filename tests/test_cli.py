@@ -20,6 +20,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     (["llava_evals.scienceqa", "score", "--questions", "missing_q.json", "--predictions", "p.jsonl"], "missing_q.json"),
     (["train.stage2", "--model", "no_such_ckpt", "--data", "d.json", "--device", "cpu"], "no_such_ckpt"),
     (["engine.chat", "hi", "--model", "m", "--image", "missing.png"], "missing.png"),
+    (["engine.chat", "hi", "--model", "m", "--adapter", "missing_adapter"], "missing_adapter"),
 ], ids=lambda v: v[0] if isinstance(v, list) else None)
 def test_entry_point_reports_user_error_without_traceback(tmp_path, argv, named):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))

@@ -35,6 +35,7 @@ from helpers import (
     metrics,
     ok,
     pad,
+    perturbed_lora,
     prompts,
     rel_err,
     weights,
@@ -73,18 +74,6 @@ def base_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("base")
     hf_model().save_pretrained(path)
     return str(path)
-
-
-def perturbed_lora(base_dir):
-    """The base with random (non-zero) adapters and a changed projector, as after some training."""
-    model = engine.load(base_dir, dtype=torch.float32)
-    torch.manual_seed(0)
-    add_lora(model, LoraSettings(r=4, alpha=8, dropout=0.05), base=base_dir)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_B." in name or name.startswith("projector."):
-                p.add_(torch.randn_like(p) * 0.05)
-    return model.eval()
 
 
 # --------------------------------------------------------------------------- the model

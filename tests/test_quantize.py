@@ -217,7 +217,8 @@ def test_quantizing_or_changing_quantized_weights_drops_runtime_prefixes(ckpt):
 def test_clear_errors(ckpt, fp32, tmp_path):
     with pytest.raises(ValueError, match=r"quantize='int3' is not a known scheme; choose one of int8, int4"):
         engine.load(ckpt, quantize="int3")
-    with pytest.raises(ValueError, match=r"adapter= and quantize= together are not supported; merge the adapter"):
+    with pytest.raises(ValueError, match=r"an adapter \(adapter= / --adapter .*\) with quantize='int8' is not "
+                                         r"supported; merge the adapter first \(python -m train.merge_lora"):
         engine.load(ckpt, adapter=str(tmp_path), quantize="int8")   # refused before anything is read
     with pytest.raises(ValueError, match="meta device"):
         quantize_model(new_model(fp32.config), "int8")

@@ -15,6 +15,7 @@ import time
 
 import pytest
 import torch
+from helpers import perturbed_lora
 from PIL import Image
 
 import engine
@@ -603,3 +604,83 @@ def test_encode_chat_refuses_preprocessing_with_other_pinpoints(anyres_ckpt):
     ids, pixels, sizes = encode_chat(tok, get_template("vicuna_v1"), msgs, [img], model)  # the model's own
     assert ids.count(model.config.image_token_id) == model.config.image_rows(30, 40)
     assert pixels.shape[0] == model.config.image_tiles(30, 40) and sizes.tolist() == [[30, 40]]
+
+
+# ---- a LoRA adapter served unmerged (--adapter) --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def lora(ckpt, tmp_path_factory):
+    """A PEFT adapter directory trained (perturbed) on the tiny checkpoint, and that model merged. The adapters
+    are scaled up 5× so that the greedy answer changes too (at 1× only the log-probabilities move, by ~0.15)."""
+    from engine.lora import merge_lora, save_adapter
+    path, _, _ = ckpt
+    model = perturbed_lora(path)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B." in name:
+                p.mul_(5)
+    adapter = str(tmp_path_factory.mktemp("lora") / "adapter")
+    save_adapter(model.state_dict(), model.config, model.lora, adapter, base=path)
+    merge_lora(model)
+    return adapter, model
+
+
+def test_a_served_adapter_answers_as_the_merged_model_and_not_as_the_base(server, ckpt, lora, tmp_path, capsys):
+    """``ServerConfig(adapter=)`` (``python -m engine.serve --model DIR --adapter A``): greedy text and
+    log-probabilities of the merged model (fp32: merged and unmerged logits agree to ~1e-6), not the base's."""
+    from engine.chat import main as chat_main
+    path, _, tok = ckpt
+    adapter, merged = lora
+    srv = build_server(ServerConfig(model=path, adapter=adapter, port=0, max_tokens_limit=16, default_max_tokens=8))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    msgs = [{"role": "user", "content": [image_part(data_url(4)), {"type": "text", "text": "What is it?"}]}]
+    try:
+        text, _, obj = complete(srv.server_address[1], msgs, max_tokens=8, logprobs=True, top_logprobs=2)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    base_text, _, base_obj = complete(server, msgs, max_tokens=8, logprobs=True, top_logprobs=2)
+
+    plain = [{"role": "user", "content": "<image>What is it?"}]
+    images = [Image.open(io.BytesIO(png_bytes(4))).convert("RGB")]
+    assert text == chat(merged, plain, images, tokenizer=tok, max_new_tokens=8) and len(text) > 0
+    ids, pixels, sizes = encode_chat(tok, get_template("vicuna_v1"), plain, images, merged)
+    ref = generate(merged, [ids], images=pixels, image_sizes=sizes, max_new_tokens=8, output_logits=True)[0]
+    ref_lp = torch.log_softmax(ref.logits[:len(ref.tokens)].double(), -1)
+    content = obj["choices"][0]["logprobs"]["content"]
+    assert 0 < len(content) <= len(ref.tokens)
+    for step, (entry, t) in enumerate(zip(content, ref.tokens, strict=False)):
+        assert entry["token"] == tok.decode([t])
+        assert entry["logprob"] == pytest.approx(float(ref_lp[step, t]), abs=1e-4)
+    base_lp = [e["logprob"] for e in base_obj["choices"][0]["logprobs"]["content"]]
+    assert base_text != text and abs(base_lp[0] - content[0]["logprob"]) > 1e-2
+
+    # python -m engine.chat --adapter: the same answer
+    img = tmp_path / "q.png"
+    img.write_bytes(png_bytes(4))
+    capsys.readouterr()
+    assert chat_main(["--model", path, "--adapter", adapter, "--image", str(img), "--max-new-tokens", "8",
+                      "<image>What is it?"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+
+
+def test_adapter_flag_errors_before_any_loading(ckpt, lora, tmp_path, capsys):
+    """A missing adapter directory, and an adapter with --quantize (merge first: the command is named), on both
+    command lines and in ServerConfig, before any weight is read."""
+    from engine.chat import main as chat_main
+    from engine.serve import main as serve_main
+    path, adapter = ckpt[0], lora[0]
+    missing = str(tmp_path / "no_adapter")
+    merge = re.escape(f"merge the adapter first (python -m train.merge_lora --base {path} --adapter {adapter} "
+                      f"--output MERGED), then load MERGED quantized (--model MERGED --quantize int8)")
+    for argv, want in (([], f"adapter directory {missing} does not exist"), (["--quantize", "int8"], merge)):
+        with pytest.raises(SystemExit) as e:
+            serve_main(["--model", path, "--adapter", missing if not argv else adapter, *argv])
+        assert e.value.code == 2 and re.search(want, capsys.readouterr().err)
+        with pytest.raises((FileNotFoundError, ValueError), match=want):
+            chat_main(["--model", path, "--adapter", missing if not argv else adapter, *argv, "hi"])
+    with pytest.raises(FileNotFoundError, match="adapter directory .* does not exist"):
+        ServerConfig(model=path, adapter=missing)
+    with pytest.raises(ValueError, match=merge):
+        ServerConfig(model=path, adapter=adapter, quantize="int8")
