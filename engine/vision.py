@@ -86,10 +86,13 @@ class VisionTower(nn.Module):
         cls = self.class_embed.to(x.dtype).expand(x.shape[0], 1, -1)
         x = torch.cat([cls, x], dim=1) + self.pos_embed.weight                 # (N, P+1, Dv)
         x = self.pre_norm(x)
-        states = {0: x}
+        # Only the selected hidden states are kept: each other one would hold (N, P+1, Dv) until the
+        # end (train/memory.py counts the tower's working set this way).
+        states = {0: x} if 0 in wanted else {}
         for i in range(max(wanted)):
             x = self.layers[i](x)
-            states[i + 1] = x
+            if i + 1 in wanted:
+                states[i + 1] = x
         picked = [states[i] for i in wanted]
         if strategy == "default":
             picked = [s[:, 1:] for s in picked]
