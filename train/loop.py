@@ -171,7 +171,8 @@ def train(model, samples, cfg: LoopConfig, *, device: torch.device, tokenizer_di
     # stops here saying what to change.
     capacity = int(cfg.memory_capacity_gib * GiB) if cfg.memory_capacity_gib else device_capacity(device)
     memory = choose_checkpointing(model, requested=cfg.grad_checkpointing, device=device, world=world,
-                                  tokens=cfg.max_tokens_per_batch, capacity=capacity)
+                                  tokens=cfg.max_tokens_per_batch, capacity=capacity,
+                                  tiles=None if any(s.images for s in samples) else 0)
     if not memory.fits:
         raise ValueError(f"this run will not fit in memory:\n{memory.report()}\nto fit: {advice(memory)}")
     model.decoder.gradient_checkpointing = memory.grad_checkpointing

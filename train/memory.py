@@ -22,17 +22,35 @@ stream's, 4 in fp32 and under autocast, 2 under FSDP2's bf16 MixedPrecisionPolic
 - loss        the masked loss: the reference (``torch``) backend builds fp32 [T, V] logits, their
               log-softmax and the per-sequence pass (3·4·T·V); the fused kernels keep their grads
               of the hidden states and the head (c·(T + V)·D)
-
+- images      (``image_bytes``) the micro-batch's K tiles (fp32 [K, 3, S, S], alive the whole step)
+              and what the projector keeps for backward over its K·P rows: its input (c·Dv, times
+              the selected layers) and, for ``mlp2x_gelu``, the GELU's input (c·D; the reference
+              backend also keeps its output)
+- vision tower  (``vision_bytes``) the frozen tower's forward (no grad), before the projector or any
+              decoder layer has kept anything: the K tiles and, per row of its K·(P+1), the widest
+              point of a layer: its input and the attention's residual sum (r·Dv each), the MLP's
+              Fv-wide output and activation temporaries (3 with quick_gelu, 2 with gelu; c each),
+              plus any earlier selected layer when several are. The attention (at most ~8·Dv a row)
+              is narrower whenever Fv >= 2·Dv, as in every CLIP. Only the selected hidden states
+              are kept (engine/vision.py)
 - optimizer step temps  AdamW's temporaries (``plan_memory``)
 - reduce-scatter temps  (W > 1) at the end of the backward: the largest unit's unsharded gradients
               and their fp32 reduce-scatter input
 
-Peak = parameters + optimizer + gathered + max(activations + weight copies + max(loss, recompute),
-gradients + max(optimizer step temps, reduce-scatter temps)): the loss's forward and backward run
-with every saved activation alive; then the saved activations are freed layer by layer as the
-gradients appear, so their sum peaks at one end of the backward or the other. Not modelled: the
-vision tower's forward (no grad, transient), allocator fragmentation and the CUDA context
-(``headroom`` covers them).
+Peak = parameters + optimizer + gathered + max(vision tower, images + activations + weight copies +
+max(loss, recompute), gradients + max(optimizer step temps, reduce-scatter temps)): the loss's
+forward and backward run with every saved activation alive; then the saved activations are freed
+layer by layer as the gradients appear, so their sum peaks at one end of the backward or the other.
+Not modelled: allocator fragmentation and the CUDA context (``headroom`` covers them).
+
+K, the tiles per micro-batch, comes from the config unless given (the plan sees no image sizes):
+``worst_case_images`` fills the T tokens with image rows only, T // R images of R rows each; with
+AnyRes, of the pinpoint resolution whose images give the most tiles (an image of exactly that size:
+1 + grid tiles, no unpadding). Images that unpad to fewer rows (far from every pinpoint's aspect) pack
+more tiles than that, at the extreme (an image a pixel high keeps no grid row) 1 + grid tiles per P
+rows: LLaVA-NeXT's pinpoints at 8192 tokens plan 12 tiles, such images would bring 56 (a 7B on 8 ranks,
+fused kernels: the tower's forward 0.93 GiB instead of 0.20, kept 0.38 instead of 0.08, peak 57.8
+instead of 57.5 GiB). Text rows bring fewer. A run without images plans K = 0.
 """
 from __future__ import annotations
 
@@ -60,14 +78,18 @@ class MemoryPlan:
     loss: int
     step_workspace: int
     reduce_scatter: int = 0
+    images: int = 0
+    vision: int = 0
+    tiles: int = 0
+    tiles_note: str = "no images"
     capacity: int | None
     headroom: float = 0.9
 
     @property
     def peak(self) -> int:
         # the loss's workspace is gone before checkpointing recomputes the first layer
-        saved = self.activations + self.weight_copies
-        transient = max(saved + max(self.loss, self.recompute),
+        saved = self.images + self.activations + self.weight_copies
+        transient = max(self.vision, saved + max(self.loss, self.recompute),
                         self.gradients + max(self.step_workspace, self.reduce_scatter))
         return self.parameters + self.optimizer + self.gathered + transient
 
@@ -78,13 +100,15 @@ class MemoryPlan:
     def report(self) -> str:
         rows = [("parameters", self.parameters), ("gradients", self.gradients), ("optimizer", self.optimizer),
                 ("FSDP gathered", self.gathered), ("bf16 weight copies", self.weight_copies),
+                ("images", self.images), ("vision tower fwd", self.vision),
                 ("activations", self.activations), ("recomputed layer", self.recompute),
                 ("loss workspace", self.loss), ("optimizer step temps", self.step_workspace),
                 ("reduce-scatter temps", self.reduce_scatter),
                 ("peak", self.peak)]
         head = (f"memory plan per rank ({self.world} rank{'s' if self.world > 1 else ''}, {self.tokens} tokens per "
                 f"micro-batch, checkpointing {'on' if self.grad_checkpointing else 'off'}):")
-        lines = [head] + [f"  {name:<20} {b / GiB:9.2f} GiB" for name, b in rows]
+        lines = [head, f"  images: {self.tiles} tower tiles per micro-batch ({self.tiles_note})"]
+        lines += [f"  {name:<20} {b / GiB:9.2f} GiB" for name, b in rows]
         if self.capacity is not None:
             lines.append(f"  {'device capacity':<20} {self.capacity / GiB:9.2f} GiB "
                          f"({'fits' if self.fits else 'DOES NOT FIT'} in {self.headroom:.0%} of it)")
@@ -99,7 +123,8 @@ def parameter_counts(config, stage: int) -> dict[str, int]:
     counts = {"all": 0, "trainable": 0, "root": 0, "root_trainable": 0, "block": 0, "largest": 0}
     for name, p in model.named_parameters():
         counts["all"] += p.numel()
-        trains = name.startswith("projector.") or (stage == 2 and name.startswith("decoder."))
+        trains = name.startswith("projector.") or (stage == 2 and (name.startswith("decoder.")
+                                                                   or name == "image_newline"))
         counts["trainable"] += p.numel() if trains else 0
         counts["largest"] = max(counts["largest"], p.numel() if trains else 0)
         if name.startswith("decoder.layers."):
@@ -170,22 +195,61 @@ def _lora_layer_bytes(text, lora, c: int, r: int) -> int:
     return kept + c * lora.r * len(lora.targets)
 
 
+def worst_case_images(config, tokens: int) -> tuple[int, tuple[int, int]]:
+    """(N, (height, width)): the images the plan assumes in a micro-batch of ``tokens`` tokens holding image
+    rows only (module docstring): N = tokens // rows of one image of that size, at least one (a sample longer
+    than the budget gets a micro-batch alone); with AnyRes the pinpoint size whose N images have the most
+    tiles (the first on a tie), else the tower's own size."""
+    v = config.vision
+    sizes = config.image_grid_pinpoints or ((v.image_size, v.image_size),)
+    fills = [(max(1, tokens // config.image_rows(h, w)), (h, w)) for h, w in sizes]
+    return max(fills, key=lambda f: f[0] * config.image_tiles(*f[1]))
+
+
+def _pixel_bytes(config, tiles: int) -> int:
+    """The micro-batch's tiles: fp32 [K, 3, S, S], alive for the whole micro-batch."""
+    v = config.vision
+    return tiles * 4 * v.num_channels * v.image_size ** 2
+
+
+def image_bytes(config, tiles: int, c: int, *, fused_projector: bool) -> int:
+    """What a micro-batch's ``tiles`` keep through the loss: the pixels and the projector's saved activations
+    over its tiles × image_seq_len rows (module docstring)."""
+    kept = config.projector_in_features
+    if config.projector_type == "mlp2x_gelu":
+        kept += config.text.hidden_size * (1 if fused_projector else 2)
+    return _pixel_bytes(config, tiles) + tiles * config.image_seq_len * c * kept
+
+
+def vision_bytes(config, tiles: int, c: int, r: int) -> int:
+    """The pixels and the frozen tower's forward working set for ``tiles`` tiles (module docstring)."""
+    v = config.vision
+    mlp = (3 if v.hidden_act == "quick_gelu" else 2) * v.intermediate_size
+    earlier = len(config.vision_feature_layer) - 1        # selected states kept while later layers run
+    return _pixel_bytes(config, tiles) + tiles * (v.num_patches + 1) * (r * v.hidden_size * (2 + earlier) + c * mlp)
+
+
 PRECISIONS = ("fp32", "autocast", "fsdp_bf16")
 
 
 def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointing: bool, precision: str,
                 kv_repeated: bool, fused_loss: bool, foreach_optimizer: bool, capacity: int | None,
-                counts: dict[str, int] | None = None, lora=None) -> MemoryPlan:
-    """The plan for one rank (module docstring). ``tokens``: packed tokens per micro-batch.
+                counts: dict[str, int] | None = None, lora=None, tiles: int | None = None,
+                fused_projector: bool = False) -> MemoryPlan:
+    """The plan for one rank (module docstring). ``tokens``: packed tokens per micro-batch; ``tiles``: vision
+    tower inputs per micro-batch (None: the worst case of ``worst_case_images``; 0: text only).
 
     ``precision``: ``fp32`` (the CPU), ``autocast`` (one GPU process: fp32 weights and residual
     stream, bf16 GEMMs) or ``fsdp_bf16`` (several GPU ranks: FSDP2's MixedPrecisionPolicy, bf16
     compute and residual stream, fp32 masters for what trains, frozen weights stored in bf16).
     ``counts``: a built model's ``model_parameter_counts`` instead of the stage's (LoRA, a quantized base);
-    ``lora``: its ``engine.lora.LoraSettings`` (the adapters' activations).
+    ``lora``: its ``engine.lora.LoraSettings`` (the adapters' activations). ``fused_projector``: the
+    projector runs our kernel (keeps the GELU's input only).
     """
     if world < 1 or tokens < 1:
         raise ValueError(f"plan_memory: world={world} and tokens={tokens} must be >= 1")
+    if tiles is not None and tiles < 0:
+        raise ValueError(f"plan_memory: tiles={tiles} must be >= 0")
     if precision not in PRECISIONS:
         raise ValueError(f"plan_memory: precision {precision!r} is not one of {PRECISIONS}")
     n = counts or parameter_counts(config, stage)
@@ -218,13 +282,23 @@ def plan_memory(config, *, stage: int, world: int, tokens: int, grad_checkpointi
     # AdamW's sqrt(v)/bias-correction temporaries: per tensor (two of the largest) in the CPU's
     # single-tensor path, one of the whole shard in the foreach path (CUDA's default)
     step = 4 * n["trainable"] // world if foreach_optimizer else 2 * 4 * -(-n["largest"] // world)
+    note = "given"
+    if tiles is None:
+        images, (h, w) = worst_case_images(config, tokens)
+        k, rows = config.image_tiles(h, w), config.image_rows(h, w)
+        tiles = images * k
+        note = (f"worst case: {images} images of {h}x{w} px, {k} tile{'s' if k > 1 else ''} and {rows} rows each, fill "
+                f"the {tokens} tokens" + ("; AnyRes images that unpad to fewer rows would pack more tiles"
+                                          if config.anyres else ""))
     return MemoryPlan(world=world, tokens=tokens, grad_checkpointing=grad_checkpointing, compute_bytes=c,
                       parameters=(4 * n["trainable"] + frozen) // world,
                       gradients=4 * n["trainable"] // world,
                       optimizer=8 * n["trainable"] // world, gathered=gathered, weight_copies=copies,
                       activations=activations, recompute=recompute, loss=loss, step_workspace=step,
                       reduce_scatter=reduce_scatter,
-                      capacity=capacity)
+                      images=image_bytes(config, tiles, c, fused_projector=fused_projector),
+                      vision=vision_bytes(config, tiles, c, r), tiles=tiles,
+                      tiles_note=note if tiles else "no images", capacity=capacity)
 
 
 def advice(plan: MemoryPlan) -> str:
@@ -248,13 +322,16 @@ def device_capacity(device: torch.device) -> int | None:
 
 
 def plan_for_model(model, *, device: torch.device, world: int, tokens: int, grad_checkpointing: bool,
-                   capacity: int | None) -> MemoryPlan:
+                   capacity: int | None, tiles: int | None = None) -> MemoryPlan:
     """The plan of the loop's own set-up for ``model`` (frozen parts as marked by requires_grad, its
     attention and kernel backends) on ``device``: on CUDA bf16 (FSDP2's policy with several ranks,
-    autocast for one) and foreach AdamW, fp32 on the CPU."""
+    autocast for one) and foreach AdamW, fp32 on the CPU. ``tiles``: as ``plan_memory``'s."""
     import llava_kernels
     from engine.attention import resolve_backend
+    if any(p.requires_grad for p in model.vision.parameters()):
+        raise ValueError("plan_for_model: the vision tower trains; the plan counts a frozen tower only")
     loss_backend = llava_kernels.dispatch.resolve("masked_loss", device, model.kernel_backend)
+    projector_backend = llava_kernels.dispatch.resolve("projector", device, model.kernel_backend)
     decoder_trains = any(p.requires_grad for n, p in model.named_parameters() if n.startswith("decoder."))
     from train.distributed import uses_mixed_precision
     precision = "fp32" if device.type != "cuda" else (
@@ -264,7 +341,8 @@ def plan_for_model(model, *, device: torch.device, world: int, tokens: int, grad
                        kv_repeated=resolve_backend(device, model.attention_backend) == "sdpa",
                        fused_loss=loss_backend != "torch",
                        foreach_optimizer=device.type == "cuda", capacity=capacity,
-                       counts=None if model.lora is None else model_parameter_counts(model), lora=model.lora)
+                       counts=None if model.lora is None else model_parameter_counts(model), lora=model.lora,
+                       tiles=tiles, fused_projector=projector_backend != "torch")
 
 
 def choose_checkpointing(model, *, requested: bool | None, **kw) -> MemoryPlan:
