@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint
 
 import llava_kernels
 from engine import anyres
+from engine import linear as dense
 from engine.attention import varlen_attention
 from engine.config import LlavaConfig, TextConfig
 from engine.vision import VisionTower
@@ -66,6 +67,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 == self.weight.dtype and not torch.is_grad_enabled():
+            # Inference in fp32: one fused op instead of six (a decode step is 2 norms × layers of them);
+            # the same formula in fp32, equal to the lines below (tests/test_model.py).
+            return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32, scale in the input dtype (as LLaMA does).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -178,11 +183,12 @@ class Attention(nn.Module):
         qkv = fused_weight(self.q, self.k, self.v)
         if qkv is None:
             q, k, v = self.q(x), self.k(x), self.v(x)
-        else:  # one GEMM; (T, (H + 2·Hkv)·Dh) split into views
-            q, k, v = F.linear(x, qkv).split([self.h * self.dh, self.hkv * self.dh, self.hkv * self.dh], -1)
-        q = apply_rope(q.view(t, self.h, self.dh), cos, sin)    # (T, H, Dh)
-        k = apply_rope(k.view(t, self.hkv, self.dh), cos, sin)  # (T, Hkv, Dh)
-        return self.o(attn(layer, q, k, v.view(t, self.hkv, self.dh)).reshape(t, self.h * self.dh))
+            q = apply_rope(q.view(t, self.h, self.dh), cos, sin)    # (T, H, Dh)
+            k = apply_rope(k.view(t, self.hkv, self.dh), cos, sin)  # (T, Hkv, Dh)
+        else:  # one GEMM, and RoPE once over q and k side by side: (T, (H + Hkv)·Dh) as (T, H + Hkv, Dh)
+            qk, v = dense.linear(x, qkv).split([(self.h + self.hkv) * self.dh, self.hkv * self.dh], -1)
+            q, k = apply_rope(qk.view(t, self.h + self.hkv, self.dh), cos, sin).split([self.h, self.hkv], 1)
+        return dense.apply(self.o, attn(layer, q, k, v.view(t, self.hkv, self.dh)).reshape(t, self.h * self.dh))
 
 
 class MLP(nn.Module):
@@ -196,8 +202,8 @@ class MLP(nn.Module):
         gate_up = fused_weight(self.gate, self.up)
         if gate_up is None:
             return self.down(F.silu(self.gate(x)) * self.up(x))
-        g, u = F.linear(x, gate_up).chunk(2, -1)  # one GEMM: (T, 2·I) → two (T, I) views
-        return self.down(F.silu(g) * u)
+        g, u = dense.linear(x, gate_up).chunk(2, -1)  # one GEMM: (T, 2·I) → two (T, I) views
+        return dense.apply(self.down, F.silu(g) * u)
 
 
 class Block(nn.Module):
@@ -399,7 +405,7 @@ class Llava(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., D] → [..., V] (full logits: generation and tests; training uses the masked loss)."""
-        return F.linear(hidden, self.head_weight)
+        return dense.linear(hidden, self.head_weight)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
