@@ -6,15 +6,12 @@ sequences at once), nb cache blocks per sequence in a decode step.
 
 Token ids in, token ids out (no tokenizer here). One ``Runtime.step()`` is one forward:
 
-- **schedule** — every running sequence that is decoding runs one token; with
-  ``chunked_prefill`` (default) the rest of the step's token budget (``max_step_tokens``) goes
-  to prompts, in arrival order, cut into chunks (never inside an image; while requests wait, a
-  prompt takes at most half of what is left, so a short prompt queued behind a long one starts
-  in the same step or the next); without it, whole prompts up to ``max_prefill_tokens``. KV blocks
-  are taken lazily as tokens need them, not reserved for ``max_new_tokens`` at admission; when
-  they run out the youngest sequence is **preempted**: its blocks are freed and it waits, first
-  in line, to recompute its prompt and the tokens it had generated (the oldest is never
-  preempted, so everything finishes);
+- **schedule** (``engine.scheduler``, whose docstring states the policy) — every running
+  sequence that is decoding runs one token; with ``chunked_prefill`` (default) the rest of the
+  step's token budget (``max_step_tokens``) goes to prompts, in arrival order, cut into chunks
+  that never split an image (half of what is left while requests wait); without it, whole
+  prompts up to ``max_prefill_tokens``. KV blocks are taken lazily; when they run out the
+  youngest sequence is **preempted** and later recomputes what it had (the oldest never is);
 - **run** — a decode-only step embeds the last tokens → decoder with a ``DecodeAttention`` over
   the block tables → logits (a CUDA graph on CUDA); a step with prefill chunks packs decode rows
   and chunks into one batch (one GEMM per weight for all rows; ``MixedAttention``: paged decode
@@ -37,12 +34,16 @@ system prompt computes it once. Reuse never splits an image and always leaves at
 token to compute, for the first sampled token's logits. Any change of the weights (an
 optimizer step, ``load_state_dict``) drops every shared prefix.
 
-Where the parts live: sampling (``SamplingParams``, ``sample_tokens``: on the device, seeded per
-sequence, so a sequence samples the same tokens whatever batch it is in) in ``engine.sampling``;
-the block allocator and prefix index in ``engine.kv_cache``; the attention contexts in
-``engine.kv_attention``; the decode step's CUDA graphs (one per batch bucket × context bucket,
-powers of two; eager on the CPU) in ``engine.graphs``. Here: the request types, the runtime
-(scheduler + forwards) and ``generate``.
+Where the parts live: the scheduler (admission, token budget and chunks, lazy block growth,
+preemption, prefix-hit lookup and block registration, slots and the block table) in
+``engine.scheduler``; ``Request`` (a sequence and the scheduler's bookkeeping of it) and
+``GenerationOutput`` in ``engine.request``; sampling (``SamplingParams``, ``sample_tokens``: on
+the device, seeded per sequence, so a sequence samples the same tokens whatever batch it is in)
+in ``engine.sampling``; the block allocator and prefix index in ``engine.kv_cache``; the
+attention contexts in ``engine.kv_attention``; the decode step's CUDA graphs (one per batch
+bucket × context bucket, powers of two; eager on the CPU) in ``engine.graphs``. Here: the
+runtime (submit, cancel, step: the forwards and each slot's sampling settings), the step and
+stream events, and ``generate``. Everything public is importable from here (``__all__``).
 """
 from __future__ import annotations
 
@@ -52,18 +53,22 @@ import warnings
 import weakref
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from engine.graphs import DecodeGraphs, GraphCaptureError
 from engine.image_spans import check_sizes, image_spans, split_per_prompt
 from engine.kv_attention import DecodeAttention, MixedAttention, PrefillAttention, PrefixPrefillAttention
-from engine.kv_cache import ImageSpan, PagedKVCache, block_keys
+from engine.kv_cache import PagedKVCache
 from engine.model import Llava, pack_cu_seqlens
+from engine.request import GenerationOutput, Request
 from engine.sampling import SamplingParams, sample_tokens
+from engine.scheduler import Scheduler
+
+__all__ = ["GenerationOutput", "GraphCaptureError", "Request", "Runtime", "RuntimeConfig", "SamplingParams",
+           "StepEvent", "TokenEvent", "default_runtime", "generate", "split_images"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,64 +92,12 @@ class RuntimeConfig:
                 raise ValueError(f"RuntimeConfig.{name} must be >= 1, got {getattr(self, name)}")
 
 
-@dataclass
-class GenerationOutput:
-    """One prompt's result: new tokens (the stop token excluded) and why it ended."""
-    tokens: list[int]
-    finish_reason: str
-    logits: torch.Tensor | None = None  # [len(tokens) (+1 if stopped), V] raw logits when asked for
-
-
 class TokenEvent(NamedTuple):
     """Streamed by ``generate(stream=True)``: a new token (``finish_reason`` None), or the end of
     prompt ``index`` (``token`` None, ``finish_reason`` set) — exactly one end event per prompt."""
     index: int
     token: int | None
     finish_reason: str | None
-
-
-@dataclass(eq=False)
-class Request:
-    """A sequence inside a runtime. ``tokens`` grows as it decodes; ``finish_reason`` is set at the end
-    ("stop", "length", "cancelled" or "error" with ``error`` holding the message)."""
-    prompt: list[int]
-    pixel_values: torch.Tensor | None     # [ΣK, 3, S, S]: every tile of every image of the prompt, in order
-    params: SamplingParams
-    image_sizes: torch.Tensor | None = None  # [N, 2] (height, width) per image, when given
-    keep_logits: bool = False
-    tokens: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
-    error: str | None = None
-    logits: list[torch.Tensor] = field(default_factory=list)
-    slot: int = -1
-    blocks: list[int] = field(default_factory=list)
-    cached: int = 0                   # tokens whose K/V are in the cache
-    limit: int = 0                    # most new tokens (max_new_tokens capped by the context length)
-    reused: int = 0                   # leading prompt tokens whose K/V came from a shared prefix
-    spans: list[ImageSpan] = field(default_factory=list)  # the prompt's images (digests with prefix caching)
-    keys: list[bytes] | None = None       # prefix keys of the sequence's full blocks so far
-    registered: int = 0               # leading blocks offered for reuse so far
-    arrival: int = 0                  # submission order: the scheduler's priority (older first)
-    admitted: bool = False            # admitted at least once (a preempted request is readmitted)
-    preemptions: int = 0              # times its blocks were taken back (its K/V then recomputed)
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
-
-    @property
-    def seq_len(self) -> int:
-        """Prompt and generated tokens so far (the last generated one is not in the cache yet)."""
-        return len(self.prompt) + len(self.tokens)
-
-    @property
-    def decoding(self) -> bool:
-        """Everything but the last generated token is cached: the next step runs that one token."""
-        return bool(self.tokens) and self.cached == self.seq_len - 1
-
-    def output(self) -> GenerationOutput:
-        logits = torch.stack(self.logits) if self.keep_logits and self.logits else None
-        return GenerationOutput(tokens=list(self.tokens), finish_reason=self.finish_reason, logits=logits)
 
 
 class StepEvent(NamedTuple):
@@ -183,35 +136,55 @@ class Runtime:
         self.cache = PagedKVCache.from_budget(tc, budget_bytes=budget, block_size=bs, dtype=self.dtype,
                                               device=self.device,
                                               max_blocks=config.max_batch * self.max_blocks_per_seq)
+        model_ref = self._model  # not self: the scheduler must not hold the runtime that holds it
+        self.scheduler = Scheduler(self.cache, config, max_blocks_per_seq=self.max_blocks_per_seq,
+                                   parameters=lambda: _live(model_ref).parameters())
         s, dev = config.max_batch, self.device
-        self.block_table = torch.zeros(s, self.max_blocks_per_seq, dtype=torch.int32, device=dev)  # (S, nb)
         self.temperature = torch.zeros(s, dtype=torch.float32, device=dev)
         self.top_p = torch.ones(s, dtype=torch.float32, device=dev)
         self.top_k = torch.zeros(s, dtype=torch.int64, device=dev)
         self.penalty = torch.ones(s, dtype=torch.float32, device=dev)
         self.seeds = torch.zeros(s, dtype=torch.int64, device=dev)
         self.seen: torch.Tensor | None = None  # (S, V) bool, allocated when a request uses a penalty
-        self.waiting: deque[Request] = deque()
-        self.running: list[Request] = []
-        self._free_slots = list(range(s - 1, -1, -1))
         self.graphs = DecodeGraphs(self) if dev.type == "cuda" and config.cuda_graphs else None
         self.peak_batch = 0  # most sequences decoded in one step so far (a continuous-batching witness)
-        self.prompt_tokens = 0  # prompt tokens admitted so far, and how many of them a shared prefix covered
-        self.reused_tokens = 0
-        self.preemptions = 0   # sequences whose blocks were taken back (recomputed when readmitted)
-        self._arrivals = 0
-        self._weights_stamp: tuple | None = None
 
     @property
     def model(self) -> Llava:
-        model = self._model()
-        if model is None:
-            raise RuntimeError("the runtime's model has been garbage-collected")
-        return model
+        return _live(self._model)
 
+    # The scheduler's state, read by the server's stats, the tests and the benches.
     @property
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return self.scheduler.has_work
+
+    @property
+    def waiting(self) -> deque[Request]:
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Request]:
+        return self.scheduler.running
+
+    @property
+    def block_table(self) -> torch.Tensor:
+        """(S, nb) int32 on the device: the cache blocks of the sequence in each slot."""
+        return self.scheduler.block_table
+
+    @property
+    def preemptions(self) -> int:
+        """Sequences whose blocks were taken back (recomputed when readmitted)."""
+        return self.scheduler.preemptions
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Prompt tokens admitted so far (a preempted request's counted once)."""
+        return self.scheduler.prompt_tokens
+
+    @property
+    def reused_tokens(self) -> int:
+        """Of ``prompt_tokens``, those a shared prefix covered at first admission."""
+        return self.scheduler.reused_tokens
 
     # ---- requests -------------------------------------------------------------------------------------
 
@@ -258,37 +231,27 @@ class Runtime:
                              f"blocks; the cache has {self.cache.num_blocks - 1}")
         req = Request(prompt=list(prompt), pixel_values=pixel_values if spans else None, params=params,
                       image_sizes=torch.tensor(sizes, dtype=torch.long) if spans and sizes else None,
-                      keep_logits=keep_logits, limit=limit, arrival=self._arrivals, spans=spans)
-        self._arrivals += 1
-        self.waiting.append(req)
+                      keep_logits=keep_logits, limit=limit, spans=spans)
+        self.scheduler.add(req)
         return req
 
     def cancel(self, req: Request, reason: str = "cancelled") -> None:
         """End ``req`` now (waiting or running); its blocks and slot are free for the next step."""
-        if req.finished:
-            return
-        if req in self.waiting:
-            self.waiting.remove(req)
-        self._finish(req, reason)
-
-    def _finish(self, req: Request, reason: str) -> None:
-        req.finish_reason = reason
-        if req in self.running:
-            self.running.remove(req)
-        if req.slot >= 0:
-            self.cache.release(req.blocks)
-            self._free_slots.append(req.slot)
-            req.blocks, req.slot = [], -1
+        self.scheduler.cancel(req, reason)
 
     # ---- one step -------------------------------------------------------------------------------------
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One forward: every decoding sequence advances one token and, within the step's token budget,
-        prompts are prefilled (whole, or in chunks with ``chunked_prefill``) in the same packed batch."""
+        prompts are prefilled (whole, or in chunks with ``chunked_prefill``) in the same packed batch
+        (``Scheduler.schedule`` picks the work)."""
         work: list[tuple[Request, int]] = []
         try:
-            work = self._schedule()
+            planned, admitted = self.scheduler.schedule()
+            for r in admitted:
+                self._set_slot(r)
+            work = planned
             if not work:
                 return []
             if all(r.decoding for r, _ in work):
@@ -299,141 +262,9 @@ class Runtime:
             for r, _ in work:
                 if not r.finished:
                     r.error = f"{type(e).__name__}: {e}"
-                    self._finish(r, "error")
+                    self.scheduler.finish(r, "error")
                     events.append(StepEvent(r, None, "error"))
             return events
-
-    # ---- scheduling: token budget, chunks, lazy blocks, preemption -------------------------------------
-
-    def _schedule(self) -> list[tuple[Request, int]]:
-        """(request, tokens to run) for this step, their blocks allocated.
-
-        Running sequences first, oldest first: a decoding one runs 1 token; one still prefilling runs
-        the next chunk of what the budget leaves after every decode row, but only half of that while
-        requests wait for a free slot, so a short prompt arriving behind a long one starts at the next
-        step instead of after the long prefill (the long one still gets half the budget; a prompt
-        admitted with others queued behind it likewise takes half of what is left). Blocks are taken as tokens
-        need them; when the cache runs out, the youngest running sequence not yet scheduled is
-        preempted (its blocks freed, its prompt and tokens so far recomputed when readmitted), or the
-        sequence itself when it is the youngest. The oldest is never preempted, and a request fits
-        the cache alone (``submit`` checks), so every request finishes. Then waiting requests are
-        admitted in FIFO order while a slot, the budget and free blocks last (no preemption for them).
-        """
-        chunked = self.config.chunked_prefill
-        queue = sorted(self.running, key=lambda r: r.arrival)
-        left = (self.config.max_step_tokens - sum(r.decoding for r in queue) if chunked
-                else self.config.max_prefill_tokens)
-        reserve = left // 2 if chunked and self.waiting and self._free_slots else 0
-        work, first_prefill = [], True
-        i = 0
-        while i < len(queue):
-            r = queue[i]
-            if r.decoding:
-                n = 1
-            elif chunked and left - reserve <= 0:
-                i += 1
-                continue
-            else:
-                n = self._chunk_end(r, r.cached, left - reserve if chunked else None) - r.cached
-            while self._blocks_needed(r, n) > self.cache.free_blocks and queue[-1] is not r:
-                self._preempt(queue.pop())             # younger than r: scheduled after it
-            short = self._blocks_needed(r, n) > self.cache.free_blocks
-            if short and chunked and not r.decoding:    # a smaller chunk the free blocks hold
-                room = (len(r.blocks) + self.cache.free_blocks) * self.cache.block_size
-                n = self._chunk_end(r, r.cached, room - r.cached) - r.cached if room > r.cached else 0
-                short = n <= 0 or self._blocks_needed(r, n) > self.cache.free_blocks
-            if short:
-                if r.decoding:                          # the youngest left: it yields its blocks
-                    self._preempt(queue.pop(i))
-                else:
-                    i += 1
-                continue
-            self._grow(r, n)
-            work.append((r, n))
-            if not r.decoding:
-                left -= n
-                first_prefill = False
-            i += 1
-        work += self._admit(left, first_prefill)
-        return work
-
-    def _blocks_needed(self, r: Request, n: int) -> int:
-        return max(0, self.cache.blocks_for(r.cached + n) - len(r.blocks))
-
-    def _grow(self, r: Request, n: int) -> None:
-        """Allocate the blocks ``r`` needs to run ``n`` more tokens (and note them in its table row)."""
-        need = self._blocks_needed(r, n)
-        if need:
-            start = len(r.blocks)
-            r.blocks += self.cache.allocate(need)
-            self.block_table[r.slot, start:len(r.blocks)] = torch.tensor(r.blocks[start:], dtype=torch.int32)
-
-    def _chunk_end(self, r: Request, start: int, budget: int | None) -> int:
-        """End of the chunk of ``r``'s sequence from ``start`` under ``budget`` tokens (None: all of it),
-        moved so that no image is split: back to the image's start, or past its end when it starts
-        the chunk (one image's rows come from one tower call)."""
-        end = r.seq_len if budget is None else min(r.seq_len, start + budget)
-        for im in self._spans(r):
-            if im.start < end < im.end:
-                return im.start if im.start > start else im.end
-        return end
-
-    def _preempt(self, r: Request) -> None:
-        """Free ``r``'s blocks and slot and queue it first: readmitted, it recomputes prompt + tokens."""
-        self.running.remove(r)
-        self.cache.release(r.blocks)
-        self._free_slots.append(r.slot)
-        r.blocks, r.slot, r.cached, r.reused, r.registered = [], -1, 0, 0, 0
-        r.preemptions += 1
-        self.preemptions += 1
-        self.waiting.appendleft(r)  # older than every waiting request
-
-    def _admit(self, left: int, first: bool) -> list[tuple[Request, int]]:
-        """Waiting requests that get a slot, budget and blocks, in FIFO order (a request that does not fit
-        stops the admission: a long prompt is never starved). Without chunking the first prefill of a step
-        may exceed the budget alone."""
-        chunked, bs = self.config.chunked_prefill, self.cache.block_size
-        caching = self.config.prefix_caching
-        if caching and self.waiting and self._free_slots:
-            self._forget_prefixes_if_weights_changed()
-        # Full blocks this step writes, by key: a later request of the same step with the same prefix shares
-        # them too (each layer writes every fresh K/V row before attending).
-        pending: dict[bytes, int] = {}
-        admitted = []
-        while self.waiting and self._free_slots and (left > 0 or (first and not chunked)):
-            r = self.waiting[0]
-            hits = self._prefix_hits(r, pending) if caching else []
-            start = len(hits) * bs
-            # with others waiting behind it (and slots for them) a prompt takes half of what is left
-            share = max(1, left // 2) if chunked and len(self.waiting) > 1 and len(self._free_slots) > 1 else left
-            end = self._chunk_end(r, start, share if chunked else None)
-            room = (self.cache.free_blocks - self.cache.idle_among(hits) + len(hits)) * bs
-            if chunked and end > room:
-                end = self._chunk_end(r, start, room - start) if room > start else start
-            need = self.cache.blocks_for(end) - len(hits)
-            if end <= start or need > self.cache.free_blocks - self.cache.idle_among(hits) or (
-                    not chunked and not first and end - start > left):
-                break
-            self.waiting.popleft()
-            self.cache.share(hits)  # before allocating, which could otherwise evict them
-            r.slot, r.blocks = self._free_slots.pop(), list(hits)
-            r.cached = r.reused = start
-            r.registered = len(hits)
-            self.block_table[r.slot, :len(hits)] = torch.tensor(hits, dtype=torch.int32)
-            self._grow(r, end - start)
-            self._set_slot(r)
-            if caching:
-                for i in range(len(hits), end // bs):
-                    pending.setdefault(r.keys[i], r.blocks[i])
-            if not r.admitted:
-                r.admitted = True
-                self.prompt_tokens += len(r.prompt)
-                self.reused_tokens += r.reused
-            self.running.append(r)
-            admitted.append((r, end - start))
-            left -= end - start
-            first = False
-        return admitted
 
     def _set_slot(self, r: Request) -> None:
         """The sampling settings (and the repetition-penalty mask) of ``r`` in its slot's rows."""
@@ -445,52 +276,6 @@ class Runtime:
             self.seen[s, torch.tensor(r.prompt + r.tokens, device=dev)] = True
         self.temperature[s], self.top_p[s], self.top_k[s] = p.temperature, p.top_p, p.top_k
         self.penalty[s], self.seeds[s] = p.repetition_penalty, p.seed
-
-    def _spans(self, r: Request) -> list[ImageSpan]:
-        """The prompt's images: placeholder rows, tiles and (for prefix keys) a digest (set by ``submit``)."""
-        return r.spans
-
-    # ---- prefix reuse ---------------------------------------------------------------------------------
-
-    def _forget_prefixes_if_weights_changed(self) -> None:
-        """Shared K/V is only valid for the weights that computed it: an in-place update bumps a
-        parameter's version counter, a reassignment changes its storage."""
-        stamp = tuple(_weight_stamp(p) for p in self.model.parameters())
-        if stamp != self._weights_stamp:
-            self.cache.forget_prefixes()
-            self._weights_stamp = stamp
-
-    def _seq_keys(self, r: Request) -> list[bytes]:
-        """Prefix keys of the full blocks of ``r``'s sequence (prompt + tokens; extended as it grows)."""
-        bs = self.cache.block_size
-        if r.keys is None:
-            r.keys = block_keys(r.prompt, bs, self._spans(r), 0, len(r.prompt) // bs)
-        full = r.seq_len // bs
-        if full > len(r.keys):
-            done = len(r.keys)
-            r.keys += block_keys(r.prompt + r.tokens, bs, r.spans, done, full, r.keys[-1] if done else b"")
-        return r.keys
-
-    def _prefix_hits(self, r: Request, pending: dict[bytes, int]) -> list[int]:
-        """Blocks ``r`` can share (registered, or ``pending`` in this step): at most seq_len - 1 tokens
-        (the last token must run to give the next logits), cut back to a block boundary before any
-        image they would split (an image's rows come from one tower call)."""
-        bs = self.cache.block_size
-        hits = self.cache.lookup(self._seq_keys(r)[:(r.seq_len - 1) // bs], pending)
-        n = len(hits) * bs
-        for im in reversed(r.spans):  # from the last image: a cut back to a block start can land in an earlier one
-            if im.start < n < im.end:
-                n = im.start // bs * bs
-        return hits[:n // bs]
-
-    def _register_full_blocks(self, r: Request) -> None:
-        """Offer the sequence's full, written blocks for reuse (prompt blocks as prefill writes them,
-        then each block decode fills)."""
-        full = r.cached // self.cache.block_size
-        keys = self._seq_keys(r)
-        for i in range(r.registered, full):
-            self.cache.register(r.blocks[i], keys[i])
-        r.registered = max(r.registered, full)
 
     # ---- the forward passes ---------------------------------------------------------------------------
 
@@ -559,7 +344,7 @@ class Runtime:
         for r, n in work:
             r.cached += n
             if self.config.prefix_caching:
-                self._register_full_blocks(r)
+                self.scheduler.register_full_blocks(r)
         if not done:
             return []
         logits = model.logits(hidden[torch.tensor(rows, device=dev)]).float()            # (B, V)
@@ -598,7 +383,7 @@ class Runtime:
         for r in reqs:
             r.cached += 1
             if self.config.prefix_caching and r.cached % bs == 0:
-                self._register_full_blocks(r)
+                self.scheduler.register_full_blocks(r)
         return self._sample_and_advance(reqs, slots, pos_t + 1, logits.float())
 
     def _sample_and_advance(self, reqs, slots, counters, logits) -> list[StepEvent]:
@@ -621,23 +406,22 @@ class Runtime:
             reqs[i].logits.append(kept[j])
         for r, t in zip(reqs, host_tokens, strict=True):
             if t in r.params.stop_token_ids:
-                self._finish(r, "stop")
+                self.scheduler.finish(r, "stop")
                 events.append(StepEvent(r, None, "stop"))
                 continue
             r.tokens.append(t)
             events.append(StepEvent(r, t, None))
             if len(r.tokens) >= r.limit:
-                self._finish(r, "length")
+                self.scheduler.finish(r, "length")
                 events.append(StepEvent(r, None, "length"))
         return events
 
 
-def _weight_stamp(p: torch.Tensor) -> tuple:
-    """(address, version) of a weight's storage; for a tensor subclass (a quantized weight, whose own
-    data_ptr is 0 and version never moves) the stamps of the plain tensors it holds."""
-    if not is_traceable_wrapper_subclass(p):
-        return (p.data_ptr(), p._version)
-    return tuple(_weight_stamp(getattr(p, name)) for name in p.__tensor_flatten__()[0])
+def _live(model_ref: weakref.ref) -> Llava:
+    model = model_ref()
+    if model is None:
+        raise RuntimeError("the runtime's model has been garbage-collected")
+    return model
 
 
 # ----------------------------------------------------------------------------- generate()

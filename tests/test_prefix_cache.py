@@ -1,4 +1,5 @@
-"""Prefix reuse in the generation runtime (engine/kv_cache.py, engine/generate.py), fp32 on the CPU.
+"""Prefix reuse in the generation runtime (engine/kv_cache.py, engine/scheduler.py, engine/generate.py), fp32
+on the CPU.
 
 A shared prefix must change nothing but the work done: every step's logits equal a full
 recompute without any cache (≤ 1e-5), the tokens equal a runtime without prefix caching, and

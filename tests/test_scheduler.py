@@ -1,18 +1,24 @@
-"""The runtime's scheduler (engine/generate.py): chunked prefill mixed with decode under a per-step
-token budget, lazy KV-block allocation, preemption by recompute; fp32 on the CPU.
+"""The runtime's scheduler (engine/scheduler.py, run by engine/generate.py's Runtime): chunked prefill
+mixed with decode under a per-step token budget, lazy KV-block allocation, preemption by recompute,
+prefix hits.
 
-The rule throughout: scheduling changes when and how tokens are computed, never which. Greedy
-tokens of every request equal its batch-1 run (one request alone in a runtime without chunking,
-sharing or preemption) whatever else is in the batch, and every step's logits equal a cache-free
-recompute of the sequence so far (≤ 1e-5, fp32).
+First through a runtime, fp32 on the CPU. The rule throughout: scheduling changes when and how
+tokens are computed, never which. Greedy tokens of every request equal its batch-1 run (one request
+alone in a runtime without chunking, sharing or preemption) whatever else is in the batch, and every
+step's logits equal a cache-free recompute of the sequence so far (≤ 1e-5, fp32).
+
+Then the ``Scheduler`` alone, without a model: the work lists its policy picks step by step
+(admission order, budget shares, chunk ends, which sequence is preempted, which blocks are shared).
 """
 import pytest
 import torch
 from helpers import IMAGE_SIZE, IMAGE_TOKEN, hf_model, recompute_logits
 
 import engine
-from engine.generate import Runtime, RuntimeConfig, SamplingParams
-from engine.kv_cache import PagedKVCache
+from engine.config import tiny_config
+from engine.generate import Request, Runtime, RuntimeConfig, SamplingParams
+from engine.kv_cache import ImageSpan, PagedKVCache
+from engine.scheduler import Scheduler
 
 BS = 4
 
@@ -211,3 +217,210 @@ def test_a_short_request_behind_a_long_prompt(model, chunked):
     while rt.has_work:
         rt.step()
     assert [long.tokens, short.tokens] == want
+
+
+# ---- the Scheduler alone: no model, no forward -----------------------------------------------------------
+
+TEXT = tiny_config(num_layers=1).text
+
+
+def scheduler(*, blocks=64, weights=None, **config):
+    """A Scheduler over a cache of ``blocks`` usable blocks of BS tokens; prefix caching off unless asked.
+    ``weights`` stands for the model's parameters (a tensor; updating it in place is a weight change)."""
+    config.setdefault("prefix_caching", False)
+    cache = PagedKVCache(TEXT, num_blocks=blocks + 1, block_size=BS, dtype=torch.float32,
+                         device=torch.device("cpu"))
+    w = torch.ones(3) if weights is None else weights
+    return Scheduler(cache, RuntimeConfig(block_size=BS, **config), max_blocks_per_seq=32, parameters=lambda: [w])
+
+
+def request(sched, length, *, limit=8, first=3, images=()):
+    """Queue a prompt of ``length`` ids (BOS, then first, first + 1, ...); ``images``: (start, end) rows."""
+    spans = [ImageSpan(a, b, bytes([j + 1]) * 32) for j, (a, b) in enumerate(images)]
+    r = Request(prompt=[1] + list(range(first, first + length - 1)), pixel_values=None, params=SamplingParams(),
+                limit=limit, spans=spans)
+    sched.add(r)
+    return r
+
+
+def step(sched):
+    """One ``schedule`` and what the runtime does around its forward: the work's cache positions advance,
+    full blocks are registered, each row that ends its sequence samples a token, a request at its limit
+    finishes. Checks on the way that blocks are taken lazily (exactly what the tokens so far need) and
+    noted in the block table, and that the admitted requests are the work's newcomers."""
+    running = {id(r): r.preemptions for r in sched.running}
+    work, admitted = sched.schedule()                          # a running one preempted now may be readmitted
+    assert admitted == [r for r, _ in work if running.get(id(r), -1) != r.preemptions]
+    for r, n in work:
+        assert n >= 1 and r.slot >= 0
+        assert len(r.blocks) == sched.cache.blocks_for(r.cached + n)
+        assert sched.block_table[r.slot, :len(r.blocks)].tolist() == r.blocks
+    for r, n in work:
+        r.cached += n
+        if sched.config.prefix_caching:
+            sched.register_full_blocks(r)
+    for r, _ in work:
+        if r.cached == r.seq_len:
+            r.tokens.append(200 + len(r.tokens))
+            if len(r.tokens) >= r.limit:
+                sched.finish(r, "length")
+    return work
+
+
+def drain(sched, steps=500):
+    for _ in range(steps):
+        if not sched.has_work:
+            return
+        step(sched)
+    raise AssertionError(f"the scheduler still has work after {steps} steps")
+
+
+def test_admission_is_fifo_into_free_slots():
+    sched = scheduler(max_batch=2, max_step_tokens=64)
+    a, b, c = request(sched, 5, limit=2), request(sched, 6), request(sched, 7)
+    assert step(sched) == [(a, 5), (b, 6)]
+    assert [a.slot, b.slot] == [0, 1] and list(sched.waiting) == [c]
+    assert step(sched) == [(a, 1), (b, 1)]                     # c has no slot until a ends (this step)
+    assert a.finish_reason == "length" and a.slot == -1
+    assert step(sched) == [(b, 1), (c, 7)] and c.slot == 0
+
+
+def test_a_request_that_does_not_fit_is_not_overtaken():
+    """Without chunking b's whole prompt needs 2 blocks and 1 is free: b waits, and c (which would fit)
+    waits behind it, so a long prompt is never starved by short ones."""
+    sched = scheduler(blocks=4, chunked_prefill=False)
+    a, b, c = request(sched, 12), request(sched, 8), request(sched, 3)
+    assert step(sched) == [(a, 12)]
+    assert list(sched.waiting) == [b, c]
+
+
+def test_with_chunking_an_admission_is_cut_to_the_free_blocks():
+    sched = scheduler(blocks=4, max_step_tokens=64)
+    a, b, c = request(sched, 12), request(sched, 8), request(sched, 3)
+    assert step(sched) == [(a, 12), (b, 4)]                    # 3 + 1 blocks: b gets what is left
+    assert list(sched.waiting) == [c]
+
+
+def test_half_the_budget_is_kept_while_requests_wait():
+    sched = scheduler(max_step_tokens=32)
+    long = request(sched, 200, limit=2)
+    assert step(sched) == [(long, 32)]                         # alone: the whole budget
+    short = request(sched, 4, limit=3)
+    assert step(sched) == [(long, 16), (short, 4)]             # half of it kept for the waiting one
+    assert step(sched) == [(long, 31), (short, 1)]             # nobody waits: all but the decode row
+    both = scheduler(max_step_tokens=32)
+    a, b = request(both, 100), request(both, 100, first=50)
+    assert step(both) == [(a, 16), (b, 16)]                    # admitted with b behind it: a takes half
+
+
+def test_without_chunking_whole_prompts_fill_max_prefill_tokens():
+    sched = scheduler(chunked_prefill=False, max_prefill_tokens=10)
+    a, b, c = request(sched, 15), request(sched, 4), request(sched, 8)
+    assert step(sched) == [(a, 15)]                            # the first prefill may exceed it alone
+    assert step(sched) == [(a, 1), (b, 4)]                     # c's 8 tokens exceed the 6 left
+    assert list(sched.waiting) == [c]
+
+
+def test_a_chunk_never_splits_an_image():
+    """Image rows [10, 30) under a budget of 16: the first chunk stops before the image, the next one
+    takes the whole image (20 rows, past the budget), then text again."""
+    sched = scheduler(max_step_tokens=16)
+    r = request(sched, 50, images=[(10, 30)])
+    ends = []
+    while not r.tokens:
+        step(sched)
+        ends.append(r.cached)
+    assert ends == [10, 30, 46, 50]
+
+
+def test_blocks_are_taken_as_tokens_need_them():
+    """A 6-token prompt allowed 12 new tokens holds 2 blocks after its prefill, not the 5 its whole
+    sequence will need; it takes one more each time decode crosses a block boundary."""
+    sched = scheduler(max_step_tokens=64)
+    r = request(sched, 6, limit=12)
+    held = []
+    while not r.finished:
+        step(sched)
+        held.append(len(r.blocks) if not r.finished else sched.cache.blocks_for(r.cached))
+    assert held == [2, 2, 2, 3, 3, 3, 3, 4, 4, 4, 4, 5]
+    assert sched.cache.free_blocks == sched.cache.num_blocks - 1 and r.blocks == []
+
+
+def test_preemption_takes_the_youngest():
+    """5 blocks, three 4-token prompts (1 block each): at the first decode each needs a second block;
+    a and b get them and c, the youngest, is preempted, then readmitted in the same step to recompute
+    the 4 prompt tokens the one free block holds."""
+    sched = scheduler(blocks=5, max_step_tokens=64)
+    a, b, c = (request(sched, 4, limit=17, first=f) for f in (3, 30, 60))
+    assert step(sched) == [(a, 4), (b, 4), (c, 4)]
+    assert step(sched) == [(a, 1), (b, 1), (c, 4)]
+    assert [a.preemptions, b.preemptions, c.preemptions] == [0, 0, 1] and sched.preemptions == 1
+    assert c.tokens == [200] and c.cached == 4 and c.decoding   # its sampled token runs next, as a decode row
+    drain(sched)
+    assert [len(r.tokens) for r in (a, b, c)] == [17, 17, 17]
+
+
+@pytest.mark.parametrize("prefix_caching", [False, True])
+def test_preemption_never_takes_the_oldest(prefix_caching):
+    """A random workload on a cache that holds about one sequence: every step the preempted sequences
+    are the youngest running ones, never the oldest, and every request finishes with its blocks and
+    slot returned."""
+    g = torch.Generator().manual_seed(1)
+    sched = scheduler(blocks=12, max_batch=6, max_step_tokens=13, prefix_caching=prefix_caching)
+    reqs = []
+    for i in range(14):
+        length = int(torch.randint(2, 30, (), generator=g))
+        limit = int(torch.randint(1, 49 - length, (), generator=g))   # fits the cache alone: ≤ 12 blocks
+        reqs.append(request(sched, length, limit=limit, first=3 if i % 2 else 40))
+    for _ in range(2000):
+        if not sched.has_work:
+            break
+        before = sorted(sched.running, key=lambda r: r.arrival)
+        counts = [r.preemptions for r in before]
+        step(sched)
+        taken = [r for r, k in zip(before, counts, strict=True) if r.preemptions > k]
+        assert taken == before[len(before) - len(taken):]
+        assert not taken or taken[0] is not before[0]
+    assert sched.preemptions > 0
+    assert all(len(r.tokens) == r.limit for r in reqs)
+    assert sched.cache.free_blocks == sched.cache.num_blocks - 1 and len(sched.free_slots) == 6
+
+
+def test_prefix_hits_are_whole_blocks_before_the_last_token_and_any_image():
+    w = torch.ones(3)
+    sched = scheduler(prefix_caching=True, max_step_tokens=64, weights=w)
+    a = request(sched, 10, limit=1)
+    step(sched)                                                # a's 2 full blocks registered, then idle
+    kept = a.keys[:2]
+    b = request(sched, 10, limit=1)
+    assert step(sched) == [(b, 2)] and b.reused == 8 and b.keys[:2] == kept
+    c = request(sched, 8, limit=1)                             # its last token runs: 1 block of 2 shared
+    assert step(sched) == [(c, 4)] and c.reused == 4
+    d = request(sched, 14, limit=1, first=70, images=[(6, 13)])
+    assert step(sched) == [(d, 14)]
+    e = request(sched, 14, limit=1, first=70, images=[(6, 13)])  # 3 blocks match; the image cuts them to 1
+    assert step(sched) == [(e, 10)] and e.reused == 4
+    assert sched.reused_tokens == 8 + 4 + 4 and sched.prompt_tokens == 10 + 10 + 8 + 14 + 14
+    w.add_(0)                                                  # an in-place update: the shared K/V is stale
+    f = request(sched, 10, limit=1)
+    assert step(sched) == [(f, 10)] and f.reused == 0
+
+
+def test_requests_admitted_together_share_the_blocks_the_first_writes():
+    sched = scheduler(prefix_caching=True, max_step_tokens=64)
+    a, b = request(sched, 10), request(sched, 10)
+    assert step(sched) == [(a, 10), (b, 2)]
+    assert b.blocks[:2] == a.blocks[:2] and b.reused == 8
+
+
+def test_cancel_and_finish_give_back_slots_and_blocks():
+    sched = scheduler(max_batch=2, max_step_tokens=64)
+    a, b, c = request(sched, 9), request(sched, 5), request(sched, 3)
+    step(sched)
+    sched.cancel(c, "cancelled")                               # still waiting
+    sched.cancel(a, "cancelled")                               # running, 3 blocks
+    assert (c.finish_reason, a.finish_reason) == ("cancelled", "cancelled")
+    assert not sched.waiting and sched.running == [b] and a.slot == -1 and a.blocks == []
+    assert sched.cache.free_blocks == sched.cache.num_blocks - 1 - len(b.blocks)
+    sched.cancel(a, "error")                                   # already ended: unchanged
+    assert a.finish_reason == "cancelled"
