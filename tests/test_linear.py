@@ -39,13 +39,15 @@ def test_linear_equals_f_linear_within_the_summation_bound(rows, shape):
     assert ((ours - F.linear(x, w)).abs() <= bound(x, w)).all()
 
 
-def test_linear_takes_onednn_only_for_fp32_inference_on_plain_weights():
+def test_linear_takes_onednn_only_for_few_row_fp32_inference_on_plain_weights():
     if not dense.ONEDNN:
         pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn) linear: F.linear everywhere")
     x, w = torch.randn(2, 16), torch.randn(8, 16)
     with torch.no_grad():
         assert "mkldnn::_linear_pointwise" in ops_run(lambda: dense.linear(x, w))
         assert "mkldnn::_linear_pointwise" not in ops_run(lambda: dense.linear(x.bfloat16(), w.bfloat16()))
+        many = torch.randn(dense.ONEDNN_MAX_ROWS + 1, 16)              # prefill-sized: MKL is the faster there
+        assert "mkldnn::_linear_pointwise" not in ops_run(lambda: dense.linear(many, w))
     # with gradients: F.linear and its autograd, the weight's gradient as before
     w.requires_grad_(True)
     assert "mkldnn::_linear_pointwise" not in ops_run(lambda: dense.linear(x, w))
