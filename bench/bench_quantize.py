@@ -41,8 +41,8 @@ from engine.quantize import quantize_model
 
 VOCAB = 32064
 CPU_TEXT = dict(hidden_size=1024, intermediate_size=2816, num_layers=8, num_heads=16, num_kv_heads=16, head_dim=64)
-CONTENTION = ("the development machine: 2 CPU cores shared with 4 other engineers' builds and tests; load "
-              "average recorded before and after each case")
+# Other work may share the machine: the 1-minute load average before and after each case is in the rows.
+CONTENTION = "1-minute load average recorded before and after each case (other processes may share the CPU)"
 
 
 def model(text: dict, dtype, device) -> Llava:
