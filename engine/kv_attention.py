@@ -85,11 +85,14 @@ class DecodeAttention:
         # replay of the graph (the Triton kernel masks by seq_lens itself).
         ctx = block_table.shape[1] * cache.block_size
         self.mask = key_mask(self.seq_lens, ctx) if self.backend == "torch" else None  # (B, 1, 1, ctx)
+        # The reference's gathered K/V, reused by every layer (and step) on the CPU; None elsewhere.
+        self.workspace = cache.gather_workspace(block_table.numel()) if self.backend == "torch" else None
 
     def __call__(self, layer, q, k, v):  # q (B, H, Dh); k, v (B, Hkv, Dh)
         _write(self.cache, layer, self.slot_mapping, k, v)
         return llava_kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
-                                              self.seq_lens, length_mask=self.mask, backend=self.backend)
+                                                    self.seq_lens, length_mask=self.mask, backend=self.backend,
+                                                    workspace=self.workspace)
 
 
 class MixedAttention:

@@ -54,6 +54,23 @@ class PagedKVCache:
         self._block_of: dict[bytes, int] = {}             # prefix key -> registered block
         self._key_of: dict[int, bytes] = {}               # registered block -> its key
         self._idle: OrderedDict[int, None] = OrderedDict()  # registered, unused; least recently used first
+        self._gather: torch.Tensor | None = None           # (2, n, Bs, Hkv, Dh) CPU decode gather buffers
+
+    def gather_workspace(self, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Two [n_blocks, Bs, Hkv, Dh] buffers the decode attention's reference gathers K and V into, kept
+        from step to step (grown, never shrunk); None off the CPU.
+
+        Why on the CPU: a batch-32 step gathers ~50 MB of K and of V per layer, above glibc's largest mmap
+        threshold (32 MB), so every fresh gather was a new mapping whose pages the kernel faults in and zeroes:
+        batch-32 decode ran at 57-80 tok/s, at 125-138 tok/s with mmap disabled by MALLOC_MMAP_MAX_=0
+        (CPU bench model, 2026-12-05). On CUDA the caching allocator already reuses memory, and a buffer
+        that could be reallocated must not be baked into a captured graph."""
+        if self.k.device.type != "cpu":
+            return None
+        if self._gather is None or self._gather.shape[1] < n_blocks:
+            grow = max(n_blocks, 2 * (0 if self._gather is None else self._gather.shape[1]))
+            self._gather = torch.empty((2, grow, *self.k.shape[2:]), dtype=self.k.dtype, device=self.k.device)
+        return self._gather[0, :n_blocks], self._gather[1, :n_blocks]
 
     @staticmethod
     def bytes_per_block(cfg: TextConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -196,13 +196,15 @@ def _validate(q, k_cache, v_cache, block_table, seq_lens) -> None:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_table: torch.Tensor, seq_lens: torch.Tensor, *, scale: float | None = None,
-                           length_mask: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
-    """Attention of one query token per sequence over its paged context; nothing is mutated.
+                           length_mask: torch.Tensor | None = None, backend: str | None = None,
+                           workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """Attention of one query token per sequence over its paged context; nothing is mutated but ``workspace``.
 
     q [B, H, Dh]; k_cache, v_cache [NB, Bs, Hkv, Dh] (one layer, contiguous); block_table int
     [B, nb] (nb·Bs ≥ every seq_len); seq_lens int [B] ≥ 1 (positions < seq_len are attended, the
     query's own included). ``length_mask``: ``key_mask(seq_lens, nb·Bs)`` when the caller has it
-    already (a decode step builds it once for all layers); only the reference reads it.
+    already (a decode step builds it once for all layers); only the reference reads it, and gathers into
+    ``workspace`` (two [B·nb, Bs, Hkv, Dh] buffers, overwritten) when given instead of new tensors.
     Returns [B, H, Dh] in q's dtype, accumulated in fp32. Inference only (no autograd).
     ValueError for mismatched shapes, dtypes or devices (no device sync).
     """
@@ -211,7 +213,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if dispatch.resolve("paged_decode", q.device, backend) == "triton":
         return paged_decode_fwd(q, k_cache, v_cache, block_table, seq_lens, scale)
     return paged_decode_attention_ref(q, k_cache, v_cache, block_table, seq_lens, scale=scale,
-                                      length_mask=length_mask)
+                                      length_mask=length_mask, workspace=workspace)
 
 
 def key_mask(seq_lens: torch.Tensor, ctx: int) -> torch.Tensor:
@@ -221,14 +223,22 @@ def key_mask(seq_lens: torch.Tensor, ctx: int) -> torch.Tensor:
 
 def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                block_table: torch.Tensor, seq_lens: torch.Tensor, *,
-                               scale: float | None = None, length_mask: torch.Tensor | None = None) -> torch.Tensor:
+                               scale: float | None = None, length_mask: torch.Tensor | None = None,
+                               workspace: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Reference: gather each sequence's blocks into [B, Hkv, nb·Bs, Dh], then one SDPA call with a
-    length mask (query heads grouped per KV head, so GQA needs no K/V repeat)."""
+    length mask (query heads grouped per KV head, so GQA needs no K/V repeat). ``workspace``: the two
+    [B·nb, Bs, Hkv, Dh] buffers to gather into (see ``paged_decode_attention``)."""
     b, h, dh = q.shape
     _, bs, hkv, _ = k_cache.shape
     nb = block_table.shape[1]
-    keys = k_cache.index_select(0, block_table.reshape(-1)).view(b, nb * bs, hkv, dh).transpose(1, 2)
-    vals = v_cache.index_select(0, block_table.reshape(-1)).view(b, nb * bs, hkv, dh).transpose(1, 2)
+    idx = block_table.reshape(-1)
+    if workspace is None:
+        keys, vals = k_cache.index_select(0, idx), v_cache.index_select(0, idx)
+    else:
+        keys = torch.index_select(k_cache, 0, idx, out=workspace[0])
+        vals = torch.index_select(v_cache, 0, idx, out=workspace[1])
+    keys = keys.view(b, nb * bs, hkv, dh).transpose(1, 2)
+    vals = vals.view(b, nb * bs, hkv, dh).transpose(1, 2)
     mask = key_mask(seq_lens, nb * bs) if length_mask is None else length_mask          # (B, 1, 1, ctx)
     q4 = q.view(b, hkv, h // hkv, dh)                     # (B, Hkv, R, Dh): R queries per KV head
     out = F.scaled_dot_product_attention(q4, keys, vals, attn_mask=mask, scale=scale)

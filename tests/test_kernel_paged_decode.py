@@ -76,6 +76,43 @@ def test_triton_and_reference_match_fp64_truth(lens, h, hkv, dh, bs):
     assert_close_rule(got, want, what="triton")
 
 
+@pytest.mark.parametrize("lens,h,hkv,dh,bs", SHAPES[1:3])
+def test_reference_gathers_into_a_given_workspace(lens, h, hkv, dh, bs):
+    """With ``workspace`` the reference writes its gathered K/V there (stale NaNs overwritten) and returns
+    exactly what it returns with fresh tensors."""
+    q, k_cache, v_cache, table, seq_lens, _ = make_case(lens, h=h, hkv=hkv, dh=dh, bs=bs)
+    shape = (table.numel(), bs, hkv, dh)
+    ws = (torch.full(shape, float("nan")), torch.full(shape, float("nan")))
+    got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="torch", workspace=ws)
+    assert torch.equal(got, paged_decode_attention_ref(q, k_cache, v_cache, table, seq_lens))
+    blocks = table.reshape(-1).long()
+    assert torch.equal(ws[0], k_cache[blocks]) and torch.equal(ws[1], v_cache[blocks])
+
+
+def test_runtime_reuses_one_gather_workspace_on_the_cpu(tmp_path):
+    """The CPU decode steps gather into the cache's one buffer, regrown (doubling) only when a step needs more
+    blocks than it holds, never per layer or per step; the logits still equal a cache-free recompute."""
+    hf_model().save_pretrained(tmp_path)
+    model = engine.load(str(tmp_path)).eval()
+    rt = Runtime(model, RuntimeConfig(block_size=4, kv_cache_bytes=1 << 22))
+    reqs = [rt.submit(p, keep_logits=True, params=SamplingParams(max_new_tokens=n, stop_token_ids=()))
+            for p, n in (([1, 5, 9, 33], 9), ([1] + list(range(3, 40)), 12))]
+    rt.step()                                               # the prefill: no gather
+    buffers = {}                                            # data_ptr -> blocks it holds
+    steps = 0
+    while rt.has_work:
+        rt.step()
+        steps += 1
+        buffers[rt.cache._gather.data_ptr()] = rt.cache._gather.shape[1]
+    sizes = sorted(buffers.values())
+    assert steps > 8 and 1 <= len(sizes) <= 2               # 2 × 10 blocks, then one doubling for the 11th
+    assert all(b >= 2 * a for a, b in zip(sizes, sizes[1:], strict=False))
+    for r in reqs:
+        got = torch.stack(r.logits)
+        want = recompute_logits(model, r.prompt, None, r.tokens)[:got.shape[0]]
+        assert (got - want).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("lens,bs", [([300, 17, 64], 16), ([700, 2], 4)])
 @pytest.mark.parametrize("num_sms", [1, 8, 1000])
 def test_split_plans_agree(lens, bs, num_sms):
