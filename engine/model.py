@@ -69,7 +69,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 == self.weight.dtype and not torch.is_grad_enabled():
             # Inference in fp32: one fused op instead of six (a decode step is 2 norms × layers of them);
-            # the same formula in fp32, equal to the lines below (tests/test_model.py).
+            # the same formula in fp32, equal to the lines below within its rounding (tests/test_linear.py).
             return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in fp32, scale in the input dtype (as LLaMA does).
         xf = x.float()
