@@ -15,7 +15,7 @@ import torch
 import llava_kernels
 from engine.attention import varlen_attention
 from engine.kv_cache import PagedKVCache
-from llava_kernels import dispatch
+from llava_kernels import _cpu, dispatch
 from llava_kernels.paged_decode import key_mask
 
 
@@ -80,6 +80,11 @@ class DecodeAttention:
                  slot_mapping: torch.Tensor, backend: str | None = None):
         self.cache, self.block_table, self.slot_mapping = cache, block_table, slot_mapping
         self.backend = dispatch.resolve("paged_decode", positions.device, backend)
+        if self.backend == "cpu" and cache.k[0].dtype != torch.float32:
+            if backend == "cpu":
+                raise ValueError(f"decode attention 'cpu' is fp32 only; the KV cache is {cache.k[0].dtype}")
+            self.backend = "torch"                      # automatic: the reference for a bf16 cache
+        self.scale = cache.k[0].shape[-1] ** -0.5
         self.seq_lens = positions + 1  # the new token attends to itself
         # The reference's key mask, once per step, not per layer: on a GPU these are kernels in every
         # replay of the graph (the Triton kernel masks by seq_lens itself).
@@ -90,6 +95,9 @@ class DecodeAttention:
 
     def __call__(self, layer, q, k, v):  # q (B, H, Dh); k, v (B, Hkv, Dh)
         _write(self.cache, layer, self.slot_mapping, k, v)
+        if self.backend == "cpu":  # our CPU kernel, without the public op's per-call checks (shapes are ours)
+            return _cpu.ops().paged_decode(q.contiguous(), self.cache.k[layer], self.cache.v[layer], self.block_table,
+                                           self.seq_lens, self.scale)
         return llava_kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
                                                     self.seq_lens, length_mask=self.mask, backend=self.backend,
                                                     workspace=self.workspace)

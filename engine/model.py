@@ -29,6 +29,8 @@ from engine import linear as dense
 from engine.attention import varlen_attention
 from engine.config import LlavaConfig, TextConfig
 from engine.vision import VisionTower
+from llava_kernels import _cpu
+from llava_kernels import rms_norm as cpu_rms_norm
 
 
 class AttentionContext(Protocol):
@@ -68,13 +70,14 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype == torch.float32 == self.weight.dtype and not torch.is_grad_enabled():
-            # Inference in fp32: one fused op instead of six (a decode step is 2 norms × layers of them);
-            # the same formula in fp32, equal to the lines below within its rounding (tests/test_linear.py).
+            # Inference in fp32: one fused op instead of six (a decode step is 2 norms × layers of them), ours
+            # on the CPU (llava_kernels.rms_norm), else torch's; the formula below within its rounding
+            # (tests/test_linear.py, tests/test_rms_norm.py).
+            w = self.weight
+            if x.device.type == "cpu" and type(w) is nn.Parameter and x.is_contiguous() and _cpu.available():
+                return _cpu.ops().rms_norm(x, w, self.eps)
             return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        # Normalise in fp32, scale in the input dtype (as LLaMA does).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return cpu_rms_norm.rms_norm_ref(x, self.weight, self.eps)  # fp32 normalisation, scale in x's dtype
 
 
 def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
@@ -108,6 +111,9 @@ class RopeTable:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x [T, heads, Dh]; rotate-half convention of the HF LLaMA weights."""
+    if (x.dtype == torch.float32 == cos.dtype and x.device.type == "cpu" and not torch.is_grad_enabled()
+            and x.is_contiguous() and _cpu.available()):
+        return _cpu.ops().rope(x, cos, sin)  # one pass instead of six ops, equal bit for bit (tests/test_rope.py)
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat([-x2, x1], dim=-1)
     # cos/sin follow x's dtype: under autocast the residual stream is fp32 but q/k are bf16.

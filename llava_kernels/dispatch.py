@@ -2,12 +2,13 @@
 
 Order for CUDA tensors: per op in ``AUTO_ORDER`` (the design order is ``cuda`` → ``triton`` →
 ``torch``; the table records where measurements, or their absence, say otherwise).
-CPU tensors get the pure-torch reference unless ``triton`` is asked for explicitly and the
-Triton interpreter is on (``TRITON_INTERPRET=1``), which is how the CPU tests run kernels.
+CPU tensors get our CPU kernel where the op has one (``CPU_OPS``: llava_kernels/cpu/*.cpp, built on first
+use; ``cpu``) and it is built, else the pure-torch reference; ``triton`` only when asked for explicitly and
+the Triton interpreter is on (``TRITON_INTERPRET=1``), which is how the CPU tests run kernels.
 
 Override, strongest first: the ``backend=`` argument of the public op; the environment
 variable ``LLAVA_KERNEL_BACKEND_<OP>`` (e.g. ``LLAVA_KERNEL_BACKEND_MASKED_LOSS=triton``);
-``LLAVA_KERNEL_BACKEND`` for every op. Values: ``torch``, ``triton``, ``cuda``, ``auto``.
+``LLAVA_KERNEL_BACKEND`` for every op. Values: ``torch``, ``triton``, ``cuda``, ``cpu``, ``auto``.
 """
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ import os
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "cpu")
 OPS = ("projector", "scatter", "masked_loss", "paged_decode")
+# Ops with a CPU kernel of ours (fp32; the op falls back to its reference for other dtypes). paged_decode:
+# a decode step of the CPU benchmark model spent ~2.1 ms of ~18.5 in the reference's gather + SDPA (12
+# layers, 2026-12-05); the kernel reads the blocks in place (llava_kernels/paged_decode.py has the numbers).
+CPU_OPS = ("paged_decode",)
 
 # What ``auto`` tries on a GPU, per op, fastest measured first (bench/results/h200/, H200, bf16, the
 # run of 2026-12-04 at commit 0e4beaf; bench/results/h100-dev/ before it):
@@ -65,6 +70,17 @@ def cuda_ops_available(op: str) -> bool:
     return _cuda.available(op)
 
 
+def cpu_ops_available() -> bool:
+    """True when our CPU ops (llava_kernels/cpu/*.cpp) are built and loaded (builds them on first call)."""
+    from llava_kernels import _cpu
+    return _cpu.available()
+
+
+def cpu_ops_error() -> str | None:
+    from llava_kernels import _cpu
+    return _cpu.load_error()
+
+
 def _requested(op: str, backend: str | None) -> str:
     choice = backend or os.environ.get(f"LLAVA_KERNEL_BACKEND_{op.upper()}") or os.environ.get(
         "LLAVA_KERNEL_BACKEND") or "auto"
@@ -85,7 +101,7 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     on_gpu = device.type == "cuda"
     if choice == "auto":
         if not on_gpu:
-            return "torch"
+            return "cpu" if device.type == "cpu" and op in CPU_OPS and cpu_ops_available() else "torch"
         for name in AUTO_ORDER[op]:
             if name == "torch" or (name == "cuda" and cuda_ops_available(op)) or (
                     name == "triton" and triton_available()):
@@ -93,6 +109,10 @@ def resolve(op: str, device: torch.device, backend: str | None = None) -> str:
     if choice == "cuda" and not (on_gpu and cuda_ops_available(op)):
         why = "tensors are not on a CUDA device" if not on_gpu else "the csrc extension is not built"
         raise ValueError(f"backend 'cuda' requested for {op} but {why}")
+    if choice == "cpu" and not (device.type == "cpu" and op in CPU_OPS and cpu_ops_available()):
+        why = ("tensors are not on the CPU" if device.type != "cpu" else f"{op} has no CPU kernel"
+               if op not in CPU_OPS else f"the CPU ops are not built: {cpu_ops_error()}")
+        raise ValueError(f"backend 'cpu' requested for {op} but {why}")
     if choice == "triton" and not (triton_available() and (on_gpu or triton_interpreting())):
         raise ValueError(f"backend 'triton' requested for {op} on {device} but Triton cannot run there "
                          "(set TRITON_INTERPRET=1 to run kernels on the CPU interpreter)")

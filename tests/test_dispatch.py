@@ -7,8 +7,21 @@ from llava_kernels import dispatch
 CPU = torch.device("cpu")
 
 
-def test_cpu_auto_is_the_reference():
+def test_cpu_auto_is_the_reference_or_our_cpu_kernel():
+    """On the CPU: our kernel for the ops that have one (when built), the reference for the rest."""
+    want = {op: "cpu" if op in dispatch.CPU_OPS and dispatch.cpu_ops_available() else "torch" for op in dispatch.OPS}
+    assert dispatch.describe(CPU) == want
+    with pytest.raises(ValueError, match="has no CPU kernel"):
+        dispatch.resolve("projector", CPU, "cpu")
+    with pytest.raises(ValueError, match="not on the CPU"):
+        dispatch.resolve("paged_decode", torch.device("meta"), "cpu")
+
+
+def test_cpu_kernel_switched_off_gives_the_reference(monkeypatch):
+    monkeypatch.setattr(dispatch, "cpu_ops_available", lambda: False)
     assert dispatch.describe(CPU) == {op: "torch" for op in dispatch.OPS}
+    with pytest.raises(ValueError, match="not built"):
+        dispatch.resolve("paged_decode", CPU, "cpu")
 
 
 def test_overrides_in_order(monkeypatch):

@@ -18,6 +18,8 @@ from llava_kernels import dispatch, paged_decode_attention, paged_decode_attenti
 from llava_kernels.paged_decode import paged_decode_fwd, split_plan
 
 CPU = torch.device("cpu")
+needs_cpu_ops = pytest.mark.skipif(not dispatch.cpu_ops_available(),
+                                   reason=f"our CPU ops are not built: {dispatch.cpu_ops_error()}")
 
 
 def make_case(lens, *, h, hkv, dh, bs, extra_blocks=1, dtype=torch.float32, device=CPU, seed=0):
@@ -76,6 +78,41 @@ def test_triton_and_reference_match_fp64_truth(lens, h, hkv, dh, bs):
     assert_close_rule(got, want, what="triton")
 
 
+@needs_cpu_ops
+@pytest.mark.parametrize("lens,h,hkv,dh,bs", SHAPES + [([2, 40, 1, 19], 12, 12, 64, 16)])
+def test_cpu_kernel_matches_fp64_truth(lens, h, hkv, dh, bs):
+    """Our CPU kernel reads the blocks in place (NaN in every slot it must not read), int32 or int64 tables;
+    a sequence's output is bit for bit its batch-1 output."""
+    q, k_cache, v_cache, table, seq_lens, contexts = make_case(lens, h=h, hkv=hkv, dh=dh, bs=bs)
+    want = truth(q, contexts)
+    poison_unread(k_cache, v_cache, table, seq_lens, bs)
+    got = paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="cpu")
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    assert_close_rule(got, want, what="cpu")
+    assert torch.equal(got, paged_decode_attention(q, k_cache, v_cache, table.long(), seq_lens.int(), backend="cpu"))
+    for i in range(len(lens)):
+        one = paged_decode_attention(q[i:i + 1], k_cache, v_cache, table[i:i + 1], seq_lens[i:i + 1], backend="cpu")
+        assert torch.equal(one, got[i:i + 1])
+
+
+@needs_cpu_ops
+def test_cpu_kernel_refuses_what_it_cannot_read():
+    """A length past the table or a block index outside the cache is an error naming it, never a wild read;
+    bf16 asked of the fp32-only kernel is refused, and automatic dispatch gives bf16 the reference."""
+    q, k_cache, v_cache, table, seq_lens, _ = make_case([5, 9], h=4, hkv=2, dh=16, bs=4)
+    with pytest.raises(RuntimeError, match=r"seq_lens\[1\] = 17"):
+        paged_decode_attention(q, k_cache, v_cache, table, torch.tensor([5, 17]), backend="cpu")
+    bad = table.clone()
+    bad[0, 1] = k_cache.shape[0]
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 1\]"):
+        paged_decode_attention(q, k_cache, v_cache, bad, seq_lens, backend="cpu")
+    half = [t.bfloat16() for t in (q, k_cache, v_cache)]
+    with pytest.raises(ValueError, match="fp32 only"):
+        paged_decode_attention(*half, table, seq_lens, backend="cpu")
+    assert torch.equal(paged_decode_attention(*half, table, seq_lens),
+                       paged_decode_attention_ref(*half, table, seq_lens))
+
+
 @pytest.mark.parametrize("lens,h,hkv,dh,bs", SHAPES[1:3])
 def test_reference_gathers_into_a_given_workspace(lens, h, hkv, dh, bs):
     """With ``workspace`` the reference writes its gathered K/V there (stale NaNs overwritten) and returns
@@ -94,7 +131,7 @@ def test_runtime_reuses_one_gather_workspace_on_the_cpu(tmp_path):
     blocks than it holds, never per layer or per step; the logits still equal a cache-free recompute."""
     hf_model().save_pretrained(tmp_path)
     model = engine.load(str(tmp_path)).eval()
-    rt = Runtime(model, RuntimeConfig(block_size=4, kv_cache_bytes=1 << 22))
+    rt = Runtime(model, RuntimeConfig(block_size=4, kv_cache_bytes=1 << 22, decode_attention="torch"))
     reqs = [rt.submit(p, keep_logits=True, params=SamplingParams(max_new_tokens=n, stop_token_ids=()))
             for p, n in (([1, 5, 9, 33], 9), ([1] + list(range(3, 40)), 12))]
     rt.step()                                               # the prefill: no gather
@@ -150,7 +187,7 @@ def test_bf16_within_twice_the_reference_error():
 
 
 def test_automatic_choice_and_bad_inputs():
-    assert dispatch.resolve("paged_decode", CPU) == "torch"
+    assert dispatch.resolve("paged_decode", CPU) == ("cpu" if dispatch.cpu_ops_available() else "torch")
     q, k_cache, v_cache, table, seq_lens, _ = make_case([5, 9], h=4, hkv=2, dh=16, bs=4)
     with pytest.raises(ValueError, match="head dim"):
         paged_decode_attention(q[..., :8], k_cache, v_cache, table, seq_lens)
@@ -170,11 +207,12 @@ def test_triton_without_interpreter_on_cpu_is_refused(monkeypatch):
         paged_decode_attention(q, k_cache, v_cache, table, seq_lens, backend="triton")
 
 
-def test_runtime_decodes_through_the_kernel(tmp_path):
-    """The runtime with decode_attention="triton": every step's logits equal a cache-free recompute."""
+@pytest.mark.parametrize("backend", ["triton", pytest.param("cpu", marks=needs_cpu_ops)])
+def test_runtime_decodes_through_the_kernel(tmp_path, backend):
+    """The runtime with decode_attention="triton" or "cpu": every step's logits equal a cache-free recompute."""
     hf_model().save_pretrained(tmp_path)
     model = engine.load(str(tmp_path)).eval()
-    rt = Runtime(model, RuntimeConfig(block_size=4, kv_cache_bytes=1 << 22, decode_attention="triton"))
+    rt = Runtime(model, RuntimeConfig(block_size=4, kv_cache_bytes=1 << 22, decode_attention=backend))
     reqs = [rt.submit(p, keep_logits=True, params=SamplingParams(max_new_tokens=n, stop_token_ids=()))
             for p, n in (([1, 5, 9, 33], 9), ([1] + list(range(3, 40)), 5))]
     while rt.has_work:

@@ -11,6 +11,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from engine import linear as dense
 from engine.model import RMSNorm
+from llava_kernels import small_gemm
 
 U = 2.0**-24
 
@@ -39,20 +40,42 @@ def test_linear_equals_f_linear_within_the_summation_bound(rows, shape):
     assert ((ours - F.linear(x, w)).abs() <= bound(x, w)).all()
 
 
-def test_linear_takes_onednn_only_for_few_row_fp32_inference_on_plain_weights():
+def test_linear_takes_the_small_gemm_then_onednn_only_for_few_row_fp32_inference_on_plain_weights(monkeypatch):
     if not dense.ONEDNN:
         pytest.skip("this torch build has no oneDNN (torch.backends.mkldnn) linear: F.linear everywhere")
+    small = small_gemm.available()
     x, w = torch.randn(2, 16), torch.randn(8, 16)
     with torch.no_grad():
-        assert "mkldnn::_linear_pointwise" in ops_run(lambda: dense.linear(x, w))
-        assert "mkldnn::_linear_pointwise" not in ops_run(lambda: dense.linear(x.bfloat16(), w.bfloat16()))
-        many = torch.randn(dense.ONEDNN_MAX_ROWS + 1, 16)              # prefill-sized: MKL is the faster there
-        assert "mkldnn::_linear_pointwise" not in ops_run(lambda: dense.linear(many, w))
+        ran = ops_run(lambda: dense.linear(x, w))
+        if small:                                                      # decode rows: our kernel
+            assert "llava_cpu::small_gemm" in ran and "mkldnn::_linear_pointwise" not in ran
+        else:
+            assert "mkldnn::_linear_pointwise" in ran
+        between = torch.randn(small_gemm.MAX_ROWS + 1, 16)              # above our kernel's rows: oneDNN
+        ran = ops_run(lambda: dense.linear(between, w))
+        assert "mkldnn::_linear_pointwise" in ran and "llava_cpu::small_gemm" not in ran
+        for other in (x.bfloat16(), torch.randn(dense.ONEDNN_MAX_ROWS + 1, 16)):  # bf16, prefill: F.linear
+            ran = ops_run(lambda o=other: dense.linear(o, w.to(o.dtype)))
+            assert not {"mkldnn::_linear_pointwise", "llava_cpu::small_gemm"} & ran
+        monkeypatch.setattr(dense, "SMALL_GEMM", False)               # the switch turns our kernel off
+        assert "llava_cpu::small_gemm" not in ops_run(lambda: dense.linear(x, w))
     # with gradients: F.linear and its autograd, the weight's gradient as before
     w.requires_grad_(True)
-    assert "mkldnn::_linear_pointwise" not in ops_run(lambda: dense.linear(x, w))
+    ran = ops_run(lambda: dense.linear(x, w))
+    assert not {"mkldnn::_linear_pointwise", "llava_cpu::small_gemm"} & ran
     dense.linear(x, w).sum().backward()
     assert torch.equal(w.grad, x.sum(0).expand(8, 16))
+
+
+def test_linear_keeps_leading_dims_and_takes_strided_weights():
+    """A [B, T, K] input comes back [B, T, N]; a weight that is a non-contiguous view (a transposed
+    tensor) still gets a right answer (our kernel needs contiguous rows and is skipped)."""
+    torch.manual_seed(3)
+    x, w = torch.randn(2, 3, 24), torch.randn(24, 10).T
+    with torch.no_grad():
+        out = dense.linear(x, w)
+    assert out.shape == (2, 3, 10)
+    assert ((out - F.linear(x, w)).abs() <= bound(x, w)).all()
 
 
 def test_apply_keeps_the_module_call_for_hooks_wrappers_and_bias():
