@@ -12,7 +12,7 @@ setup(
     description="A kernel-first LLaVA engine: training, generation, serving and evaluation",
     python_requires=">=3.10",
     packages=find_packages(include=["engine*", "llava_kernels*", "train*", "llava_evals*"]),
-    package_data={"train": ["prompts/*/*.txt"], "llava_kernels": ["cpu/*.cpp"]},
+    package_data={"train": ["prompts/*/*.txt"], "llava_kernels": ["cpu/*.cpp", "cpu/*.h"]},
     install_requires=[
         # torch 2.11 (GPU machine) .. 2.14 (CPU pip cap); an open range would pull a CUDA build here.
         "torch>=2.10,<2.15",

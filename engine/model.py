@@ -74,8 +74,8 @@ class RMSNorm(nn.Module):
             # on the CPU (llava_kernels.rms_norm), else torch's; the formula below within its rounding
             # (tests/test_linear.py, tests/test_rms_norm.py).
             w = self.weight
-            if x.device.type == "cpu" and type(w) is nn.Parameter and x.is_contiguous() and _cpu.available():
-                return _cpu.ops().rms_norm(x, w, self.eps)
+            if x.device.type == "cpu" and type(w) is nn.Parameter and x.is_contiguous() and cpu_rms_norm.available():
+                return cpu_rms_norm.rms_norm(x, w, self.eps)
             return torch.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return cpu_rms_norm.rms_norm_ref(x, self.weight, self.eps)  # fp32 normalisation, scale in x's dtype
 

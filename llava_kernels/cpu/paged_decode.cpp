@@ -20,23 +20,11 @@
 #include <immintrin.h>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
-inline float dot(const float* a, const float* b, int64_t n) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= n; k += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + k), _mm256_loadu_ps(b + k), acc);
-  float s = hsum(acc);
-  for (; k < n; ++k) s += a[k] * b[k];
-  return s;
-}
+using llava_cpu::dot;
 
 inline void axpy(float a, const float* x, float* y, int64_t n) {  // y += a · x
   const __m256 av = _mm256_set1_ps(a);

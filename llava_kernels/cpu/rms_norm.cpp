@@ -18,27 +18,16 @@
 #include <cmath>
 #include <immintrin.h>
 
+#include "simd.h"
+
 namespace {
 
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
-
 void row(const float* x, const float* w, float* y, int64_t D, float eps) {
-  __m256 acc = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= D; k += 8) {
-    const __m256 v = _mm256_loadu_ps(x + k);
-    acc = _mm256_fmadd_ps(v, v, acc);
-  }
-  float ss = hsum(acc);
-  for (int64_t t = k; t < D; ++t) ss += x[t] * x[t];
+  const float ss = llava_cpu::dot(x, x, D);
   const float r = 1.0f / std::sqrt(ss / static_cast<float>(D) + eps);
   const __m256 rv = _mm256_set1_ps(r);
-  for (k = 0; k + 8 <= D; k += 8)
+  int64_t k = 0;
+  for (; k + 8 <= D; k += 8)
     _mm256_storeu_ps(y + k, _mm256_mul_ps(_mm256_loadu_ps(w + k), _mm256_mul_ps(_mm256_loadu_ps(x + k), rv)));
   for (; k < D; ++k) y[k] = w[k] * (x[k] * r);
 }

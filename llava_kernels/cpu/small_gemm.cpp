@@ -21,21 +21,13 @@
 
 #include <immintrin.h>
 
+#include "simd.h"
+
 namespace {
 
-inline float hsum(__m256 v) {  // fixed order: (lo + hi), then pairwise
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_hadd_ps(s, s);
-  s = _mm_hadd_ps(s, s);
-  return _mm_cvtss_f32(s);
-}
+using llava_cpu::dot;
+using llava_cpu::finish;
 
-// The tail of one output element after its vector part: the k tail in order.
-inline float finish(__m256 acc, const float* w, const float* x, int64_t k, int64_t K) {
-  float s = hsum(acc);
-  for (; k < K; ++k) s += w[k] * x[k];
-  return s;
-}
 
 // Four weight rows against one x row: four FMA chains in registers (the accumulators are named, not an
 // array: GCC kept an array on the stack and stored it every iteration, at half the bandwidth).
@@ -86,14 +78,6 @@ inline void two_x4(const float* x0, const float* x1, const float* w, int64_t K, 
   y1[3] = finish(b3, w3, x1, k, K);
 }
 
-// One weight row (the N % 4 tail) against one x row, in the same order.
-inline float one_x1(const float* x, const float* w, int64_t K) {
-  __m256 a = _mm256_setzero_ps();
-  int64_t k = 0;
-  for (; k + 8 <= K; k += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(w + k), _mm256_loadu_ps(x + k), a);
-  return finish(a, w, x, k, K);
-}
-
 // Every x row against one 4-row block of weights, which stays in L1/L2 between the x rows.
 inline void block4(const float* X, int64_t M, const float* w, int64_t K, float* Y, int64_t N) {
   int64_t m = 0;
@@ -122,7 +106,7 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& w) {
     for (int64_t b = begin; b < end; ++b) block4(X, M, W + b * 4 * K, K, Y + b * 4, N);
   });
   for (int64_t n = blocks * 4; n < N; ++n)
-    for (int64_t m = 0; m < M; ++m) Y[m * N + n] = one_x1(X + m * K, W + n * K, K);
+    for (int64_t m = 0; m < M; ++m) Y[m * N + n] = dot(W + n * K, X + m * K, K);  // one_x4's order
   return y;
 }
 
