@@ -18,6 +18,8 @@ from engine.kv_cache import PagedKVCache
 from llava_kernels import _cpu, dispatch
 from llava_kernels.paged_decode import key_mask
 
+WHOLE_LAYER = True  # CPU decode: whole layers as one llava_kernels.decode_layer call where they can (False: tests, A/B)
+
 
 def _write(cache: PagedKVCache, layer: int, slot_mapping: torch.Tensor, k: torch.Tensor,
            v: torch.Tensor) -> None:
@@ -92,6 +94,8 @@ class DecodeAttention:
         self.mask = key_mask(self.seq_lens, ctx) if self.backend == "torch" else None  # (B, 1, 1, ctx)
         # The reference's gathered K/V, reused by every layer (and step) on the CPU; None elsewhere.
         self.workspace = cache.gather_workspace(block_table.numel()) if self.backend == "torch" else None
+        # On our CPU kernel, engine.model.Decoder runs each plain layer as one C++ call (whole_layer)
+        self.whole_layer = self._whole_layer if self.backend == "cpu" and WHOLE_LAYER else None
 
     def __call__(self, layer, q, k, v):  # q (B, H, Dh); k, v (B, Hkv, Dh)
         _write(self.cache, layer, self.slot_mapping, k, v)
@@ -101,6 +105,16 @@ class DecodeAttention:
         return llava_kernels.paged_decode_attention(q, self.cache.k[layer], self.cache.v[layer], self.block_table,
                                                     self.seq_lens, length_mask=self.mask, backend=self.backend,
                                                     workspace=self.workspace)
+
+
+    def _whole_layer(self, layer: int, x: torch.Tensor, weights: tuple, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+        """Decoder layer ``layer`` on x [B, D] through ``llava_kernels.decode_layer``, its K/V written and
+        attended here as ``__call__`` would (``weights``: ``engine.model.Block.whole_layer_weights``)."""
+        attn_norm, mlp_norm, w_qkv, w_o, w_gate_up, w_down, heads, eps = weights
+        return _cpu.ops().decode_layer(x, attn_norm, mlp_norm, w_qkv, w_o, w_gate_up, w_down, cos, sin,
+                                       self.cache.k[layer], self.cache.v[layer], self.block_table, self.seq_lens,
+                                       self.slot_mapping, heads, eps, self.scale)
 
 
 class MixedAttention:

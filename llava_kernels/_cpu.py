@@ -8,8 +8,10 @@ changes. Where they cannot be built or run (no compiler or ninja, a CPU without 
 torch path (the op files say which).
 
 The ops: ``small_gemm`` (decode GEMMs, ``engine.linear``), ``rms_norm`` (``engine.model.RMSNorm``),
-``rope`` (``engine.model.apply_rope``) and ``paged_decode`` (decode attention, ``llava_kernels.dispatch``'s
-``cpu`` backend): fp32 inference only; training and other dtypes keep torch.
+``rope`` (``engine.model.apply_rope``), ``paged_decode`` (decode attention, ``llava_kernels.dispatch``'s
+``cpu`` backend) and ``decode_layer`` (a whole decoder layer of a decode step from those four, called by
+``engine.model.Decoder``; ``cpu/ops.h`` declares the four for it): fp32 inference only; training and other
+dtypes keep torch.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import torch
 
 SOURCES = sorted((Path(__file__).resolve().parent / "cpu").glob("*.cpp"))
 ENV = "LLAVA_CPU_NATIVE"   # "0": never build or use them
-OPS = ("small_gemm", "rms_norm", "paged_decode", "rope")   # what the sources register
+OPS = ("small_gemm", "rms_norm", "paged_decode", "rope", "decode_layer")   # what the sources register
 
 
 class _Loader:

@@ -23,6 +23,7 @@
 #include <immintrin.h>
 #include <vector>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace {
@@ -166,6 +167,10 @@ void run(const float* Q, const float* Kc, const float* Vc, const int64_t* table,
   });
 }
 
+}  // namespace
+
+namespace llava_cpu {
+
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                         const at::Tensor& block_table, const at::Tensor& seq_lens, double scale) {
   TORCH_CHECK(q.dim() == 3 && k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
@@ -197,11 +202,11 @@ at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at
   return out;
 }
 
-}  // namespace
+}  // namespace llava_cpu
 
 TORCH_LIBRARY_FRAGMENT(llava_cpu, m) {
   m.def("paged_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor seq_lens, float scale) "
         "-> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) { m.impl("paged_decode", paged_decode); }
+TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) { m.impl("paged_decode", llava_cpu::paged_decode); }

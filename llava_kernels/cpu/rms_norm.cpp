@@ -18,6 +18,7 @@
 #include <cmath>
 #include <immintrin.h>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace {
@@ -31,6 +32,10 @@ void row(const float* x, const float* w, float* y, int64_t D, float eps) {
     _mm256_storeu_ps(y + k, _mm256_mul_ps(_mm256_loadu_ps(w + k), _mm256_mul_ps(_mm256_loadu_ps(x + k), rv)));
   for (; k < D; ++k) y[k] = w[k] * (x[k] * r);
 }
+
+}  // namespace
+
+namespace llava_cpu {
 
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   TORCH_CHECK(x.dim() >= 1 && w.dim() == 1 && x.size(-1) == w.size(0),
@@ -52,8 +57,8 @@ at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps) {
   return y;
 }
 
-}  // namespace
+}  // namespace llava_cpu
 
 TORCH_LIBRARY_FRAGMENT(llava_cpu, m) { m.def("rms_norm(Tensor x, Tensor w, float eps) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) { m.impl("rms_norm", rms_norm); }
+TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) { m.impl("rms_norm", llava_cpu::rms_norm); }

@@ -15,6 +15,8 @@
 
 #include <immintrin.h>
 
+#include "ops.h"
+
 namespace {
 
 // One head's row: lo = x[:h]·c[:h] + (−x[h:])·s[:h], hi = x[h:]·c[h:] + x[:h]·s[h:].
@@ -34,6 +36,10 @@ inline void head(const float* x, const float* c, const float* s, float* y, int64
     y[half + i] = b * c[half + i] + a * s[half + i];
   }
 }
+
+}  // namespace
+
+namespace llava_cpu {
 
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
   TORCH_CHECK(x.dim() == 3 && cos.dim() == 2 && cos.sizes() == sin.sizes() && cos.size(0) == x.size(0) &&
@@ -55,8 +61,8 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return y;
 }
 
-}  // namespace
+}  // namespace llava_cpu
 
 TORCH_LIBRARY_FRAGMENT(llava_cpu, m) { m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) { m.impl("rope", rope); }
+TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) { m.impl("rope", llava_cpu::rope); }

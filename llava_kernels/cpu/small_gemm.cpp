@@ -23,6 +23,7 @@
 
 #include <immintrin.h>
 
+#include "ops.h"
 #include "simd.h"
 
 namespace {
@@ -104,6 +105,10 @@ inline void block4(const float* X, int64_t M, const float* w, int64_t K, float* 
   if (m < M) one_x4(X + m * K, w, K, Y + m * N, reinterpret_cast<const char*>(next));
 }
 
+}  // namespace
+
+namespace llava_cpu {
+
 at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "llava_cpu::small_gemm: x [M, K] and w [N, K], got x ",
               x.sizes(), " and w ", w.sizes());
@@ -130,8 +135,8 @@ at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-}  // namespace
+}  // namespace llava_cpu
 
 TORCH_LIBRARY_FRAGMENT(llava_cpu, m) { m.def("small_gemm(Tensor x, Tensor w) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) { m.impl("small_gemm", small_gemm); }
+TORCH_LIBRARY_IMPL(llava_cpu, CPU, m) { m.impl("small_gemm", llava_cpu::small_gemm); }
