@@ -233,27 +233,52 @@ class Block(nn.Module):
         when that one call computes exactly what ``forward`` would on ``x``: fp32 CPU inference of at most
         ``small_gemm.MAX_ROWS`` rows through the plain modules (no hooks, no PEFT or quantized wrapper, q/k/v
         and gate/up fused by ``fuse_linears``), every op of ``forward`` then being the one the C++ layer calls.
-        None otherwise: ``forward`` runs. Called per layer and decode step, so it reads the module dicts
-        directly: through ``nn.Module.__getattr__`` it took ~50 µs a call, now ~24 (2% of a batch-1 step)."""
+        None otherwise: ``forward`` runs.
+
+        Called per layer and decode step, after the weights have swept the caches, so the full check (~25 µs
+        hot, about three times that inside a step) runs only when something it depends on changed: the layer
+        remembers its verdict under a key of the modules' and parameters' identities, the parameters' data
+        pointers and the fused ones' shapes and strides (never the tensors: a re-assigned weight's old storage
+        must not stay alive here). Hooks are looked at on every call."""
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
                 or x.shape[0] > cpu_small_gemm.MAX_ROWS or not dense.SMALL_GEMM or _global_hooks()):
             return None
-        a, m, n1, n2 = (self._modules[k] for k in ("attn", "mlp", "attn_norm", "mlp_norm"))
+        mods = self._modules
+        a, m, n1, n2 = mods["attn"], mods["mlp"], mods["attn_norm"], mods["mlp_norm"]
         if type(a) is not Attention or type(m) is not MLP or type(n1) is not RMSNorm or type(n2) is not RMSNorm:
             return None
-        q, k, v, o = (a._modules[k] for k in ("q", "k", "v", "o"))
-        gate, up, down = (m._modules[k] for k in ("gate", "up", "down"))
-        if any(mod._forward_hooks or mod._forward_pre_hooks for mod in (self, a, m, n1, n2, o, down)):
+        am, mm = a._modules, m._modules
+        lin = (am["q"], am["k"], am["v"], am["o"], mm["gate"], mm["up"], mm["down"])
+        o, down = lin[3], lin[6]
+        if (self._forward_hooks or self._forward_pre_hooks or a._forward_hooks or a._forward_pre_hooks
+                or m._forward_hooks or m._forward_pre_hooks or n1._forward_hooks or n1._forward_pre_hooks
+                or n2._forward_hooks or n2._forward_pre_hooks or o._forward_hooks or o._forward_pre_hooks
+                or down._forward_hooks or down._forward_pre_hooks):
             return None
+        ps = (n1._parameters.get("weight"), n2._parameters.get("weight"),
+              *(p for mod in lin for p in (mod._parameters.get("weight"), mod._parameters.get("bias"))))
+        fused = (ps[2], ps[4], ps[6], ps[10], ps[12])       # the weights of q, k, v, gate, up
+        key = (n1.eps, n2.eps, *map(id, lin), *map(id, ps), *[p.data_ptr() for p in ps if p is not None],
+               *[(p.shape, p.stride()) for p in fused if p is not None])
+        seen = self.__dict__.get("_whole_layer_key")
+        if seen is None or seen[0] != key:
+            seen = self.__dict__["_whole_layer_key"] = (key, self._whole_layer_check(n1, n2, lin))
+        if not seen[1]:
+            return None
+        d = ps[2].shape[1]                                  # the fused weights as the views fused_weight checked
+        qkv = ps[2].detach().as_strided(((a.h + 2 * a.hkv) * a.dh, d), (d, 1))
+        gate_up = ps[10].detach().as_strided((2 * ps[10].shape[0], d), (d, 1))
+        return ps[0], ps[1], qkv, ps[8], gate_up, ps[14], a.h, n1.eps
+
+    @staticmethod
+    def _whole_layer_check(n1: RMSNorm, n2: RMSNorm, lin: tuple) -> bool:
+        q, k, v, o, gate, up, down = lin
         qkv, gate_up = fused_weight(q, k, v), fused_weight(gate, up)
         if qkv is None or gate_up is None or not (_dense_plain(o) and _dense_plain(down)) or n1.eps != n2.eps:
-            return None
-        ws = (n1._parameters["weight"], n2._parameters["weight"], qkv, o._parameters["weight"], gate_up,
-              down._parameters["weight"])
-        if type(ws[0]) is not nn.Parameter or type(ws[1]) is not nn.Parameter or any(w.dtype != torch.float32
-                                                                                   for w in ws):
-            return None
-        return (*ws, a.h, n1.eps)
+            return False
+        ws = (n1.weight, n2.weight, qkv, o.weight, gate_up, down.weight)
+        return type(n1.weight) is nn.Parameter and type(n2.weight) is nn.Parameter and all(
+            w.dtype == torch.float32 for w in ws)
 
 
 def _dense_plain(m: nn.Module) -> bool:
@@ -291,10 +316,14 @@ class Decoder(nn.Module):
         """Embedded tokens x [T, D] at ``position_ids`` [T] → final-normed hidden states [T, D].
         Positions must stay below max(max_position_embeddings, ``max_position``)."""
         cos, sin = self.rope(position_ids, x.dtype, max_position)
-        whole = getattr(attn, "whole_layer", None)  # a CPU decode step: each layer as one C++ call where it can
-        for layer in self.layers:
-            if whole is not None and (weights := layer.whole_layer_weights(x)) is not None:
-                x = whole(layer.index, x, weights, cos, sin)
+        # A CPU decode step: each layer as one C++ call where it can. The layers are checked together before
+        # the first runs (what x must be holds for every layer's input: each keeps x's shape and dtype); one at a
+        # time, each check ran with the interpreter's state evicted by the layer before (~75 µs, ~25 hot).
+        whole = getattr(attn, "whole_layer", None)
+        plan = [layer.whole_layer_weights(x) for layer in self.layers] if whole is not None else None
+        for i, layer in enumerate(self.layers):
+            if plan is not None and plan[i] is not None:
+                x = whole(layer.index, x, plan[i], cos, sin)
             elif self.gradient_checkpointing and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, attn, use_reentrant=False)
             else:

@@ -136,6 +136,36 @@ def test_layers_fall_back_to_the_modules_when_one_call_cannot_match_them(ckpt, m
 
 
 @needs_ops
+def test_the_remembered_verdict_follows_every_change(ckpt):
+    """The layer remembers its check between steps; re-assigning a weight, fusing again, wrapping a projection
+    or changing a norm's eps after it was remembered gives the verdict the full check would."""
+    model = engine.load(ckpt, dtype=torch.float32).eval()
+    model.fuse_weights()
+    block, d = model.decoder.layers[1], model.config.text.hidden_size
+    x = torch.randn(2, d)
+    with torch.no_grad():
+        first = block.whole_layer_weights(x)
+        assert first is not None and block.whole_layer_weights(x)[2].data_ptr() == first[2].data_ptr()
+        new = torch.randn_like(block.attn.k.weight)
+        model.load_state_dict({"decoder.layers.1.attn.k.weight": new}, strict=False, assign=True)
+        assert block.whole_layer_weights(x) is None                 # q/k/v no longer one tensor
+        model.fuse_weights()
+        qkv = block.whole_layer_weights(x)[2]
+        rows = block.attn.h * block.attn.dh
+        assert torch.equal(qkv[rows:rows + new.shape[0]], new)      # the new k inside the new fused weight
+        block.mlp_norm.eps = 1e-3                                   # one eps for both norms in the C++ layer
+        assert block.whole_layer_weights(x) is None
+        block.mlp_norm.eps = block.attn_norm.eps
+        assert block.whole_layer_weights(x) is not None
+        block.attn.o.bias = torch.nn.Parameter(torch.zeros(d))
+        assert block.whole_layer_weights(x) is None
+        block.attn.o.bias = None
+        assert block.whole_layer_weights(x) is not None
+        add_lora(model, LoraSettings(r=2, alpha=4, dropout=0.0, targets=("down",)), base=ckpt)
+        assert block.whole_layer_weights(x) is None
+
+
+@needs_ops
 @pytest.mark.parametrize("targets", [None, ("o", "down")])
 def test_lora_layers_keep_their_adapters(ckpt, monkeypatch, targets):
     """A PEFT-wrapped projection (all of them, or only the unfused o and down) sends its layer through the
