@@ -29,7 +29,8 @@ weight bytes (every layer + final norm + LM head; the embedding table is read on
 token) and kvb = 2 · layers · kv_heads · head_dim · bytes per element. Achieved GB/s uses the
 useful bytes for both implementations, so the GB/s ratio is the speed ratio; it is compared
 with the measured copy bandwidth (``common.copy_bandwidth_gbps``: ``2 · bytes / time`` of a large
-``copy_``). Peak memory (GPU): CUDA bytes above what was resident before the timed calls; our
+``copy_``) and, on the CPU, with a plain read of the same size (``common.read_bandwidth_gbps``, ``read_gbs``:
+a decode step only reads, and on a shared machine reads alone come in below a copy's reads plus writes). Peak memory (GPU): CUDA bytes above what was resident before the timed calls; our
 preallocated KV cache is resident, so its size is reported beside it (``resident_kv_cache_mb``).
 """
 from __future__ import annotations
@@ -48,6 +49,7 @@ from common import (
     bench_device,
     copy_bandwidth_gbps,
     pick,
+    read_bandwidth_gbps,
     save,
     track_peak_memory,
 )
@@ -233,20 +235,22 @@ def decode_case(benchmark, name: str, batch: int):
     work = steps * weight_bytes(ours) + kv_tokens * kv_bytes_per_token(cfg, v["dtype"])
     new = sum(n - 1 for n in limits)
     copy_gbs = copy_bandwidth_gbps(v["device"], v["copy_mb"])
+    read = {} if v["device"] != "cpu" else {"read_gbs": read_bandwidth_gbps(v["copy_mb"])}
     formula = "steps*W + sum_seq sum_step ctx*kvb (useful bytes, same for both)"
     case = f"{name} decode b{batch}"
     rows = [Row(SUITE, case, "hf", hf_secs * 1e3, work, formula=formula, peak_mem_mb=hf_peak["mb"],
                 extra=dict(tok_s=new / hf_secs, copy_gbs=copy_gbs)),
             Row(SUITE, case, "ours", secs * 1e3, work, formula=formula, ref_ms=hf_secs * 1e3,
                 peak_mem_mb=ours_peak["mb"],
-                extra=dict(tok_s=new / secs, copy_gbs=copy_gbs, frac_of_copy=work / secs / 1e9 / copy_gbs,
+                extra=dict(tok_s=new / secs, copy_gbs=copy_gbs, frac_of_copy=work / secs / 1e9 / copy_gbs, **read,
                            cuda_graphs=rt.graphs is not None, resident_kv_cache_mb=kv_cache_bytes(cfg, v) / 2**20)),
             ]
     if name == "gpu" and batch == 1:  # weight-only int4 (engine.quantize) on the same weights and prompt
         rows.append(int4_row(ours, cfg, v, prompts, limits, kv_tokens, secs, case, formula, copy_gbs))
     save(SUITE, rows)
     print(f"[{SUITE}] {case}: ours {new / secs:.1f} tok/s, transformers {new / hf_secs:.1f} tok/s, "
-          f"{work / secs / 1e9:.1f} GB/s of {copy_gbs:.1f} GB/s copy")
+          f"{work / secs / 1e9:.1f} GB/s of {copy_gbs:.1f} GB/s copy"
+          + (f", {read['read_gbs']:.1f} GB/s read" if read else ""))
     return secs, hf_secs
 
 

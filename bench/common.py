@@ -237,6 +237,19 @@ def copy_bandwidth_gbps(device: str = "cuda", mib: int = 1024) -> float:
     return nbytes / best / 1e9
 
 
+def read_bandwidth_gbps(mib: int = 256) -> float:
+    """Achieved GB/s of reading ``mib`` MiB once on the CPU (``sum``, best of 5): the ceiling of a read-only op
+    such as a decode step's weight stream. Beside ``copy_bandwidth_gbps`` because on a shared machine the two
+    differ (a copy's writes do not queue behind its reads)."""
+    src = torch.ones(mib << 18)
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        src.sum()
+        best = min(best, time.perf_counter() - t0)
+    return src.numel() * src.element_size() / best / 1e9
+
+
 def measure_memory_bound(benchmark, suite: str, case: str, fns: dict, work: float, formula: str, extra: dict,
                          copy_mib: int) -> None:
     """Time each implementation of a memory-bound op (``fns``: name -> call, "torch" first as the
