@@ -30,8 +30,8 @@ token) and kvb = 2 · layers · kv_heads · head_dim · bytes per element. Achie
 useful bytes for both implementations, so the GB/s ratio is the speed ratio; it is compared
 with the measured copy bandwidth (``common.copy_bandwidth_gbps``: ``2 · bytes / time`` of a large
 ``copy_``) and, on the CPU, with a plain read of the same size (``common.read_bandwidth_gbps``, ``read_gbs``:
-a decode step only reads, and on a shared machine reads alone come in below a copy's reads plus writes). Peak memory (GPU): CUDA bytes above what was resident before the timed calls; our
-preallocated KV cache is resident, so its size is reported beside it (``resident_kv_cache_mb``).
+a decode step only reads). Peak memory (GPU): CUDA bytes above what was resident before the timed calls;
+our preallocated KV cache is resident, so its size is reported beside it (``resident_kv_cache_mb``).
 """
 from __future__ import annotations
 

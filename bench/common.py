@@ -238,9 +238,9 @@ def copy_bandwidth_gbps(device: str = "cuda", mib: int = 1024) -> float:
 
 
 def read_bandwidth_gbps(mib: int = 256) -> float:
-    """Achieved GB/s of reading ``mib`` MiB once on the CPU (``sum``, best of 5): the ceiling of a read-only op
-    such as a decode step's weight stream. Beside ``copy_bandwidth_gbps`` because on a shared machine the two
-    differ (a copy's writes do not queue behind its reads)."""
+    """Achieved GB/s of reading ``mib`` MiB once on the CPU (``sum``, best of 5): the yardstick of a read-only
+    op such as a decode step's weight stream, beside ``copy_bandwidth_gbps`` (on the 2-core development machine
+    the two differed by -4% to +17% within a run)."""
     src = torch.ones(mib << 18)
     best = float("inf")
     for _ in range(5):

@@ -42,6 +42,8 @@ class _Loader:
         with self._lock:
             if self._ok is None:
                 self.error = self._why_not() or self._build()
+                if self.error is None:
+                    _register_fakes()
                 self._ok = self.error is None
                 if not self._ok and os.environ.get(ENV) != "0":
                     print(f"llava_kernels: the CPU ops are off ({self.error}); using torch's", file=sys.stderr)
@@ -81,6 +83,33 @@ class _Loader:
             return f"building {', '.join(s.name for s in SOURCES)} failed: {type(e).__name__}: {first}"
         missing = [op for op in OPS if not hasattr(torch.ops.llava_cpu, op)]
         return f"the built library did not register llava_cpu::{', '.join(missing)}" if missing else None
+
+
+# ---- fake (meta) kernels: output shapes only, for FakeTensor / torch.compile / opcheck ------------------
+
+def _small_gemm_fake(x, w):
+    return x.new_empty(x.shape[0], w.shape[0])
+
+
+def _same_shape_fake(x, *_):
+    return torch.empty_like(x)
+
+
+def _paged_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
+    return torch.empty_like(q)
+
+
+def _decode_layer_fake(x, *_):
+    return torch.empty_like(x)
+
+
+def _register_fakes() -> None:
+    for op, fake in (("small_gemm", _small_gemm_fake), ("rms_norm", _same_shape_fake), ("rope", _same_shape_fake),
+                     ("paged_decode", _paged_decode_fake), ("decode_layer", _decode_layer_fake)):
+        name = f"llava_cpu::{op}"
+        if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):
+            continue  # a second load in this process (the library's registrations are process-wide)
+        torch.library.register_fake(name, fake)
 
 
 _LOADER = _Loader()
