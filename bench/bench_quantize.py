@@ -3,15 +3,17 @@
 Cases:
 
 - ``cpu decode b1 / b8`` (a CPU measurement, suite ``quantize`` → bench/results/cpu/quantize.json): fp32 vs
-  int8 (torchao ``Int8WeightOnlyConfig``, activations fp32) on a LLaMA-shaped decoder big enough that
+  int8 (torchao ``Int8WeightOnlyConfig`` weights, activations fp32; up to 64 rows a GEMM, our
+  ``llava_kernels.small_gemm_int8`` through ``engine.linear``) on a LLaMA-shaped decoder big enough that
   decode streams its weights from DRAM: 8 layers × 1024 wide (I = 2816), 32k vocab; 411 MB of fp32 decoder
   linears + a 131 MB fp32 LM head (kept in full precision by ``quantize_model``). 64-token prompts, 32 new
   tokens each; the decode steps after the prefill step are timed, median of 3 rounds, fp32 and int8
   rounds interleaved.
 - ``cpu linear b1`` (same suite): why int8 decodes as it does on this CPU, one 11008 × 4096 GEMV (180 MB
-  in fp32) timed four ways: fp32 ``F.linear``, torchao's int8 weight-only linear (eager: it casts the
-  whole int8 weight to the activation dtype, then runs a float GEMM), bf16 ``F.linear``, and ATen's fused
-  ``torch._weight_int8pack_mm`` (bf16 activations), which engine.quantize does not use (see the row's note).
+  in fp32) timed five ways: fp32 ``F.linear``, torchao's int8 weight-only linear (eager: it casts the
+  whole int8 weight to the activation dtype, then runs a float GEMM), ours (``engine.linear``, what
+  engine.quantize's int8 runs), bf16 ``F.linear``, and ATen's fused ``torch._weight_int8pack_mm`` (bf16
+  activations).
 
 The GPU case (int4 vs our bf16, decode batch 1, 7B-shaped) is a row of bench_generate's ``gpu decode b1``
 case ("ours int4"): it reuses that case's model and prompts, and its rows land in generate.json, so
@@ -34,6 +36,7 @@ import torch.nn.functional as F
 from common import Row, copy_bandwidth_gbps, cuda_time_ms, save
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
+from engine import linear as dense
 from engine.config import LlavaConfig, TextConfig, VisionConfig
 from engine.generate import Runtime, RuntimeConfig, SamplingParams
 from engine.model import Llava
@@ -123,9 +126,9 @@ def decode_rows(suite: str, case: str, models: dict, batch: int, prompt_len: int
 def test_cpu_decode_int8_vs_fp32(benchmark, batch):
     fp32 = model(CPU_TEXT, torch.float32, "cpu")
     int8 = quantize_model(copy.deepcopy(fp32), "int8")
-    note = ("torchao 0.18's Int8WeightOnlyConfig linear, eager on the CPU, converts the whole int8 weight to the "
-            "activation dtype every call, then runs a float GEMM: it reads 1 byte/weight but writes and re-reads "
-            "4, so it cannot beat fp32 here (see the 'cpu linear b1' rows)")
+    note = ("int8 GEMMs of up to 64 rows run llava_kernels.small_gemm_int8 (1 byte a weight read); torchao 0.18's "
+            "own linear, eager on the CPU, converts the whole int8 weight to fp32 every call and lost to fp32 "
+            "(see the 'cpu linear b1' rows); the LM head stays fp32")
     rows = benchmark.pedantic(decode_rows, args=("quantize", f"cpu decode b{batch}", {"fp32": fp32, "int8": int8},
                                                  batch, 64, 32, "cpu"),
                               kwargs=dict(rounds=3, copy_mb=256, kv_cache_bytes=1 << 28,
@@ -148,7 +151,8 @@ def test_cpu_linear_b1_int8_paths(benchmark):
     w8, scale = q.weight.qdata, q.weight.scale.flatten()                      # (N, K) int8, (N,)
     xb, sb, wb = x.bfloat16(), scale.bfloat16(), lin.weight.bfloat16()
     fns = {"fp32 F.linear": lambda: F.linear(x, lin.weight),
-           "int8 torchao (engine.quantize)": lambda: q(x),
+           "int8 torchao": lambda: q(x),
+           "int8 ours (engine.quantize)": lambda: dense.linear(x, q.weight),
            "bf16 F.linear": lambda: F.linear(xb, wb),
            "int8 aten _weight_int8pack_mm, bf16 act": lambda: torch._weight_int8pack_mm(xb, w8, sb)}
     want = F.linear(x.double(), q.weight.dequantize().double())
@@ -163,8 +167,7 @@ def test_cpu_linear_b1_int8_paths(benchmark):
             rows.append(Row("quantize", f"cpu linear b1 {n}x{k}", impl, ms, wbytes, formula="weight bytes",
                             ref_ms=ref_ms, extra=dict(contention=CONTENTION, load_avg_before=load)))
             ref_ms = ref_ms or ms
-    rows[-1].extra["note"] = ("not used by engine.quantize: a hand-written int8 linear would be needed to call it "
-                              "(torchao's Int8Tensor does not), and its fp32-activation kernel measured slower "
-                              "than fp32 F.linear here")
-    benchmark.pedantic(fns["int8 torchao (engine.quantize)"], rounds=3, iterations=1)
+    rows[-1].extra["note"] = ("bf16 activations; not used by engine.quantize, whose fp32 models keep fp32 "
+                              "activations (its fp32-activation kernel measured slower than fp32 F.linear here)")
+    benchmark.pedantic(fns["int8 ours (engine.quantize)"], rounds=3, iterations=1)
     save("quantize", rows)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from llava_kernels import small_gemm as _small
+from llava_kernels import small_gemm_int8 as _int8
 
 ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 ONEDNN_MAX_ROWS = 96   # between the 64 rows where oneDNN was 1.25x MKL and the 128 where it was 0.96x
@@ -35,15 +36,38 @@ _PLAIN = (torch.Tensor, nn.Parameter)
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [..., K] @ w[N, K]ᵀ → [..., N] (no bias)."""
-    if (x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or type(w) not in _PLAIN
-            or torch.is_grad_enabled()):
+    if x.device.type != "cpu" or x.dtype != torch.float32 or w.dtype != torch.float32 or torch.is_grad_enabled():
         return F.linear(x, w)
     rows = x.numel() // max(x.shape[-1], 1)
+    if type(w) not in _PLAIN:  # a quantized weight: ours for torchao's per-row int8 at few rows, else its own kernel
+        int8 = _int8_rows(w) if SMALL_GEMM and rows <= _int8.MAX_ROWS else None
+        if int8 is None or not _int8.available():
+            return F.linear(x, w)
+        out = _int8.small_gemm_int8(x.reshape(rows, x.shape[-1]).contiguous(), *int8)
+        return out.view(*x.shape[:-1], out.shape[-1])
     if SMALL_GEMM and rows <= _small.MAX_ROWS and w.is_contiguous() and _small.available():
         return _small.small_gemm(x.reshape(rows, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     if ONEDNN and rows <= ONEDNN_MAX_ROWS:
         return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
     return F.linear(x, w)
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q int8 [N, K], scale fp32 [N]) when ``w`` is torchao's symmetric per-row int8 weight (``Int8Tensor``
+    with block size [1, K], no activation quantization, zero points all 0: ``engine.quantize``'s int8), else
+    None. The check reads the zero points once; the verdict is kept on the tensor, valid while its ``qdata``
+    is the same object."""
+    seen = w.__dict__.get("_llava_int8")
+    if seen is not None and (seen is False or seen[0] is w.qdata):
+        return seen or None
+    ok = (type(w).__name__ == "Int8Tensor" and getattr(w, "act_quant_kwargs", 1) is None
+          and list(getattr(w, "block_size", ())) == [1, w.shape[-1]] and w.dim() == 2)
+    q, scale, zero = (getattr(w, a, None) for a in ("qdata", "scale", "zero_point"))
+    ok = (ok and q is not None and q.dtype == torch.int8 and q.device.type == "cpu" and q.is_contiguous()
+          and scale is not None and scale.dtype == torch.float32 and scale.numel() == q.shape[0]
+          and (zero is None or not bool(zero.any())))
+    w.__dict__["_llava_int8"] = (q, scale.reshape(-1).contiguous()) if ok else False
+    return w.__dict__["_llava_int8"] or None
 
 
 def apply(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -190,8 +190,8 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn: AttentionContext, layer: int):  # x (T, D)
         t = x.shape[0]
         qkv = fused_weight(self.q, self.k, self.v)
-        if qkv is None:
-            q, k, v = self.q(x), self.k(x), self.v(x)
+        if qkv is None:  # each projection through dense.apply: a quantized weight gets our int8 GEMM on the CPU
+            q, k, v = dense.apply(self.q, x), dense.apply(self.k, x), dense.apply(self.v, x)
             q = apply_rope(q.view(t, self.h, self.dh), cos, sin)    # (T, H, Dh)
             k = apply_rope(k.view(t, self.hkv, self.dh), cos, sin)  # (T, Hkv, Dh)
         else:  # one GEMM, and RoPE once over q and k side by side: (T, (H + Hkv)·Dh) as (T, H + Hkv, Dh)
@@ -210,7 +210,7 @@ class MLP(nn.Module):
     def forward(self, x):
         gate_up = fused_weight(self.gate, self.up)
         if gate_up is None:
-            return self.down(F.silu(self.gate(x)) * self.up(x))
+            return dense.apply(self.down, F.silu(dense.apply(self.gate, x)) * dense.apply(self.up, x))
         g, u = dense.linear(x, gate_up).chunk(2, -1)  # one GEMM: (T, 2·I) → two (T, I) views
         return dense.apply(self.down, F.silu(g) * u)
 

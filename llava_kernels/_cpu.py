@@ -7,7 +7,8 @@ changes. Where they cannot be built or run (no compiler or ninja, a CPU without 
 ``LLAVA_CPU_NATIVE=0``) ``available()`` is False, ``load_error()`` says why, and each caller keeps its
 torch path (the op files say which).
 
-The ops: ``small_gemm`` (decode GEMMs, ``engine.linear``), ``rms_norm`` (``engine.model.RMSNorm``),
+The ops: ``small_gemm`` and ``small_gemm_int8`` (decode GEMMs, fp32 and weight-only int8 weights,
+``engine.linear``), ``rms_norm`` (``engine.model.RMSNorm``),
 ``rope`` (``engine.model.apply_rope``), ``paged_decode`` (decode attention, ``llava_kernels.dispatch``'s
 ``cpu`` backend) and ``decode_layer`` (a whole decoder layer of a decode step from those four, called by
 ``engine.model.Decoder``; ``cpu/ops.h`` declares the four for it): fp32 inference only; training and other
@@ -25,7 +26,7 @@ import torch
 
 SOURCES = sorted((Path(__file__).resolve().parent / "cpu").glob("*.cpp"))
 ENV = "LLAVA_CPU_NATIVE"   # "0": never build or use them
-OPS = ("small_gemm", "rms_norm", "paged_decode", "rope", "decode_layer")   # what the sources register
+OPS = ("small_gemm", "small_gemm_int8", "rms_norm", "paged_decode", "rope", "decode_layer")  # what they register
 
 
 class _Loader:
@@ -87,7 +88,7 @@ class _Loader:
 
 # ---- fake (meta) kernels: output shapes only, for FakeTensor / torch.compile / opcheck ------------------
 
-def _small_gemm_fake(x, w):
+def _small_gemm_fake(x, w, *_):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
@@ -104,7 +105,8 @@ def _decode_layer_fake(x, *_):
 
 
 def _register_fakes() -> None:
-    for op, fake in (("small_gemm", _small_gemm_fake), ("rms_norm", _same_shape_fake), ("rope", _same_shape_fake),
+    for op, fake in (("small_gemm", _small_gemm_fake), ("small_gemm_int8", _small_gemm_fake),
+                     ("rms_norm", _same_shape_fake), ("rope", _same_shape_fake),
                      ("paged_decode", _paged_decode_fake), ("decode_layer", _decode_layer_fake)):
         name = f"llava_cpu::{op}"
         if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):

@@ -7,6 +7,7 @@
 namespace llava_cpu {
 
 at::Tensor small_gemm(const at::Tensor& x, const at::Tensor& w);                       // x [M, K] · w [N, K]ᵀ
+at::Tensor small_gemm_int8(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale);  // · scale [N]
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& w, double eps);             // x [..., D], w [D]
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin);    // x [T, heads, Dh]
 at::Tensor paged_decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
