@@ -17,7 +17,9 @@ Schemes (all torchao ``quantize_`` configs; the weights become torchao tensor su
 ``F.linear`` dispatches on, so the model code is unchanged):
 
 - ``int8``: symmetric per-output-channel int8 (``Int8WeightOnlyConfig``, PerRow): scale s_n =
-  max_k |W[n, k]| / 127, W ≈ s_n · round(W / s_n). CPU and CUDA, any float dtype.
+  max_k |W[n, k]| / 127, W ≈ s_n · round(W / s_n). CPU and CUDA, any float dtype. On the CPU with fp32
+  activations, GEMMs of up to 64 rows run ``llava_kernels.small_gemm_int8`` (through ``engine.linear``: torchao's
+  eager linear dequantizes the whole weight every call), the rest torchao's linear.
 - ``int4``: asymmetric int4 in groups of ``group_size`` along K (tinygemm's scheme). CUDA (compute
   capability ≥ 8.0, bfloat16 weights): ``Int4WeightOnlyConfig`` with the ``tile_packed_to_4d`` packing
   and the ``_weight_int4pack_mm`` kernel that ships with torch. CPU: torchao's prototype
