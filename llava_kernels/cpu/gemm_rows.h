@@ -45,9 +45,14 @@ inline float finish(__m256 acc, const T* w, const float* x, int64_t k, int64_t K
 // while this one is summed. A prefetch never faults; null keeps it from fetching past the chunk.
 template <typename T>
 inline void prefetch_step(const char* next, int64_t k) {
-  constexpr int64_t bytes = 4 * sizeof(T);  // a block's bytes per k
   if (next == nullptr) return;
-  for (int64_t b = (k * bytes + 63) / 64 * 64; b < (k + 8) * bytes; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+  if constexpr (sizeof(T) == 4) {  // 128 bytes a step: two lines (k is a multiple of 8)
+    _mm_prefetch(next + k * 16, _MM_HINT_T0);
+    _mm_prefetch(next + k * 16 + 64, _MM_HINT_T0);
+  } else {                          // 32 bytes a step: a line every other step
+    static_assert(sizeof(T) == 1, "fp32 or int8 weights");
+    if ((k & 15) == 0) _mm_prefetch(next + k * 4, _MM_HINT_T0);
+  }
 }
 
 // Four weight rows against one x row: four FMA chains in registers (named accumulators, not an array: GCC kept
