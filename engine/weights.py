@@ -35,7 +35,7 @@ from engine.config import (
     vision_config_from_dir,
 )
 from engine.io import fsync_dir, replace_dir
-from engine.model import Llava
+from engine.model import Llava, Projector
 
 # --------------------------------------------------------------------------- key tables
 
@@ -342,16 +342,17 @@ def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu"
             kernel_backend: str | None = "torch") -> Llava:
     """A fresh LLaVA from a CLIP directory and a LLaMA/Vicuna directory (stage-1 start).
 
-    The projector is newly initialised (nn.Linear's default init, seeded). The image
-    placeholder gets id ``image_token_id`` (default: the first id past the vocabulary, with a
-    new embedding row).
+    The projector is newly initialised: nn.Linear's default init under ``torch.manual_seed(seed)``, the
+    projector alone (no whole fp32 model is built for it), the same draw as ``train.materialize``'s
+    meta-device composition. The image placeholder gets id ``image_token_id`` (default: the first id past
+    the vocabulary, with a new embedding row).
     """
     config = compose_config(clip_dir, llama_dir, projector_type=projector_type, image_token_id=image_token_id,
                             vision_feature_layer=vision_feature_layer)
     state = rename(read_safetensors_dir(clip_dir), CLIP_DIR, clip_dir)
     state.update(rename(read_safetensors_dir(llama_dir), LLAMA_DIR, llama_dir))
     torch.manual_seed(seed)
-    fresh = Llava(config).projector.state_dict()
+    fresh = Projector(config).state_dict()
     state.update({f"projector.{k}": v for k, v in fresh.items()})
     state, config = _add_image_token_row(state, config)
     return _build(state, config, f"{clip_dir} + {llama_dir}", dtype=dtype, device=device,

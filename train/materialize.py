@@ -9,9 +9,8 @@ on the target device and fills it from a slice of its source tensor (``safe_open
 only those rows are read). At no time does a rank hold more than its shards plus one source slice.
 
 Same weights as ``compose`` for the tower and the LLM, the same extra image-placeholder row(s)
-(the embedding mean). The new projector is nn.Linear's default init under ``torch.manual_seed(seed)``
-applied to the projector alone (``compose`` draws it after initialising a whole model, so the two
-projectors differ; both are random starts).
+(the embedding mean), and the same new projector: nn.Linear's default init under ``torch.manual_seed(seed)``
+applied to the projector alone, as ``compose`` draws it.
 """
 from __future__ import annotations
 
