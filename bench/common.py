@@ -229,12 +229,17 @@ def copy_bandwidth_gbps(device: str = "cuda", mib: int = 1024) -> float:
     nbytes = 2 * src.numel() * src.element_size()
     if src.is_cuda:
         return nbytes / (cuda_time_ms(lambda: dst.copy_(src), warmup=10, rep=50) * 1e-3) / 1e9
+    return nbytes / _best_seconds(lambda: dst.copy_(src)) / 1e9
+
+
+def _best_seconds(fn, n: int = 5) -> float:
+    """The shortest of ``n`` wall-clock runs of ``fn`` (CPU)."""
     best = float("inf")
-    for _ in range(5):
+    for _ in range(n):
         t0 = time.perf_counter()
-        dst.copy_(src)
+        fn()
         best = min(best, time.perf_counter() - t0)
-    return nbytes / best / 1e9
+    return best
 
 
 def read_bandwidth_gbps(mib: int = 256) -> float:
@@ -242,12 +247,7 @@ def read_bandwidth_gbps(mib: int = 256) -> float:
     op such as a decode step's weight stream, beside ``copy_bandwidth_gbps`` (on the 2-core development machine
     the two differed by -4% to +17% within a run)."""
     src = torch.ones(mib << 18)
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        src.sum()
-        best = min(best, time.perf_counter() - t0)
-    return src.numel() * src.element_size() / best / 1e9
+    return src.numel() * src.element_size() / _best_seconds(src.sum) / 1e9
 
 
 def measure_memory_bound(benchmark, suite: str, case: str, fns: dict, work: float, formula: str, extra: dict,

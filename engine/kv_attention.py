@@ -106,7 +106,6 @@ class DecodeAttention:
                                                     self.seq_lens, length_mask=self.mask, backend=self.backend,
                                                     workspace=self.workspace)
 
-
     def _whole_layer(self, layer: int, x: torch.Tensor, weights: tuple, cos: torch.Tensor,
                      sin: torch.Tensor) -> torch.Tensor:
         """Decoder layer ``layer`` on x [B, D] through ``llava_kernels.decode_layer``, its K/V written and

@@ -92,22 +92,14 @@ def _small_gemm_fake(x, w, *_):
     return x.new_empty(x.shape[0], w.shape[0])
 
 
-def _same_shape_fake(x, *_):
-    return torch.empty_like(x)
-
-
-def _paged_decode_fake(q, k_cache, v_cache, block_table, seq_lens, scale):
-    return torch.empty_like(q)
-
-
-def _decode_layer_fake(x, *_):
+def _same_shape_fake(x, *_):  # rms_norm, rope, paged_decode (out like q), decode_layer (out like x)
     return torch.empty_like(x)
 
 
 def _register_fakes() -> None:
     for op, fake in (("small_gemm", _small_gemm_fake), ("small_gemm_int8", _small_gemm_fake),
                      ("rms_norm", _same_shape_fake), ("rope", _same_shape_fake),
-                     ("paged_decode", _paged_decode_fake), ("decode_layer", _decode_layer_fake)):
+                     ("paged_decode", _same_shape_fake), ("decode_layer", _same_shape_fake)):
         name = f"llava_cpu::{op}"
         if torch._C._dispatch_has_kernel_for_dispatch_key(name, "Meta"):
             continue  # a second load in this process (the library's registrations are process-wide)

@@ -131,12 +131,8 @@ if dist.get_rank() == 0:
     torch.save(state, sys.argv[3])
 with open(sys.argv[3] + f".rank{dist.get_rank()}.json", "w") as f:
     json.dump({"local": local, "full": full}, f)
-dist.destroy_process_group()
-# leave without the interpreter teardown that can abort a gloo rank (see train.stage.main)
-import os as _os
-sys.stdout.flush()
-sys.stderr.flush()
-_os._exit(0)
+from train.distributed import leave_distributed
+leave_distributed()
 """
 
 

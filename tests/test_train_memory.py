@@ -189,12 +189,8 @@ for tokens, ckpt in ((1024, False), (2048, True), (16, False)):
     out.append({"tokens": tokens, "ckpt": ckpt, "measured": live + peak, "plan": plan.peak})
 with open(f"{sys.argv[1]}/rank{rank}.json", "w") as f:
     json.dump(out, f)
-dist.destroy_process_group()
-# leave without the interpreter teardown that can abort a gloo rank (see train.stage.main)
-import os as _os
-sys.stdout.flush()
-sys.stderr.flush()
-_os._exit(0)
+from train.distributed import leave_distributed
+leave_distributed()
 """
 
 

@@ -89,12 +89,8 @@ for name in ("fp32", "autocast", "bf16", "fsdp_mp"):
                     "trainable_dtypes": sorted({d for n, d in dtypes.items() if n.startswith("decoder.")})}
 with open(f"{out}.rank{rank}.json", "w") as f:
     json.dump(result, f, indent=1)
-dist.destroy_process_group()
-# leave without the interpreter teardown that can abort a gloo rank (see train.stage.main)
-import os as _os
-sys.stdout.flush()
-sys.stderr.flush()
-_os._exit(0)
+from train.distributed import leave_distributed
+leave_distributed()
 """
 
 

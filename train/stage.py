@@ -7,10 +7,8 @@ With no model and no data, stage 2 runs the embedded default (see train/default.
 from __future__ import annotations
 
 import argparse
-import atexit
 import dataclasses
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +18,7 @@ from engine.config import read_config_json
 from engine.lora import TARGETS, LoraSettings, add_lora, quantize_base_nf4
 from engine.weights import load_projector, read_projector
 from train.data import load_samples
-from train.distributed import rank_world, setup_distributed, shard_model, uses_mixed_precision
+from train.distributed import leave_distributed, rank_world, setup_distributed, shard_model, uses_mixed_precision
 from train.loop import LoopConfig, train
 from train.materialize import materialize, meta_compose, meta_load
 
@@ -314,21 +312,12 @@ def main(stage: int, argv: list[str] | None = None) -> None:
     if getattr(args, "anyres", False):
         raise ValueError("--anyres applies to the embedded default only (no --model/--data/--init/--vision/--llm); "
                          "a LLaVA-NeXT checkpoint is AnyRes by its config (image_grid_pinpoints)")
-    distributed = False
     try:
         run_stage(config_from_args(args, stage))
-    finally:
+    except BaseException:
         # Leave the process group explicitly: exiting with it alive can abort a rank at shutdown.
         if torch.distributed.is_initialized():
-            distributed = True
             torch.distributed.destroy_process_group()
-    if distributed:
-        # Even so, a rank could abort in the interpreter's teardown after a clean run: "terminate called without
-        # an active exception" (SIGABRT, exit -6; a C++ thread still joinable when static objects are destroyed),
-        # about 1 two-rank CPU run in 10 with torch 2.13 and gloo, after every step, checkpoint and export had
-        # finished. Everything is written (checkpoints atomically, fsynced) and nothing is left to do, so the rank
-        # runs the Python exit handlers, flushes its output and leaves without the C++ teardown.
-        atexit._run_exitfuncs()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
+        raise
+    if torch.distributed.is_initialized():
+        leave_distributed()  # and, after a clean run, without the teardown that could still abort a rank
