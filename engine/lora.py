@@ -225,12 +225,12 @@ def check_base(model, base: dict | None, where: str) -> None:
 def apply_adapter(model, path: str, *, base: str | None = None) -> None:
     """Add the adapter directory ``path`` to ``model`` (a loaded base, from directory ``base``), unmerged,
     in the model's dtype, frozen."""
-    from engine.weights import _fold_identity_projector
+    from engine.weights import fold_identity_projector
     settings, state, base_config = read_adapter(path)
     check_base(model, base_config, path)
     add_lora(model, settings, base=base)
     if model.config.projector_type == "linear":
-        state = _fold_identity_projector(state, model.config)
+        state = fold_identity_projector(state, model.config)
     own = model.state_dict()
     expected = {k for k in own if ".lora_" in k} | {k for k in own if k.startswith("projector.")}
     missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)

@@ -157,28 +157,84 @@ def rename(state: dict[str, torch.Tensor], table: dict, where: str, *,
 # --------------------------------------------------------------------------- reading files
 
 
-def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a directory's safetensors files (sharded through the index when present)."""
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one tensor lives: ``key`` of the safetensors ``file`` (read whole, or a slice of rows)."""
+    file: str
+    key: str
+
+
+def safetensors_files(path: str) -> list[str]:
+    """A directory's safetensors files: the shards its index names when it has one, else all of them."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+            names = sorted(set(json.load(f)["weight_map"].values()))
+        for name in names:
+            if not os.path.isfile(os.path.join(path, name)):
+                raise FileNotFoundError(f"{index}: names shard {name}, which does not exist")
     else:
-        files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
-    if not files:
+        names = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
+    if not names:
         raise FileNotFoundError(f"no *.safetensors files in {path}")
-    state = {}
-    for name in files:
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            raise FileNotFoundError(f"{index}: names shard {name}, which does not exist")
+    return [os.path.join(path, name) for name in names]
+
+
+def _unreadable(file: str, e: Exception) -> ValueError:
+    # safetensors raises its own error types for corrupt headers and data
+    return ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})")
+
+
+def index_safetensors_dir(path: str) -> dict[str, Source]:
+    """Every tensor name of a directory's safetensors files → where it lives (headers only, no data)."""
+    out = {}
+    for file in safetensors_files(path):
         try:
             with safe_open(file, framework="pt") as f:
-                for key in f.keys():
-                    state[key] = f.get_tensor(key)
-        except Exception as e:  # safetensors raises its own error types for corrupt headers/data
-            raise ValueError(f"{file}: not a readable safetensors file ({type(e).__name__}: {e})") from e
-    return state
+                out.update({key: Source(file, key) for key in f.keys()})
+        except Exception as e:
+            raise _unreadable(file, e) from e
+    return out
+
+
+def read_sources(sources: dict[str, Source]) -> dict[str, torch.Tensor]:
+    """The tensors ``sources`` names (same keys, same order), each file opened once."""
+    by_file: dict[str, list[str]] = {}
+    for name, src in sources.items():
+        by_file.setdefault(src.file, []).append(name)
+    got = {}
+    for file, names in by_file.items():
+        try:
+            with safe_open(file, framework="pt") as f:
+                for name in names:
+                    got[name] = f.get_tensor(sources[name].key)
+        except Exception as e:
+            raise _unreadable(file, e) from e
+    return {name: got[name] for name in sources}
+
+
+def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
+    """All tensors of a directory's safetensors files (sharded through the index when present)."""
+    return read_sources(index_safetensors_dir(path))
+
+
+def row_mean(read, n: int) -> torch.Tensor:
+    """The mean of a tensor's ``n`` rows, given ``read(a, b)`` → rows [a, b): summed in fp64 4096 rows at a
+    time (bounded memory when ``read`` slices a file), returned in the rows' dtype. The new embedding row
+    of an image placeholder; one function, so a tensor read whole and one read in slices get the same row."""
+    total, dtype = None, None
+    for a in range(0, n, 4096):
+        rows = read(a, min(a + 4096, n))
+        dtype = rows.dtype
+        part = rows.double().sum(0)
+        total = part if total is None else total + part
+    return (total / n).to(dtype)
+
+
+def grow_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
+    """``w`` with rows appended up to ``rows``, each the mean of its rows (see ``row_mean``)."""
+    n = w.shape[0]
+    return torch.cat([w, row_mean(lambda a, b: w[a:b], n).expand(rows - n, *w.shape[1:])]) if rows > n else w
 
 
 def read_projector_bin(file: str) -> dict[str, torch.Tensor]:
@@ -189,7 +245,7 @@ def read_projector_bin(file: str) -> dict[str, torch.Tensor]:
         raise ValueError(f"{file}: not a readable projector checkpoint ({type(e).__name__}: {e})") from e
 
 
-def _fold_identity_projector(state: dict, config: LlavaConfig) -> dict:
+def fold_identity_projector(state: dict, config: LlavaConfig) -> dict:
     """An HF checkpoint with ``projector_hidden_act: linear`` holds two stacked linears; our
     ``linear`` projector is their product (exact for the identity second matrix we export)."""
     w2 = state.pop("projector.linear_2.weight", None)
@@ -288,42 +344,66 @@ def check_adapter(path: str, adapter: str | None, quantize: str | None) -> None:
         raise FileNotFoundError(f"adapter directory {adapter} does not exist")
 
 
-def load_state(path: str, *, vision: str | None = None) -> tuple[dict[str, torch.Tensor], LlavaConfig]:
-    """A checkpoint directory's tensors under our names (CPU, stored dtypes) and its config, without
-    building a model: what ``load`` assigns, and what a resumed run copies into the model it has."""
+# The tensors whose rows an out-of-vocabulary image placeholder id extends (see ``with_image_token_row``).
+VOCAB_ROWS = ("decoder.embed.weight", "decoder.lm_head.weight")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointIndex:
+    """A checkpoint directory read as far as its headers: where each of our tensors lives, the model's
+    config, and how many rows the stored ``VOCAB_ROWS`` tensors have (fewer than the config's vocabulary
+    when the image placeholder's rows are to be added)."""
+    sources: dict[str, Source]
+    config: LlavaConfig
+    stored_vocab: int
+
+
+def index_checkpoint(path: str, *, vision: str | None = None) -> CheckpointIndex:
+    """The layout decisions of loading ``path`` (HF llava or original LLaVA, the tower from ``vision``
+    when the checkpoint lacks it), taken on names alone: what ``load_state`` reads whole and
+    ``train.materialize.meta_load`` reads a shard at a time."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     vision_cfg = vision_config_from_dir(vision) if vision else None
     file, raw = read_config_json(path)  # raises FileNotFoundError / ValueError naming the file
     config = config_from_dict(raw, file, vision=vision_cfg)
-    state = read_safetensors_dir(path)
+    sources = index_safetensors_dir(path)
+    stored_vocab = config.text.vocab_size
     if is_original_llava(raw):
-        state = rename(state, ORIGINAL_LLAVA, path, keep_unknown=True)
-        if not any(k.startswith("vision.") for k in state):
+        sources = rename(sources, ORIGINAL_LLAVA, path, keep_unknown=True)
+        if not any(k.startswith("vision.") for k in sources):
             if not vision:
                 raise ValueError(f"{path}: an original LLaVA checkpoint without vision-tower weights; pass the "
                                  f"CLIP directory for {raw['mm_vision_tower']!r} as vision=")
-            state.update(rename(read_safetensors_dir(vision), CLIP_DIR, vision))
-        state, config = _add_image_token_row(state, config)
+            sources.update(rename(index_safetensors_dir(vision), CLIP_DIR, vision))
+        config = with_image_token_row(config)
     else:
-        state = rename(state, HF_LLAVA, path, keep_unknown=True)
-        if config.projector_type == "linear":
-            state = _fold_identity_projector(state, config)
+        sources = rename(sources, HF_LLAVA, path, keep_unknown=True)
+    return CheckpointIndex(sources, config, stored_vocab)
+
+
+def load_state(path: str, *, vision: str | None = None) -> tuple[dict[str, torch.Tensor], LlavaConfig]:
+    """A checkpoint directory's tensors under our names (CPU, stored dtypes) and its config, without
+    building a model: what ``load`` assigns."""
+    index = index_checkpoint(path, vision=vision)
+    config, state = index.config, read_sources(index.sources)
+    if config.text.vocab_size > index.stored_vocab:
+        for key in VOCAB_ROWS:
+            if key in state:
+                state[key] = grow_rows(state[key], config.text.vocab_size)
+    if config.projector_type == "linear":
+        state = fold_identity_projector(state, config)
     return state, config
 
 
-def _add_image_token_row(state: dict, config: LlavaConfig) -> tuple[dict, LlavaConfig]:
-    """Give an out-of-vocabulary image placeholder a row (the mean embedding) so that exported
-    checkpoints index it safely in transformers; our scatter never reads that row."""
+def with_image_token_row(config: LlavaConfig) -> LlavaConfig:
+    """``config`` with a vocabulary that holds an out-of-vocabulary image placeholder id: the rows added
+    to ``VOCAB_ROWS`` are the mean embedding (``grow_rows``), so that exported checkpoints index the id
+    safely in transformers; our scatter never reads that row."""
     v = config.text.vocab_size
     if config.image_token_id < v:
-        return state, config
-    grow = config.image_token_id + 1 - v
-    for key in ("decoder.embed.weight", "decoder.lm_head.weight"):
-        if key in state:
-            w = state[key]
-            state[key] = torch.cat([w, w.mean(0, keepdim=True).expand(grow, -1)], dim=0)
-    return state, config.replace(text=dataclasses.replace(config.text, vocab_size=v + grow))
+        return config
+    return config.replace(text=dataclasses.replace(config.text, vocab_size=config.image_token_id + 1))
 
 
 def compose_config(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu",
@@ -354,7 +434,10 @@ def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu"
     torch.manual_seed(seed)
     fresh = Projector(config).state_dict()
     state.update({f"projector.{k}": v for k, v in fresh.items()})
-    state, config = _add_image_token_row(state, config)
+    config = with_image_token_row(config)
+    for key in VOCAB_ROWS:
+        if key in state:
+            state[key] = grow_rows(state[key], config.text.vocab_size)
     return _build(state, config, f"{clip_dir} + {llama_dir}", dtype=dtype, device=device,
                   kernel_backend=kernel_backend)
 

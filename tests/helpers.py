@@ -490,3 +490,29 @@ def original_layout(model) -> tuple[dict, dict]:
         else:
             clip[k[len("vision_tower."):]] = v
     return orig, clip
+
+
+def write_original_llava(root, model, *, image_token_index: int | None = IMAGE_TOKEN) -> tuple[str, str, dict]:
+    """Write ``model`` in upstream LLaVA's layout under ``root``: ``orig/`` (LLaMA keys + model.mm_projector.*, an
+    ``llava_llama`` config naming the tower) and ``clip/`` (the tower apart). ``image_token_index`` None leaves it
+    out of the config, as upstream does: the placeholder is then the first id past the vocabulary.
+    Returns (orig dir, clip dir, the orig state)."""
+    from safetensors.torch import save_file
+    orig, clip = original_layout(model)
+    orig_dir, clip_dir = os.path.join(root, "orig"), os.path.join(root, "clip")
+    os.makedirs(orig_dir)
+    os.makedirs(clip_dir)
+    save_file(orig, os.path.join(orig_dir, "model.safetensors"))
+    save_file(clip, os.path.join(clip_dir, "model.safetensors"))
+    hf_cfg = model.config.to_hf_dict()
+    with open(os.path.join(clip_dir, "config.json"), "w") as f:
+        json.dump(hf_cfg["vision_config"], f)
+    text = {k: v for k, v in hf_cfg["text_config"].items() if k != "rope_parameters"}
+    text.update(model_type="llava_llama", mm_vision_tower=clip_dir, mm_projector_type=model.config.projector_type,
+                mm_vision_select_layer=-2, mm_vision_select_feature="patch",
+                mm_hidden_size=model.config.vision.hidden_size)
+    if image_token_index is not None:
+        text["image_token_index"] = image_token_index
+    with open(os.path.join(orig_dir, "config.json"), "w") as f:
+        json.dump(text, f)
+    return orig_dir, clip_dir, orig

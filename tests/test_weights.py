@@ -5,7 +5,7 @@ import os
 
 import pytest
 import torch
-from helpers import IMAGE_SIZE, IMAGE_TOKEN, VOCAB, hf_model, original_layout, pad, prompts, rel_err
+from helpers import IMAGE_SIZE, VOCAB, hf_model, pad, prompts, rel_err, write_original_llava
 from safetensors.torch import load_file, save_file
 
 import engine
@@ -105,29 +105,10 @@ def test_image_count_mismatch_reports_both_counts(hf_dir):
         model(ids, pixels[:2], attention_mask=mask)
 
 
-def _original_checkpoint(tmp_path, hf, ours):
-    """Write ``ours`` in upstream LLaVA's layout: LLaMA keys + model.mm_projector.{0,2}, CLIP apart."""
-    orig, clip = original_layout(ours)
-    (tmp_path / "orig").mkdir()
-    (tmp_path / "clip").mkdir()
-    save_file(orig, str(tmp_path / "orig" / "model.safetensors"))
-    save_file(clip, str(tmp_path / "clip" / "model.safetensors"))
-    hf_cfg = ours.config.to_hf_dict()
-    with open(tmp_path / "clip" / "config.json", "w") as f:
-        json.dump(hf_cfg["vision_config"], f)
-    text = {k: v for k, v in hf_cfg["text_config"].items() if k != "rope_parameters"}
-    text.update(model_type="llava_llama", mm_vision_tower=str(tmp_path / "clip"), mm_projector_type="mlp2x_gelu",
-                mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_hidden_size=32,
-                image_token_index=IMAGE_TOKEN)
-    with open(tmp_path / "orig" / "config.json", "w") as f:
-        json.dump(text, f)
-    return str(tmp_path / "orig"), str(tmp_path / "clip"), orig
-
-
 def test_original_llava_layout_and_stage1_projector(hf_dir, tmp_path):
     hf, path = hf_dir
     ours = engine.load(path)
-    orig_dir, clip_dir, orig_state = _original_checkpoint(tmp_path, hf, ours)
+    orig_dir, clip_dir, orig_state = write_original_llava(tmp_path, ours)
     loaded = engine.load(orig_dir, vision=clip_dir)
     seqs, pixels = prompts(ours.config.image_seq_len)
     assert rel_err(logits(loaded, seqs, pixels), logits(ours, seqs, pixels)) == 0.0
@@ -147,7 +128,7 @@ def test_original_llava_layout_and_stage1_projector(hf_dir, tmp_path):
 def test_compose_clip_and_llama(hf_dir, tmp_path):
     hf, path = hf_dir
     ours = engine.load(path)
-    _, clip_dir, orig_state = _original_checkpoint(tmp_path, hf, ours)
+    _, clip_dir, orig_state = write_original_llava(tmp_path, ours)
     llama = tmp_path / "llama"
     llama.mkdir()
     save_file({k: v for k, v in orig_state.items() if "mm_projector" not in k}, str(llama / "model.safetensors"))

@@ -15,40 +15,27 @@ applied to the projector alone, as ``compose`` draws it.
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
 
-from engine.config import (
-    LlavaConfig,
-    config_from_dict,
-    is_original_llava,
-    read_config_json,
-)
+from engine.config import LlavaConfig
 from engine.model import Llava, Projector
-from engine.weights import CLIP_DIR, HF_LLAVA, LLAMA_DIR, compose_config, rename
-
-
-@dataclass(frozen=True)
-class Source:
-    """Where one of our tensors lives: ``key`` of the safetensors ``file``."""
-    file: str
-    key: str
-
-
-def _tensor_index(path: str) -> dict[str, Source]:
-    """Every tensor name of a directory's safetensors files → its file (headers only, no data)."""
-    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors")) if os.path.isdir(path) else []
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors files in {path}")
-    index = {}
-    for name in files:
-        file = os.path.join(path, name)
-        with safe_open(file, framework="pt") as f:
-            index.update({key: Source(file, key) for key in f.keys()})
-    return index
+from engine.weights import (
+    CLIP_DIR,
+    LLAMA_DIR,
+    VOCAB_ROWS,
+    Source,
+    compose_config,
+    fold_identity_projector,
+    index_checkpoint,
+    index_safetensors_dir,
+    read_sources,
+    rename,
+    row_mean,
+    with_image_token_row,
+)
 
 
 @dataclass
@@ -59,6 +46,7 @@ class MetaModel:
     sources: dict[str, Source]
     seed: int
     overrides: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    stored_vocab: int | None = None   # rows the sources of VOCAB_ROWS hold when the model's vocabulary adds some
 
 
 def _meta_model(config: LlavaConfig, sources: dict[str, Source], where: str, *, seed: int,
@@ -78,21 +66,24 @@ def _meta_model(config: LlavaConfig, sources: dict[str, Source], where: str, *, 
     return MetaModel(model, sources, seed)
 
 
-def meta_load(path: str, *, kernel_backend: str | None = "torch") -> MetaModel | None:
-    """An HF llava checkpoint directory (e.g. our stage-1 output) on the meta device, like
-    ``engine.load``; None for the layouts whose import transforms whole tensors (original LLaVA
-    checkpoints, a ``linear`` projector folded from two matrices): load those with ``engine.load``."""
-    file, raw = read_config_json(path)
-    if is_original_llava(raw):
-        return None
-    config = config_from_dict(raw, file)
-    if config.projector_type == "linear":
-        return None
-    sources = rename(_tensor_index(path), HF_LLAVA, path, keep_unknown=True)
+def meta_load(path: str, *, vision: str | None = None, kernel_backend: str | None = "torch") -> MetaModel:
+    """A checkpoint directory on the meta device, like ``engine.load`` (HF llava or original LLaVA, the tower
+    from ``vision`` when the checkpoint lacks it). A ``linear`` projector stored as two matrices (HF) is
+    folded into one here: it is small (hidden × vision hidden), so it is read whole and kept as an override."""
+    index = index_checkpoint(path, vision=vision)
+    sources, config = dict(index.sources), index.config
+    overrides = {}
+    if config.projector_type == "linear" and "projector.linear_2.weight" in sources:
+        stored = {k: sources.pop(k) for k in list(sources) if k.startswith("projector.")}
+        overrides = fold_identity_projector(read_sources(stored), config)
     meta = _meta_model(config, sources, path, seed=0, kernel_backend=kernel_backend)
-    missing = sorted(n for n, _ in meta.model.named_parameters() if n.startswith("projector.") and n not in sources)
+    missing = sorted(n for n, _ in meta.model.named_parameters()
+                     if n.startswith("projector.") and n not in sources and n not in overrides)
     if missing:
         raise ValueError(f"{path}: missing keys {missing}")
+    meta.overrides = overrides
+    if config.text.vocab_size > index.stored_vocab:
+        meta.stored_vocab = index.stored_vocab
     return meta
 
 
@@ -102,31 +93,33 @@ def meta_compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_
     """``engine.weights.compose`` without reading a weight: the model is on the meta device."""
     config = compose_config(clip_dir, llama_dir, projector_type=projector_type, image_token_id=image_token_id,
                             vision_feature_layer=vision_feature_layer)
-    text = config.text
-    sources = rename(_tensor_index(clip_dir), CLIP_DIR, clip_dir)
-    sources.update(rename(_tensor_index(llama_dir), LLAMA_DIR, llama_dir))
-    if config.image_token_id >= text.vocab_size:   # as engine.weights._add_image_token_row
-        config = config.replace(text=dataclasses.replace(text, vocab_size=config.image_token_id + 1))
-    return _meta_model(config, sources, f"{clip_dir} + {llama_dir}", seed=seed, kernel_backend=kernel_backend)
+    sources = rename(index_safetensors_dir(clip_dir), CLIP_DIR, clip_dir)
+    sources.update(rename(index_safetensors_dir(llama_dir), LLAMA_DIR, llama_dir))
+    grown = with_image_token_row(config)
+    meta = _meta_model(grown, sources, f"{clip_dir} + {llama_dir}", seed=seed, kernel_backend=kernel_backend)
+    if grown.text.vocab_size > config.text.vocab_size:
+        meta.stored_vocab = config.text.vocab_size
+    return meta
 
 
-def _rows(source: Source, start: int, stop: int, full_rows: int) -> torch.Tensor:
-    """Rows [start, stop) of the source tensor, its first dimension extended to ``full_rows`` with
-    copies of its row mean (the image placeholder rows, as ``compose``); reads only what is needed."""
+def _rows(name: str, source: Source, start: int, stop: int, full_rows: int, stored_vocab: int | None) -> torch.Tensor:
+    """Rows [start, stop) of the source tensor; reads only what is needed. The vocabulary tensors of a
+    model whose vocabulary adds image placeholder rows (``stored_vocab``) get those rows as ``grow_rows``
+    makes them (the row mean); any other tensor must have the model's rows, or it is an error naming it."""
     with safe_open(source.file, framework="pt") as f:
         sl = f.get_slice(source.key)
         shape = sl.get_shape()
         if not shape:
             return f.get_tensor(source.key)
         n = shape[0]
+        expected = stored_vocab if stored_vocab is not None and name in VOCAB_ROWS else full_rows
+        if n != expected:
+            raise ValueError(f"{source.file}: {source.key} ({name}) has {n} rows; the model expects {expected}")
         if full_rows == n:
             return sl[start:stop]
         parts = [sl[start:min(stop, n)]] if start < n else []
         if stop > n:
-            mean = torch.zeros(shape[1:], dtype=torch.float64)
-            for a in range(0, n, 4096):                                      # bounded reads
-                mean += sl[a:min(a + 4096, n)].double().sum(0)
-            mean = (mean / n).to(sl[0:1].dtype)
+            mean = row_mean(lambda a, b: sl[a:b], n)
             parts.append(mean.expand(stop - max(start, n), *mean.shape))
         return torch.cat(parts)
 
@@ -167,7 +160,7 @@ def materialize(meta: MetaModel, *, device: torch.device, dtype: torch.dtype = t
             local = p.to_local() if isinstance(p, DTensor) else p
             start, stop = _local_rows(p)
             if name in meta.sources and name not in meta.overrides:
-                value = _rows(meta.sources[name], start, stop, p.shape[0] if p.ndim else 0)
+                value = _rows(name, meta.sources[name], start, stop, p.shape[0] if p.ndim else 0, meta.stored_vocab)
             else:
                 value = fresh[name][start:stop] if p.ndim else fresh[name]
             if tuple(value.shape) != tuple(local.shape):

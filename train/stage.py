@@ -16,7 +16,7 @@ import torch
 import engine
 from engine.config import read_config_json
 from engine.lora import TARGETS, LoraSettings, add_lora, quantize_base_nf4
-from engine.weights import load_projector, read_projector
+from engine.weights import read_projector
 from train.data import load_samples
 from train.distributed import leave_distributed, rank_world, setup_distributed, shard_model, uses_mixed_precision
 from train.loop import LoopConfig, train
@@ -175,55 +175,42 @@ def _checkpoint_dir(path: str) -> str:
 def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[engine.Llava, str]:
     """The starting model (frozen for the stage) and the directory its tokenizer comes from.
 
-    Composed from ``--vision`` + ``--llm``, or read from an HF llava directory (``--model``,
-    ``--init`` with a full LLaVA), it is built on the meta device, sharded first when there are
-    several ranks, and each rank materialises only its shards on ``device`` (train/materialize.py).
-    Original-LLaVA checkpoints and ``linear`` projectors are read whole on the host (engine.load).
+    Composed from ``--vision`` + ``--llm``, or read from a checkpoint directory (``--model``, ``--init``
+    with a full LLaVA; HF llava or original LLaVA, whose tower ``--vision`` gives when it lacks one), it is
+    built on the meta device, sharded first when there are several ranks, and each rank materialises
+    only its shards on ``device`` (train/materialize.py): no rank ever holds the whole model on the host.
     """
     backend = None if cfg.fused else "torch"
     device = device or torch.device(cfg.device)
     init = cfg.init
-    meta, model = None, None
     if init and not init.endswith(".bin") and not os.path.isfile(os.path.join(init, "mm_projector.bin")):
         source, init = _checkpoint_dir(init), None   # a full LLaVA (or our stage-1 output) to start from
     elif cfg.model:
         source = _checkpoint_dir(cfg.model)
     elif cfg.vision and cfg.llm:
         source = None
-        if cfg.lora is not None:
-            _check_lora_base(cfg, source)
-        meta = meta_compose(cfg.vision, cfg.llm, seed=cfg.seed, kernel_backend=backend)
     else:
         raise ValueError("give --model DIR, or --vision DIR with --llm DIR")
     if cfg.lora is not None:
         _check_lora_base(cfg, source)
-    if source is not None:
-        meta = None if cfg.vision else meta_load(source, kernel_backend=backend)
-        if meta is None:
-            model = engine.load(source, vision=cfg.vision, dtype=torch.float32, kernel_backend=backend)
+    if source is None:
+        meta = meta_compose(cfg.vision, cfg.llm, seed=cfg.seed, kernel_backend=backend)
+    else:
+        meta = meta_load(source, vision=cfg.vision, kernel_backend=backend)
     tok = source or cfg.llm
-    if meta is not None:
-        if init:                                  # an upstream stage-1 projector replaces the fresh one
-            meta.overrides = read_projector(init)
-        if cfg.vision_feature_layer is not None:
-            meta.model.config = meta.model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
-        freeze_for_stage(meta.model, cfg.stage)
-        if cfg.lora is not None:   # adapters are added to real weights; the loop shards the wrapped model
-            model = materialize(meta, device=device)
-            with_lora(model, cfg, source)
-            return model, tok
-        world = rank_world()[1]
-        if world > 1:
-            shard_model(meta.model, mixed_precision=uses_mixed_precision(device, world))
-        return materialize(meta, device=device), tok
-    if init:                                      # an upstream stage-1 projector
-        load_projector(model, init)
+    if init:                                      # an upstream stage-1 projector replaces the fresh one
+        meta.overrides = read_projector(init)
     if cfg.vision_feature_layer is not None:
-        model.config = model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
-    freeze_for_stage(model, cfg.stage)
-    if cfg.lora is not None:
+        meta.model.config = meta.model.config.replace(vision_feature_layer=(cfg.vision_feature_layer,))
+    freeze_for_stage(meta.model, cfg.stage)
+    if cfg.lora is not None:       # adapters are added to real weights; the loop shards the wrapped model
+        model = materialize(meta, device=device)
         with_lora(model, cfg, source)
-    return model, tok
+        return model, tok
+    world = rank_world()[1]
+    if world > 1:
+        shard_model(meta.model, mixed_precision=uses_mixed_precision(device, world))
+    return materialize(meta, device=device), tok
 
 
 def _check_lora_base(cfg: StageConfig, source: str | None) -> None:
