@@ -110,10 +110,10 @@ class DecodeAttention:
                      sin: torch.Tensor) -> torch.Tensor:
         """Decoder layer ``layer`` on x [B, D] through ``llava_kernels.decode_layer``, its K/V written and
         attended here as ``__call__`` would (``weights``: ``engine.model.Block.whole_layer_weights``)."""
-        attn_norm, mlp_norm, w_qkv, w_o, w_gate_up, w_down, heads, eps = weights
+        attn_norm, mlp_norm, w_qkv, w_o, w_gate_up, w_down, heads, eps, scales = weights
         return _cpu.ops().decode_layer(x, attn_norm, mlp_norm, w_qkv, w_o, w_gate_up, w_down, cos, sin,
                                        self.cache.k[layer], self.cache.v[layer], self.block_table, self.seq_lens,
-                                       self.slot_mapping, heads, eps, self.scale)
+                                       self.slot_mapping, heads, eps, self.scale, *(scales or ()))
 
 
 class MixedAttention:

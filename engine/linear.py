@@ -40,11 +40,8 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w)
     rows = x.numel() // max(x.shape[-1], 1)
     if type(w) not in _PLAIN:  # a quantized weight: ours for torchao's per-row int8 at few rows, else its own kernel
-        int8 = _int8_rows(w) if SMALL_GEMM and rows <= _int8.MAX_ROWS else None
-        if int8 is None or not _int8.available():
-            return F.linear(x, w)
-        out = _int8.small_gemm_int8(x.reshape(rows, x.shape[-1]).contiguous(), *int8)
-        return out.view(*x.shape[:-1], out.shape[-1])
+        int8 = int8_rows(w) if int8_route(x) else None
+        return F.linear(x, w) if int8 is None else linear_int8(x, *int8)
     if SMALL_GEMM and rows <= _small.MAX_ROWS and w.is_contiguous() and _small.available():
         return _small.small_gemm(x.reshape(rows, x.shape[-1]).contiguous(), w).view(*x.shape[:-1], w.shape[0])
     if ONEDNN and rows <= ONEDNN_MAX_ROWS:
@@ -52,22 +49,35 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return F.linear(x, w)
 
 
-def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+def int8_route(x: torch.Tensor) -> bool:
+    """Whether a per-row int8 weight's GEMM on ``x`` runs our kernel (``linear_int8``): fp32 CPU inference of
+    at most ``small_gemm_int8.MAX_ROWS`` rows, the kernel built."""
+    return (SMALL_GEMM and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and x.numel() // max(x.shape[-1], 1) <= _int8.MAX_ROWS and _int8.available())
+
+
+def linear_int8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (q [N, K] · scale [N])ᵀ → [..., N] on our kernel (``int8_route(x)`` holds)."""
+    out = _int8.small_gemm_int8(x.reshape(-1, x.shape[-1]).contiguous(), q, scale)
+    return out.view(*x.shape[:-1], out.shape[-1])
+
+
+def int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(q int8 [N, K], scale fp32 [N]) when ``w`` is torchao's symmetric per-row int8 weight (``Int8Tensor``
     with block size [1, K], no activation quantization, zero points all 0: ``engine.quantize``'s int8), else
     None. The check reads the zero points once; the verdict is kept on the tensor, valid while its ``qdata``
-    is the same object."""
+    and ``scale`` are the same objects (``engine.model.fuse_linears`` re-points them into one fused tensor)."""
     seen = w.__dict__.get("_llava_int8")
-    if seen is not None and (seen is False or seen[0] is w.qdata):
-        return seen or None
+    if seen is not None and (seen is False or (seen[2] is w.qdata and seen[3] is w.scale)):
+        return seen[:2] if seen else None
     ok = (type(w).__name__ == "Int8Tensor" and getattr(w, "act_quant_kwargs", 1) is None
           and list(getattr(w, "block_size", ())) == [1, w.shape[-1]] and w.dim() == 2)
     q, scale, zero = (getattr(w, a, None) for a in ("qdata", "scale", "zero_point"))
     ok = (ok and q is not None and q.dtype == torch.int8 and q.device.type == "cpu" and q.is_contiguous()
           and scale is not None and scale.dtype == torch.float32 and scale.numel() == q.shape[0]
-          and (zero is None or not bool(zero.any())))
-    w.__dict__["_llava_int8"] = (q, scale.reshape(-1).contiguous()) if ok else False
-    return w.__dict__["_llava_int8"] or None
+          and scale.is_contiguous() and (zero is None or not bool(zero.any())))
+    w.__dict__["_llava_int8"] = (q, scale.view(-1), q, scale) if ok else False
+    return (q, scale.view(-1)) if ok else None
 
 
 def apply(m: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -133,12 +133,46 @@ def fuse_linears(*linears: nn.Linear) -> None:
     if not _plain(linears):
         return
     ws = [m.weight for m in linears]
+    if all(type(w) is not nn.Parameter and dense.int8_rows(w) is not None for w in ws):
+        _fuse_int8(ws)
+        return
     if any(type(w.data) is not torch.Tensor or w.is_meta for w in ws) or _tiled(ws):
         return
     with torch.no_grad(), torch.inference_mode(False):  # plain tensors: training may resume on them
         fused = torch.cat([w.detach() for w in ws])                           # (ΣN, D)
         for w, rows in zip(ws, fused.split([w.shape[0] for w in ws]), strict=True):
             w.data = rows
+
+
+def _fuse_int8(ws: list[torch.Tensor]) -> None:
+    """``fuse_linears`` for torchao per-row int8 weights (``engine.quantize``'s int8): their int8 rows and their
+    scales each move into one new tensor, every weight keeping its object with ``qdata`` and ``scale`` re-pointed
+    to views of its rows (the zero points, all 0, stay). Per-row scales make the fused GEMM's rows the separate
+    GEMMs' rows exactly. A no-op when already fused."""
+    rows = [dense.int8_rows(w) for w in ws]
+    qs, ss = [q for q, _ in rows], [s.view(-1, 1) for _, s in rows]
+    if _tiled(qs) and _tiled(ss):
+        return
+    n = [q.shape[0] for q in qs]
+    for w, q, s in zip(ws, torch.cat(qs).split(n), torch.cat(ss).split(n), strict=True):
+        shape = w.scale.shape
+        w.qdata, w.scale = q, s.view(shape)
+
+
+def fused_int8(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``fused_weight`` for per-row int8 weights: (q [ΣN_i, D], scale [ΣN_i]) when ``fuse_linears`` tiled them and
+    the GEMM on ``x`` runs our int8 kernel (``dense.int8_route``); None otherwise (one GEMM per projection, the
+    same numbers: our kernel sums each output element alike whatever its neighbours)."""
+    if not _plain(linears) or not dense.int8_route(x):
+        return None
+    rows = [dense.int8_rows(m._parameters["weight"]) for m in linears]
+    if any(r is None for r in rows):
+        return None
+    qs, ss = [q for q, _ in rows], [s.view(-1, 1) for _, s in rows]
+    if not (_tiled(qs) and _tiled(ss)):
+        return None
+    n, d = sum(q.shape[0] for q in qs), qs[0].shape[1]
+    return qs[0].as_strided((n, d), (d, 1)), ss[0].as_strided((n,), (1,))
 
 
 def _plain(linears) -> bool:
@@ -190,12 +224,14 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, attn: AttentionContext, layer: int):  # x (T, D)
         t = x.shape[0]
         qkv = fused_weight(self.q, self.k, self.v)
-        if qkv is None:  # each projection through dense.apply: a quantized weight gets our int8 GEMM on the CPU
+        qkv8 = fused_int8(x, self.q, self.k, self.v) if qkv is None else None
+        if qkv is None and qkv8 is None:  # each projection through dense.apply (a quantized one: its own GEMM)
             q, k, v = dense.apply(self.q, x), dense.apply(self.k, x), dense.apply(self.v, x)
             q = apply_rope(q.view(t, self.h, self.dh), cos, sin)    # (T, H, Dh)
             k = apply_rope(k.view(t, self.hkv, self.dh), cos, sin)  # (T, Hkv, Dh)
         else:  # one GEMM, and RoPE once over q and k side by side: (T, (H + Hkv)·Dh) as (T, H + Hkv, Dh)
-            qk, v = dense.linear(x, qkv).split([(self.h + self.hkv) * self.dh, self.hkv * self.dh], -1)
+            out = dense.linear(x, qkv) if qkv8 is None else dense.linear_int8(x, *qkv8)
+            qk, v = out.split([(self.h + self.hkv) * self.dh, self.hkv * self.dh], -1)
             q, k = apply_rope(qk.view(t, self.h + self.hkv, self.dh), cos, sin).split([self.h, self.hkv], 1)
         return dense.apply(self.o, attn(layer, q, k, v.view(t, self.hkv, self.dh)).reshape(t, self.h * self.dh))
 
@@ -209,9 +245,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gate_up = fused_weight(self.gate, self.up)
-        if gate_up is None:
+        gate_up8 = fused_int8(x, self.gate, self.up) if gate_up is None else None
+        if gate_up is None and gate_up8 is None:
             return dense.apply(self.down, F.silu(dense.apply(self.gate, x)) * dense.apply(self.up, x))
-        g, u = dense.linear(x, gate_up).chunk(2, -1)  # one GEMM: (T, 2·I) → two (T, I) views
+        out = dense.linear(x, gate_up) if gate_up8 is None else dense.linear_int8(x, *gate_up8)
+        g, u = out.chunk(2, -1)  # one GEMM: (T, 2·I) → two (T, I) views
         return dense.apply(self.down, F.silu(g) * u)
 
 
@@ -229,17 +267,19 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def whole_layer_weights(self, x: torch.Tensor) -> tuple | None:
-        """(attn_norm, mlp_norm, W_qkv, W_o, W_gate_up, W_down, heads, eps) for ``llava_kernels.decode_layer``
-        when that one call computes exactly what ``forward`` would on ``x``: fp32 CPU inference of at most
-        ``small_gemm.MAX_ROWS`` rows through the plain modules (no hooks, no PEFT or quantized wrapper, q/k/v
-        and gate/up fused by ``fuse_linears``), every op of ``forward`` then being the one the C++ layer calls.
-        None otherwise: ``forward`` runs.
+        """(attn_norm, mlp_norm, W_qkv, W_o, W_gate_up, W_down, heads, eps, scales) for
+        ``llava_kernels.decode_layer`` when that one call computes exactly what ``forward`` would on ``x``: fp32 CPU
+        inference of at most ``small_gemm.MAX_ROWS`` rows through the plain modules (no hooks, no PEFT wrapper,
+        q/k/v and gate/up fused by ``fuse_linears``) with fp32 weights (``scales`` None) or torchao per-row int8
+        ones (the W are their int8 rows, ``scales`` their four scale vectors), every op of ``forward`` then
+        being the one the C++ layer calls. None otherwise: ``forward`` runs.
 
         Called per layer and decode step, so the full check (~25 µs a call, timed alone; ~15 with the verdict
         remembered) runs only when something it depends on changed: the layer
         remembers its verdict under a key of the modules' and parameters' identities, the parameters' data
-        pointers and the fused ones' shapes and strides (never the tensors: a re-assigned weight's old storage
-        must not stay alive here). Hooks are looked at on every call."""
+        pointers and the fused ones' shapes and strides (an int8 weight's: those of its int8 rows and scales;
+        never the tensors: a re-assigned weight's old storage must not stay alive here). Hooks are looked at on
+        every call."""
         if (torch.is_grad_enabled() or x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous()
                 or x.shape[0] > cpu_small_gemm.MAX_ROWS or not dense.SMALL_GEMM or _global_hooks()):
             return None
@@ -258,27 +298,50 @@ class Block(nn.Module):
         ps = (n1._parameters.get("weight"), n2._parameters.get("weight"),
               *(p for mod in lin for p in (mod._parameters.get("weight"), mod._parameters.get("bias"))))
         fused = (ps[2], ps[4], ps[6], ps[10], ps[12])       # the weights of q, k, v, gate, up
-        key = (n1.eps, n2.eps, *map(id, lin), *map(id, ps), *[p.data_ptr() for p in ps if p is not None],
-               *[(p.shape, p.stride()) for p in fused if p is not None])
+        key = (n1.eps, n2.eps, *map(id, lin), *map(id, ps), *[_data_key(p) for p in ps if p is not None],
+               *[(p.shape, p.stride()) for p in fused if type(p) is nn.Parameter])
         seen = self.__dict__.get("_whole_layer_key")
         if seen is None or seen[0] != key:
-            seen = self.__dict__["_whole_layer_key"] = (key, self._whole_layer_check(n1, n2, lin))
-        if not seen[1]:
+            seen = self.__dict__["_whole_layer_key"] = (key, self._whole_layer_check(n1, n2, lin, x))
+        if seen[1] is None:
             return None
+        n_qkv = (a.h + 2 * a.hkv) * a.dh
+        if seen[1] == "int8":           # the fused int8 rows and scales as the views fused_int8 checked
+            (wq, sq), (wo, so), (wg, sg), (wd, sd) = (dense.int8_rows(ps[i]) for i in (2, 8, 10, 14))
+            d, n_gu = wq.shape[1], 2 * wg.shape[0]          # (not the quantized tensors' .shape: a dispatch each)
+            return (ps[0], ps[1], wq.as_strided((n_qkv, d), (d, 1)), wo, wg.as_strided((n_gu, d), (d, 1)), wd, a.h,
+                    n1.eps, (sq.as_strided((n_qkv,), (1,)), so, sg.as_strided((n_gu,), (1,)), sd))
         d = ps[2].shape[1]                                  # the fused weights as the views fused_weight checked
-        qkv = ps[2].detach().as_strided(((a.h + 2 * a.hkv) * a.dh, d), (d, 1))
+        qkv = ps[2].detach().as_strided((n_qkv, d), (d, 1))
         gate_up = ps[10].detach().as_strided((2 * ps[10].shape[0], d), (d, 1))
-        return ps[0], ps[1], qkv, ps[8], gate_up, ps[14], a.h, n1.eps
+        return ps[0], ps[1], qkv, ps[8], gate_up, ps[14], a.h, n1.eps, None
 
     @staticmethod
-    def _whole_layer_check(n1: RMSNorm, n2: RMSNorm, lin: tuple) -> bool:
+    def _whole_layer_check(n1: RMSNorm, n2: RMSNorm, lin: tuple, x: torch.Tensor) -> str | None:
+        """"fp32", "int8" (the weights the C++ layer takes in that form) or None."""
         q, k, v, o, gate, up, down = lin
+        if n1.eps != n2.eps or not all(type(w) is nn.Parameter and w.dtype == torch.float32
+                                       for w in (n1.weight, n2.weight)):
+            return None
         qkv, gate_up = fused_weight(q, k, v), fused_weight(gate, up)
-        if qkv is None or gate_up is None or not (_dense_plain(o) and _dense_plain(down)) or n1.eps != n2.eps:
-            return False
-        ws = (n1.weight, n2.weight, qkv, o.weight, gate_up, down.weight)
-        return type(n1.weight) is nn.Parameter and type(n2.weight) is nn.Parameter and all(
-            w.dtype == torch.float32 for w in ws)
+        if qkv is not None and gate_up is not None and _dense_plain(o) and _dense_plain(down):
+            ws = (qkv, o.weight, gate_up, down.weight)
+            return "fp32" if all(w.dtype == torch.float32 for w in ws) else None
+        if (fused_int8(x, q, k, v) is not None and fused_int8(x, gate, up) is not None and _int8_plain(o)
+                and _int8_plain(down)):
+            return "int8"
+        return None
+
+
+def _data_key(p: torch.Tensor) -> object:
+    """What identifies a parameter's data for ``whole_layer_weights``' remembered verdict: its data pointer, or
+    for a quantized weight (a tensor subclass, no storage of its own) its int8 rows' and scales' objects."""
+    if type(p) is nn.Parameter:
+        return p.data_ptr()
+    q, s = getattr(p, "qdata", None), getattr(p, "scale", None)
+    if q is None or s is None:
+        return id(q), id(s)
+    return id(q), q.data_ptr(), q.shape, q.stride(), id(s), s.data_ptr(), s.shape, s.stride()
 
 
 def _dense_plain(m: nn.Module) -> bool:
@@ -288,6 +351,12 @@ def _dense_plain(m: nn.Module) -> bool:
     w = m._parameters["weight"]
     return (m._parameters["bias"] is None and not m._forward_hooks and not m._forward_pre_hooks
             and type(w) is nn.Parameter and w.is_contiguous())
+
+
+def _int8_plain(m: nn.Module) -> bool:
+    """Whether ``dense.apply(m, x)`` runs our int8 kernel on a per-row int8 weight (the C++ layer's int8 GEMM)."""
+    return (type(m) is nn.Linear and m._parameters["bias"] is None and not m._forward_hooks
+            and not m._forward_pre_hooks and dense.int8_rows(m._parameters["weight"]) is not None)
 
 
 def _global_hooks() -> bool:

@@ -25,11 +25,13 @@ Schemes (all torchao ``quantize_`` configs; the weights become torchao tensor su
   and the ``_weight_int4pack_mm`` kernel that ships with torch. CPU: torchao's prototype
   ``PrototypeInt4WeightOnlyConfig`` (``_weight_int4pack_mm_for_cpu``; fast with bfloat16 activations).
 
-Fusion: ``Llava.fuse_weights`` tiles plain q/k/v and gate/up weights into one GEMM. A quantized
-weight is a tensor subclass, which ``fuse_linears``/``fused_weight`` skip (their ``type(w.data) is
-torch.Tensor`` check), so a quantized layer runs its projections one GEMM each; with per-row (int8)
-or per-row-group (int4) scales the result is the same as one fused quantized GEMM would give, since
-no scale is shared across the rows of two projections.
+Fusion: ``Llava.fuse_weights`` (the runtime calls it) tiles q/k/v and gate/up into one tensor each: plain
+weights as one [ΣN, D] tensor, per-row int8 ones as one int8 [ΣN, D] tensor plus one scale vector, each
+quantized weight keeping its object with its ``qdata`` and ``scale`` re-pointed at its rows (no value changes:
+per-row scales are shared by no two projections, so one fused GEMM gives each projection's rows exactly). A CPU
+decode step of fp32 activations then runs one int8 GEMM for q/k/v and one for gate/up, and every such layer as one
+C++ call (``llava_kernels.decode_layer`` with scales; ``engine.model.Block.whole_layer_weights``); int4 layers
+run their projections one GEMM each.
 """
 from __future__ import annotations
 

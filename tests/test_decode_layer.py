@@ -186,3 +186,74 @@ def test_lora_layers_keep_their_adapters(ckpt, monkeypatch, targets):
     got, calls = decode_logits(model, True, monkeypatch)
     want, _ = decode_logits(model, False, monkeypatch)
     assert calls == 0 and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+def quantize_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 (engine.quantize's scheme): q = round(w / s), s = max |w_row| / 127."""
+    s = w.abs().amax(1) / 127
+    return torch.round(w / s[:, None]).clamp(-127, 127).to(torch.int8), s
+
+
+@needs_ops
+@pytest.mark.parametrize("t,hkv", [(1, 2), (3, 1)])
+def test_the_op_computes_an_int8_layer(t, hkv):
+    """int8 weights with a scale a row: against the reference on the dequantized weights in fp64."""
+    case = layer_case(t, hkv=hkv, seed=4)
+    names = ("w_qkv", "w_o", "w_gate_up", "w_down")
+    scales = []
+    for name in names:
+        case[name], s = quantize_rows(case[name])
+        scales.append(s)
+    got, k, _ = run(lambda **a: dl.decode_layer(**a, scales=tuple(scales)), case)
+    want, k64, _ = run(lambda **a: dl.decode_layer_ref(**a, scales=tuple(s.double() for s in scales)),
+                       {**case, **{n: case[n].double() for n in names}}, torch.float64)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err <= 1e-5, f"relative error {err:.2e}"
+    written = case["slot_mapping"]
+    assert ((k.view(-1, *k.shape[2:])[written].double() - k64.view(-1, *k.shape[2:])[written]).abs()
+            <= 1e-5 * k64.abs().max()).all()
+    with pytest.raises(RuntimeError, match="scales of all four weights"):
+        dl.decode_layer(**case, scales=tuple(scales[:3]) + (None,))
+
+
+@needs_ops
+def test_runtime_int8_layers_equal_the_separate_int8_projections_bit_for_bit(ckpt, monkeypatch):
+    """engine.quantize's int8: fused q/k/v and gate/up (one int8 tensor each), then whole layers in C++, give every
+    step the logits of seven separate int8 GEMMs a layer, bit for bit; fusing changes no quantized value."""
+    from engine import model as model_module
+    from engine.quantize import quantize_model
+    model = quantize_model(engine.load(ckpt, dtype=torch.float32).eval(), "int8")
+    before = {n: (p.qdata.clone(), p.scale.clone()) for n, p in model.named_parameters() if hasattr(p, "qdata")}
+    real = model_module.fused_int8
+    monkeypatch.setattr(model_module, "fused_int8", lambda *a: None)
+    separate, _ = decode_logits(model, False, monkeypatch)           # the runtime fused them: not used here
+    monkeypatch.setattr(model_module, "fused_int8", real)
+    after = {n: (p.qdata, p.scale) for n, p in model.named_parameters() if hasattr(p, "qdata")}
+    assert before.keys() == after.keys() and len(before) == 7 * len(model.decoder.layers)
+    assert all(torch.equal(before[n][0], after[n][0]) and torch.equal(before[n][1], after[n][1]) for n in before)
+    layer = model.decoder.layers[0]
+    q, k, v = (layer.attn.get_submodule(n).weight.qdata for n in "qkv")
+    assert k.data_ptr() == q.data_ptr() + q.numel() and v.data_ptr() == k.data_ptr() + k.numel()   # one tensor
+    fused, none = decode_logits(model, False, monkeypatch)
+    whole, calls = decode_logits(model, True, monkeypatch)
+    assert none == 0 and calls >= 11 * len(model.decoder.layers)
+    with torch.no_grad():
+        x = torch.randn(2, model.config.text.hidden_size)
+        assert layer.whole_layer_weights(x)[8] is not None                  # the int8 form: four scale vectors
+        assert layer.whole_layer_weights(torch.randn(65, x.shape[1])) is None
+    for a, b, c in zip(separate, fused, whole, strict=True):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    # a prefill of more rows than our int8 kernel takes still runs torchao's linear on the re-pointed weights
+    ids = torch.randint(3, 100, (1, 80))
+    with torch.no_grad():
+        got = model(ids)
+    monkeypatch.setattr(model_module, "fused_int8", lambda *a: None)
+    for n, p in model.named_parameters():
+        if n in before:
+            p.qdata, p.scale = before[n]                                     # separate tensors again
+    with torch.no_grad():
+        assert torch.equal(got, model(ids))
+        monkeypatch.setattr(model_module, "fused_int8", real)
+        assert layer.whole_layer_weights(x) is None                        # the remembered verdict follows
+        model.fuse_weights()
+        assert layer.whole_layer_weights(x) is not None

@@ -107,10 +107,10 @@ def test_engine_linear_routes_torchao_int8_weights_to_the_kernel(rows, monkeypat
 def test_weights_the_kernel_cannot_take_keep_torchao():
     m = torchao_int8(16, 32)
     w = m.weight
-    assert dense._int8_rows(w) is not None
+    assert dense.int8_rows(w) is not None
     w.zero_point.fill_(1)                      # an asymmetric weight (not what engine.quantize makes)
     w.__dict__.pop("_llava_int8")
-    assert dense._int8_rows(w) is None
+    assert dense.int8_rows(w) is None
     with torch.no_grad():
         x = torch.randn(2, 32)
         assert torch.equal(dense.apply(m, x), m(x))
