@@ -32,6 +32,7 @@ from engine.vision import VisionTower
 from llava_kernels import _cpu
 from llava_kernels import rms_norm as cpu_rms_norm
 from llava_kernels import small_gemm as cpu_small_gemm
+from llava_kernels.rope import rope_ref
 
 
 class AttentionContext(Protocol):
@@ -116,12 +117,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x [T, heads, Dh]; rotate-half convention of the HF LLaMA weights."""
     if (x.dtype == torch.float32 == cos.dtype and x.device.type == "cpu" and not torch.is_grad_enabled()
             and x.is_contiguous() and _cpu.available()):
-        return _cpu.ops().rope(x, cos, sin)  # one pass instead of six ops, equal bit for bit (tests/test_rope.py)
-    x1, x2 = x.chunk(2, dim=-1)
-    rotated = torch.cat([-x2, x1], dim=-1)
-    # cos/sin follow x's dtype: under autocast the residual stream is fp32 but q/k are bf16.
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
+        return _cpu.ops().rope(x, cos, sin)  # one pass instead of six ops, equal bit for bit (llava_kernels.rope)
+    return rope_ref(x, cos, sin)
 
 
 def fuse_linears(*linears: nn.Linear) -> None:

@@ -4,8 +4,8 @@ weights, or int8 ones with a scale a row):
     h = rms_norm(x); q, k, v = h·W_qkvᵀ; q, k = rope(q, k); write k, v at ``slot_mapping``
     x = x + paged_decode(q)·W_oᵀ; h = rms_norm(x); g, u = h·W_gate_upᵀ; x = x + (silu(g)·u)·W_downᵀ
 
-The reference is ``decode_layer_ref`` (the torch formulas: ``rms_norm_ref``, ``F.linear``, the RoPE formula,
-``paged_decode_attention_ref``). Ours is ``llava_kernels/cpu/decode_layer.cpp``
+The reference is ``decode_layer_ref`` (the torch formulas: ``rms_norm_ref``, ``F.linear``,
+``rope_ref``, ``paged_decode_attention_ref``). Ours is ``llava_kernels/cpu/decode_layer.cpp``
 (``torch.ops.llava_cpu.decode_layer``, built by ``llava_kernels._cpu``): the ops ``engine.model.Block`` runs in
 fp32 CPU inference (our rms_norm, small_gemm or small_gemm_int8, rope, paged_decode; ATen's index_copy_, silu,
 mul, add), called
@@ -32,11 +32,7 @@ import torch.nn.functional as F
 from llava_kernels import _cpu
 from llava_kernels.paged_decode import paged_decode_attention_ref
 from llava_kernels.rms_norm import rms_norm_ref
-
-
-def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x (T, n, Dh)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos[:, None, :] + torch.cat([-x2, x1], dim=-1) * sin[:, None, :]
+from llava_kernels.rope import rope_ref
 
 
 def decode_layer_ref(x, attn_norm, mlp_norm, w_qkv, w_o, w_gate_up, w_down, cos, sin, k_cache, v_cache,
@@ -48,7 +44,7 @@ def decode_layer_ref(x, attn_norm, mlp_norm, w_qkv, w_o, w_gate_up, w_down, cos,
                                           zip((w_qkv, w_o, w_gate_up, w_down), scales, strict=True))
     t, hkv, dh = x.shape[0], k_cache.shape[2], k_cache.shape[3]
     qk, v = F.linear(rms_norm_ref(x, attn_norm, eps), w_qkv).split([(num_heads + hkv) * dh, hkv * dh], -1)
-    q, k = _rope_ref(qk.reshape(t, num_heads + hkv, dh), cos, sin).split([num_heads, hkv], 1)
+    q, k = rope_ref(qk.reshape(t, num_heads + hkv, dh), cos, sin).split([num_heads, hkv], 1)
     k_cache.view(-1, hkv, dh).index_copy_(0, slot_mapping, k)
     v_cache.view(-1, hkv, dh).index_copy_(0, slot_mapping, v.reshape(t, hkv, dh))
     o = paged_decode_attention_ref(q.contiguous(), k_cache, v_cache, block_table, seq_lens, scale=scale)

@@ -1,10 +1,12 @@
-"""The CPU RoPE op (llava_kernels/cpu/rope.cpp) against engine.model.apply_rope's torch formula: equal bit
-for bit (the same three roundings per element, never an FMA), on odd head dims and strided cos/sin."""
+"""The CPU RoPE op (llava_kernels/cpu/rope.cpp) against its reference, llava_kernels.rope.rope_ref (the formula
+engine.model.apply_rope runs elsewhere): equal bit for bit (the same three roundings per element, never an FMA),
+on odd head dims and strided cos/sin."""
 import pytest
 import torch
 
 import engine.model as em
 from llava_kernels import _cpu
+from llava_kernels import rope as rope_op
 
 needs_kernel = pytest.mark.skipif(not _cpu.available(), reason=f"the CPU ops are not built: {_cpu.load_error()}")
 
@@ -24,8 +26,8 @@ def test_rope_op_equals_the_formula_bit_for_bit(t, heads, dh):
     x = torch.randn(t, heads, dh) * 4
     with torch.no_grad():
         ours = em.apply_rope(x, cos, sin)
-    assert torch.equal(ours, formula(x, cos, sin))
-    assert torch.equal(ours, _cpu.ops().rope(x, cos.contiguous(), sin.contiguous()))
+    assert torch.equal(ours, formula(x, cos, sin)) and torch.equal(ours, rope_op.rope_ref(x, cos, sin))
+    assert torch.equal(ours, rope_op.rope(x, cos.contiguous(), sin.contiguous()))
 
 
 @needs_kernel

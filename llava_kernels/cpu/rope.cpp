@@ -1,8 +1,8 @@
 // Rotary position embedding (rotate-half, the HF LLaMA convention) of fp32 rows for CPU inference:
 //   out[t, n, :] = x[t, n, :] · cos[t] + rotate_half(x[t, n, :]) · sin[t],   rotate_half(a | b) = (−b | a)
 //
-// Built with the other CPU ops by llava_kernels/_cpu.py; the reference is engine.model.apply_rope's torch
-// formula. Registers torch.ops.llava_cpu.rope.
+// Built with the other CPU ops by llava_kernels/_cpu.py; the reference and the reasons are in
+// llava_kernels/rope.py. Registers torch.ops.llava_cpu.rope.
 //
 // The formula is six torch ops (chunk, neg, cat, mul, mul, add; ~30 µs a call for one decode row of 24 heads
 // of 64 on the 2-core development machine). Here one pass with the same roundings: a product, a product, a
