@@ -4,11 +4,11 @@ Cases:
 
 - ``cpu decode b1 / b8`` (a CPU measurement, suite ``quantize`` → bench/results/cpu/quantize.json): fp32 vs
   int8 (torchao ``Int8WeightOnlyConfig`` weights, activations fp32; up to 64 rows a GEMM, our
-  ``llava_kernels.small_gemm_int8`` through ``engine.linear``) on a LLaMA-shaped decoder big enough that
-  decode streams its weights from DRAM: 8 layers × 1024 wide (I = 2816), 32k vocab; 411 MB of fp32 decoder
-  linears + a 131 MB fp32 LM head (kept in full precision by ``quantize_model``). 64-token prompts, 32 new
-  tokens each; the decode steps after the prefill step are timed, median of 3 rounds, fp32 and int8
-  rounds interleaved.
+  ``llava_kernels.small_gemm_int8``, each layer one ``llava_kernels.decode_layer`` call) vs int8+head (the LM
+  head int8 too) on a LLaMA-shaped decoder big enough that decode streams its weights from DRAM: 8 layers ×
+  1024 wide (I = 2816), 32k vocab; 411 MB of fp32 decoder linears + a 131 MB fp32 LM head (kept in full
+  precision by ``quantize_model``'s int8). 64-token prompts, 32 new tokens each; the decode steps after the
+  prefill step are timed, median of 3 rounds, the three models' rounds interleaved.
 - ``cpu linear b1`` (same suite): why int8 decodes as it does on this CPU, one 11008 × 4096 GEMV (180 MB
   in fp32) timed five ways: fp32 ``F.linear``, torchao's int8 weight-only linear (eager: it casts the
   whole int8 weight to the activation dtype, then runs a float GEMM), ours (``engine.linear``, what
@@ -126,18 +126,20 @@ def decode_rows(suite: str, case: str, models: dict, batch: int, prompt_len: int
 def test_cpu_decode_int8_vs_fp32(benchmark, batch):
     fp32 = model(CPU_TEXT, torch.float32, "cpu")
     int8 = quantize_model(copy.deepcopy(fp32), "int8")
-    note = ("int8 GEMMs of up to 64 rows run llava_kernels.small_gemm_int8 (1 byte a weight read); torchao 0.18's "
-            "own linear, eager on the CPU, converts the whole int8 weight to fp32 every call and lost to fp32 "
-            "(see the 'cpu linear b1' rows); the LM head stays fp32")
-    rows = benchmark.pedantic(decode_rows, args=("quantize", f"cpu decode b{batch}", {"fp32": fp32, "int8": int8},
-                                                 batch, 64, 32, "cpu"),
+    head = quantize_model(copy.deepcopy(fp32), "int8+head")
+    note = ("int8 GEMMs of up to 64 rows run llava_kernels.small_gemm_int8 (1 byte a weight read), a layer as one "
+            "llava_kernels.decode_layer call; torchao 0.18's own linear, eager on the CPU, converts the whole int8 "
+            "weight to fp32 every call and lost to fp32 (see the 'cpu linear b1' rows); int8: the LM head stays "
+            "fp32; int8+head: it is int8 too")
+    models = {"fp32": fp32, "int8": int8, "int8+head": head}
+    rows = benchmark.pedantic(decode_rows, args=("quantize", f"cpu decode b{batch}", models, batch, 64, 32, "cpu"),
                               kwargs=dict(rounds=3, copy_mb=256, kv_cache_bytes=1 << 28,
                                           extra=dict(contention=CONTENTION, note=note)),
                               rounds=1, iterations=1)
     save("quantize", rows)
-    fp, q = rows
+    fp, q, qh = rows
     print(f"[quantize] cpu decode b{batch}: fp32 {fp.extra['tok_s']:.1f} tok/s, int8 {q.extra['tok_s']:.1f} tok/s "
-          f"({fp.ms / q.ms:.2f}x)")
+          f"({fp.ms / q.ms:.2f}x), int8+head {qh.extra['tok_s']:.1f} tok/s ({fp.ms / qh.ms:.2f}x)")
 
 
 def test_cpu_linear_b1_int8_paths(benchmark):

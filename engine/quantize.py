@@ -6,8 +6,10 @@ What is quantized: the seven linears of every decoder layer (q, k, v, o, gate, u
 ~97% of a 7B decoder's bytes and are what batch-1 decode streams from memory every token. Left in the
 checkpoint's precision, on purpose:
 
-- ``lm_head`` / the tied embedding: one matrix, the logits' precision matters most there (a greedy
-  argmax over 32k rows), and the embedding is a gather, not a GEMM;
+- ``lm_head`` / the tied embedding, unless asked for (scheme ``int8+head``): one matrix, the logits'
+  precision matters most there (a greedy argmax over 32k rows), and the embedding is a gather, not a GEMM.
+  It is also the largest matrix batch-1 decode reads (a 7B model's 32k × 4096 head: 3% of its parameters, 12%
+  of an int8 step's bytes; 56% of the CPU benchmark model's int8 step), which is what ``int8+head`` saves;
 - the vision tower: it runs once per image at prefill on 576 rows (compute-bound GEMMs), where a
   weight-only scheme saves no time (the weight is read once per 576 rows; torchao's int8 path even
   dequantizes it first), and at 0.3 B parameters it is ~4% of a 7B model's bytes;
@@ -20,6 +22,10 @@ Schemes (all torchao ``quantize_`` configs; the weights become torchao tensor su
   max_k |W[n, k]| / 127, W ≈ s_n · round(W / s_n). CPU and CUDA, any float dtype. On the CPU with fp32
   activations, GEMMs of up to 64 rows run ``llava_kernels.small_gemm_int8`` (through ``engine.linear``: torchao's
   eager linear dequantizes the whole weight every call), the rest torchao's linear.
+- ``int8+head``: ``int8``, and the untied LM head in the same scheme. Each logit then moves by at most
+  Σ_k |h_k| · s_n / 2 (|W - Ŵ| ≤ s_n / 2 per weight, tests/test_quantize.py holds that bound); whether that
+  changes a greedy token depends on the model's margins, so it is opt-in. A tied head is refused: it is the
+  embedding table.
 - ``int4``: asymmetric int4 in groups of ``group_size`` along K (tinygemm's scheme). CUDA (compute
   capability ≥ 8.0, bfloat16 weights): ``Int4WeightOnlyConfig`` with the ``tile_packed_to_4d`` packing
   and the ``_weight_int4pack_mm`` kernel that ships with torch. CPU: torchao's prototype
@@ -38,7 +44,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int8+head", "int4")
 DECODER_LINEARS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 INT4_GROUP_SIZES = (128, 64, 32)  # what both int4 kernels accept, coarsest (fewest scale bytes) first
 
@@ -59,12 +65,13 @@ def is_quantized(model: nn.Module) -> bool:
 
 def quantize_model(model: nn.Module, scheme: str, *, group_size: int | None = None) -> nn.Module:
     """Quantize ``model``'s decoder linears in place (weights only; activations stay in the model's
-    dtype) and return it. ``scheme``: "int8" or "int4"; ``group_size`` (int4 only): 32, 64 or 128,
-    default the largest that divides every decoder linear's K.
+    dtype) and return it. ``scheme``: "int8", "int8+head" (also the untied LM head) or "int4"; ``group_size``
+    (int4 only): 32, 64 or 128, default the largest that divides every decoder linear's K.
 
     The quantized weights are frozen (``requires_grad=False``): this is for inference (generation, the
     runtime, the server); training a quantized base is QLoRA's job. Raises ValueError for an unknown
-    scheme, a model on the meta device, one already quantized, a device the scheme has no kernel for,
+    scheme, a model on the meta device, one already quantized, "int8+head" on a model whose head is tied to
+    its embedding, a device the scheme has no kernel for,
     int4 on CUDA without bfloat16 weights or below compute capability 8.0, or an int4 group size that
     does not divide the decoder's widths; ImportError naming torchao when it is missing.
     """
@@ -81,6 +88,12 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int | None = No
     device, dtype = weights[0].device, weights[0].dtype
     if group_size is not None and scheme != "int4":
         raise ValueError(f"group_size is an int4 setting; {scheme} quantizes per output channel")
+    if scheme == "int8+head":
+        if model.decoder.lm_head is None:
+            raise ValueError("quantize='int8+head': this model's LM head is tied to its input embedding (one "
+                             "matrix), which stays in full precision; use quantize='int8'")
+        linears["lm_head"] = model.decoder.lm_head
+        scheme = "int8"
     try:
         from torchao.quantization import quantize_
     except ImportError as e:
@@ -89,7 +102,7 @@ def quantize_model(model: nn.Module, scheme: str, *, group_size: int | None = No
     quantize_(model.decoder, config, filter_fn=lambda module, fqn: fqn in linears)
     left = [name for name, m in linears.items() if type(m.weight.data) is torch.Tensor]
     if left:  # torchao skips (logs, does not raise) a weight whose shape its kernel cannot take
-        raise ValueError(f"quantize_model: torchao left {len(left)} decoder linears unquantized ({left[:4]}) "
+        raise ValueError(f"quantize_model: torchao left {len(left)} linears unquantized ({left[:4]}) "
                          f"for scheme {scheme} on {device}")
     return model
 

@@ -4,8 +4,7 @@ Two checks per scheme:
 
 1. The quantized model computes what it should: its logits equal those of an fp32 model holding the
    dequantized weights Ŵ (≤ 1e-5, the fp32 rule). Ŵ is read back through the quantized weight's own
-   ``F.linear`` (Ŵᵀ = linear(I, Ŵ)), and the fp32 reference is fused (one q/k/v, one gate/up GEMM) while
-   the quantized model runs them unfused, so this also shows fusion is skipped without changing results.
+   ``F.linear`` (Ŵᵀ = linear(I, Ŵ)), and the fp32 reference is fused (one q/k/v, one gate/up GEMM).
 2. Tolerance rule for Ŵ against fp32: quantization replaces every weight by a rounding of it, an error of
    at most half a quantization step per element (int8 per output row: step = max_k |W[n, k]| / 127;
    int4 per group of g inputs: step = (max − min) / 15). The reference error scale is that of the fp32
@@ -28,7 +27,7 @@ from helpers import IMAGE_SIZE, IMAGE_TOKEN, hf_model, pad, prompts, recompute_l
 
 import engine
 from engine.generate import Runtime, RuntimeConfig, SamplingParams, generate
-from engine.model import fused_weight
+from engine.model import fused_int8, fused_weight
 from engine.quantize import decoder_linears, is_quantized, quantize_model
 from engine.weights import new_model
 
@@ -145,19 +144,55 @@ def test_int4_on_cpu_within_the_rounding_rule_of_fp32():
     assert err > 0
 
 
-def test_fusion_skips_quantized_weights(fp32, int8):
+def test_fusion_of_quantized_weights(fp32, int8):
+    """int8 q/k/v and gate/up fuse into one int8 tensor each (fused_int8, for our CPU kernel's few rows), never into
+    a plain weight; fusing changes no value (tests/test_decode_layer.py: the same logits, bit for bit)."""
     int8.fuse_weights()
     ref = copy.deepcopy(fp32)
     ref.fuse_weights()
+    x = torch.randn(3, fp32.config.text.hidden_size)
     with torch.no_grad():
         for model, fused in ((ref, True), (int8, False)):
             for layer in model.decoder.layers:
                 assert (fused_weight(layer.attn.q, layer.attn.k, layer.attn.v) is not None) == fused
                 assert (fused_weight(layer.mlp.gate, layer.mlp.up) is not None) == fused
+                assert (fused_int8(x, layer.attn.q, layer.attn.k, layer.attn.v) is not None) != fused
+                assert (fused_int8(x, layer.mlp.gate, layer.mlp.up) is not None) != fused
+                assert fused_int8(torch.randn(65, x.shape[1]), layer.mlp.gate, layer.mlp.up) is None  # torchao's
     untouched = {n: p for n, p in int8.named_parameters() if type(p.data) is torch.Tensor}
     assert "decoder.lm_head.weight" in untouched and not any(n.startswith("decoder.layers.") and "norm" not in n
                                                              for n in untouched)
     assert all(p.dtype == torch.float32 for n, p in untouched.items() if n.startswith(("vision.", "projector.")))
+
+
+def test_int8_head_logits_within_the_rounding_bound(ckpt, int8):
+    """``int8+head``: the decoder as ``int8`` (the same quantized values), and each logit of the LM head within the
+    rounding bound of per-row int8: |h·Wᵀ − h·Ŵᵀ| ≤ Σ_k |h_k| · s_n / 2 (+ the fp32 sums' rounding), at few rows
+    (our kernel) and many (torchao's linear). A tied head is refused."""
+    head8 = engine.load(ckpt, quantize="int8+head").eval()
+    w = engine.load(ckpt).decoder.lm_head.weight.detach().double()                   # (V, D) fp32 head
+    q = head8.decoder.lm_head.weight
+    assert type(q).__name__ == "Int8Tensor"
+    for (n, a), b in zip(decoder_linears(int8).items(), decoder_linears(head8).values(), strict=True):
+        assert torch.equal(a.weight.qdata, b.weight.qdata) and torch.equal(a.weight.scale, b.weight.scale), n
+    s = q.scale.double().reshape(-1)                                                  # (V,)
+    g = torch.Generator().manual_seed(7)
+    for rows in (3, 70):
+        h = torch.randn(rows, w.shape[1], generator=g)
+        with torch.no_grad():
+            got = head8.logits(h).double()
+        exact = h.double() @ w.T
+        rounding = 1e-6 * (h.double().abs() @ w.abs().T)                              # fp32 sums, generously
+        bound = h.double().abs().sum(1, keepdim=True) * s[None] / 2 + rounding
+        assert ((got - exact).abs() <= bound).all(), rows
+        assert (got - exact).abs().max() > 0                                          # the head really changed
+    torch.manual_seed(0)
+    tied = engine.Llava(engine.tiny_config(vocab_size=200, tie_word_embeddings=True)).eval()
+    with pytest.raises(ValueError, match="tied to its input embedding"):
+        quantize_model(tied, "int8+head")
+    assert not is_quantized(tied)
+    out = generate(head8, [[1, 5, 9, 33]], max_new_tokens=5, stop_token_ids=[])      # the runtime decodes with it
+    assert len(out[0].tokens) == 5
 
 
 def test_int8_runtime_prefix_reuse_equals_recompute_and_uncached_runtime(int8):
@@ -215,7 +250,8 @@ def test_quantizing_or_changing_quantized_weights_drops_runtime_prefixes(ckpt):
 
 
 def test_clear_errors(ckpt, fp32, tmp_path):
-    with pytest.raises(ValueError, match=r"quantize='int3' is not a known scheme; choose one of int8, int4"):
+    with pytest.raises(ValueError, match=r"quantize='int3' is not a known scheme; choose one of int8, int8\+head, "
+                                         r"int4"):
         engine.load(ckpt, quantize="int3")
     with pytest.raises(ValueError, match=r"an adapter \(adapter= / --adapter .*\) with quantize='int8' is not "
                                          r"supported; merge the adapter first \(python -m train.merge_lora"):
@@ -276,12 +312,12 @@ def test_chat_and_serve_command_lines_load_quantized(tmp_path, capsys):
         main(["--model", path, "--quantize", "int3", "Hi?"])
     assert "invalid choice: 'int3'" in capsys.readouterr().err
 
-    srv = build_server(ServerConfig(model=path, port=0, quantize="int8", max_batch=2))
+    srv = build_server(ServerConfig(model=path, port=0, quantize="int8+head", max_batch=2))
     try:
-        assert is_quantized(srv.state.model)
+        assert is_quantized(srv.state.model) and type(srv.state.model.decoder.lm_head.weight).__name__ == "Int8Tensor"
     finally:
         srv.server_close()
-    with pytest.raises(ValueError, match="quantize='int3' is not one of int8, int4"):
+    with pytest.raises(ValueError, match=r"quantize='int3' is not one of int8, int8\+head, int4"):
         ServerConfig(model=path, quantize="int3")
 
 
