@@ -35,7 +35,7 @@ from engine.config import (
     vision_config_from_dir,
 )
 from engine.io import fsync_dir, replace_dir
-from engine.model import Llava, Projector
+from engine.model import Llava
 
 # --------------------------------------------------------------------------- key tables
 
@@ -159,9 +159,12 @@ def rename(state: dict[str, torch.Tensor], table: dict, where: str, *,
 
 @dataclasses.dataclass(frozen=True)
 class Source:
-    """Where one tensor lives: ``key`` of the safetensors ``file`` (read whole, or a slice of rows)."""
+    """Where one tensor lives: ``key`` of the safetensors ``file`` (read whole, or a slice of rows), with its
+    shape and dtype as the file's header gives them (safetensors' names: "F32", "BF16", ...)."""
     file: str
     key: str
+    shape: tuple[int, ...] = ()
+    dtype: str = ""
 
 
 def safetensors_files(path: str) -> list[str]:
@@ -191,7 +194,9 @@ def index_safetensors_dir(path: str) -> dict[str, Source]:
     for file in safetensors_files(path):
         try:
             with safe_open(file, framework="pt") as f:
-                out.update({key: Source(file, key) for key in f.keys()})
+                for key in f.keys():
+                    sl = f.get_slice(key)
+                    out[key] = Source(file, key, tuple(sl.get_shape()), sl.get_dtype())
         except Exception as e:
             raise _unreadable(file, e) from e
     return out
@@ -211,11 +216,6 @@ def read_sources(sources: dict[str, Source]) -> dict[str, torch.Tensor]:
         except Exception as e:
             raise _unreadable(file, e) from e
     return {name: got[name] for name in sources}
-
-
-def read_safetensors_dir(path: str) -> dict[str, torch.Tensor]:
-    """All tensors of a directory's safetensors files (sharded through the index when present)."""
-    return read_sources(index_safetensors_dir(path))
 
 
 def row_mean(read, n: int) -> torch.Tensor:
@@ -264,13 +264,6 @@ def fold_identity_projector(state: dict, config: LlavaConfig) -> dict:
 # --------------------------------------------------------------------------- building a model
 
 
-def _identity_post_norm(state: dict, model: Llava) -> None:
-    # LLaVA never applies the tower's post-layernorm; checkpoints that omit it get an identity.
-    d = model.config.vision.hidden_size
-    state.setdefault("vision.post_norm.weight", torch.ones(d))
-    state.setdefault("vision.post_norm.bias", torch.zeros(d))
-
-
 def assign_state(model: Llava, state: dict[str, torch.Tensor], where: str, *, dtype=None, device=None) -> Llava:
     """Load ``state`` (our names) into a model built on the meta device; strict on keys and shapes."""
     expected = dict(model.state_dict())
@@ -296,30 +289,24 @@ def new_model(config: LlavaConfig, **kw) -> Llava:
         return Llava(config, **kw)
 
 
-def _build(state: dict, config: LlavaConfig, where: str, *, dtype, device, kernel_backend) -> Llava:
-    """A model holding ``state`` (our names, complete but for what tying and LLaVA's unused
-    post-layernorm make optional)."""
-    if config.text.tie_word_embeddings:
-        state.pop("decoder.lm_head.weight", None)
-    model = new_model(config, kernel_backend=kernel_backend)
-    _identity_post_norm(state, model)
-    return assign_state(model, state, where, dtype=dtype, device=device)
-
-
 def load(path: str, *, device=None, dtype: torch.dtype | None = None, vision: str | None = None,
          kernel_backend: str | None = "torch", adapter: str | None = None,
          quantize: str | None = None) -> Llava:
     """Load a LLaVA checkpoint directory (HF llava or original LLaVA layout).
 
     ``vision``: a CLIP directory, required for original LLaVA checkpoints whose tower weights
-    are not inside the checkpoint. ``adapter``: a PEFT LoRA adapter directory trained on this base
-    (engine/lora.py), applied unmerged. ``quantize``: "int8" or "int4" quantizes the decoder's linears
-    (weights only, see ``engine.quantize``) once on ``device``. Raises FileNotFoundError / ValueError
+    are not inside the checkpoint. ``dtype`` None: the checkpoint's (its embedding's). ``adapter``: a PEFT
+    LoRA adapter directory trained on this base (engine/lora.py), applied unmerged. ``quantize``: "int8",
+    "int8+head" or "int4" quantizes the decoder's linears (weights only, see ``engine.quantize``) once on
+    ``device``. Keys and shapes are checked from the files' headers before a weight is read; then the model
+    is built on ``device`` a tensor at a time (``engine.meta``): the host holds the model being built (nothing
+    for a GPU) plus one checkpoint tensor, never the whole checkpoint. Raises FileNotFoundError / ValueError
     naming the file or key.
     """
     check_adapter(path, adapter, quantize)
-    state, config = load_state(path, vision=vision)
-    model = _build(state, config, path, dtype=dtype, device=device, kernel_backend=kernel_backend)
+    from engine.meta import materialize, meta_load  # engine.meta builds on this module
+    meta = meta_load(path, vision=vision, kernel_backend=kernel_backend)
+    model = materialize(meta, device=device or "cpu", dtype=dtype or meta.stored_dtype)
     if adapter is not None:
         from engine.lora import apply_adapter
         apply_adapter(model, adapter, base=path)
@@ -360,8 +347,8 @@ class CheckpointIndex:
 
 def index_checkpoint(path: str, *, vision: str | None = None) -> CheckpointIndex:
     """The layout decisions of loading ``path`` (HF llava or original LLaVA, the tower from ``vision``
-    when the checkpoint lacks it), taken on names alone: what ``load_state`` reads whole and
-    ``train.materialize.meta_load`` reads a shard at a time."""
+    when the checkpoint lacks it), taken on names and headers alone: what ``engine.meta.meta_load`` builds on the
+    meta device and ``load`` then reads a tensor (or a training rank a shard) at a time."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     vision_cfg = vision_config_from_dir(vision) if vision else None
@@ -380,20 +367,6 @@ def index_checkpoint(path: str, *, vision: str | None = None) -> CheckpointIndex
     else:
         sources = rename(sources, HF_LLAVA, path, keep_unknown=True)
     return CheckpointIndex(sources, config, stored_vocab)
-
-
-def load_state(path: str, *, vision: str | None = None) -> tuple[dict[str, torch.Tensor], LlavaConfig]:
-    """A checkpoint directory's tensors under our names (CPU, stored dtypes) and its config, without
-    building a model: what ``load`` assigns."""
-    index = index_checkpoint(path, vision=vision)
-    config, state = index.config, read_sources(index.sources)
-    if config.text.vocab_size > index.stored_vocab:
-        for key in VOCAB_ROWS:
-            if key in state:
-                state[key] = grow_rows(state[key], config.text.vocab_size)
-    if config.projector_type == "linear":
-        state = fold_identity_projector(state, config)
-    return state, config
 
 
 def with_image_token_row(config: LlavaConfig) -> LlavaConfig:
@@ -420,26 +393,17 @@ def compose_config(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2
 def compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_gelu", image_token_id: int | None = None,
             vision_feature_layer: int = -2, dtype=None, device=None, seed: int = 0,
             kernel_backend: str | None = "torch") -> Llava:
-    """A fresh LLaVA from a CLIP directory and a LLaMA/Vicuna directory (stage-1 start).
+    """A fresh LLaVA from a CLIP directory and a LLaMA/Vicuna directory (stage-1 start), built a tensor at a time
+    (``engine.meta.meta_compose``, then ``materialize``).
 
     The projector is newly initialised: nn.Linear's default init under ``torch.manual_seed(seed)``, the
-    projector alone (no whole fp32 model is built for it), the same draw as ``train.materialize``'s
-    meta-device composition. The image placeholder gets id ``image_token_id`` (default: the first id past
-    the vocabulary, with a new embedding row).
+    projector alone. The image placeholder gets id ``image_token_id`` (default: the first id past the
+    vocabulary, with a new embedding row, the mean of the others). ``dtype`` None: the LLM checkpoint's.
     """
-    config = compose_config(clip_dir, llama_dir, projector_type=projector_type, image_token_id=image_token_id,
-                            vision_feature_layer=vision_feature_layer)
-    state = rename(read_safetensors_dir(clip_dir), CLIP_DIR, clip_dir)
-    state.update(rename(read_safetensors_dir(llama_dir), LLAMA_DIR, llama_dir))
-    torch.manual_seed(seed)
-    fresh = Projector(config).state_dict()
-    state.update({f"projector.{k}": v for k, v in fresh.items()})
-    config = with_image_token_row(config)
-    for key in VOCAB_ROWS:
-        if key in state:
-            state[key] = grow_rows(state[key], config.text.vocab_size)
-    return _build(state, config, f"{clip_dir} + {llama_dir}", dtype=dtype, device=device,
-                  kernel_backend=kernel_backend)
+    from engine.meta import materialize, meta_compose  # engine.meta builds on this module
+    meta = meta_compose(clip_dir, llama_dir, projector_type=projector_type, image_token_id=image_token_id,
+                        vision_feature_layer=vision_feature_layer, seed=seed, kernel_backend=kernel_backend)
+    return materialize(meta, device=device or "cpu", dtype=dtype or meta.stored_dtype)
 
 
 def projector_file(source: str) -> str:

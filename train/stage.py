@@ -16,11 +16,11 @@ import torch
 import engine
 from engine.config import read_config_json
 from engine.lora import TARGETS, LoraSettings, add_lora, quantize_base_nf4
+from engine.meta import materialize, meta_compose, meta_load
 from engine.weights import read_projector
 from train.data import load_samples
 from train.distributed import leave_distributed, rank_world, setup_distributed, shard_model, uses_mixed_precision
 from train.loop import LoopConfig, train
-from train.materialize import materialize, meta_compose, meta_load
 
 # (lr, global batch, epochs): LLaVA-1.5 defaults and, with --paper, the paper's.
 DEFAULTS = {1: {"1.5": (1e-3, 256, 1), "paper": (2e-3, 128, 1)},
@@ -178,7 +178,7 @@ def build_model(cfg: StageConfig, device: torch.device | None = None) -> tuple[e
     Composed from ``--vision`` + ``--llm``, or read from a checkpoint directory (``--model``, ``--init``
     with a full LLaVA; HF llava or original LLaVA, whose tower ``--vision`` gives when it lacks one), it is
     built on the meta device, sharded first when there are several ranks, and each rank materialises
-    only its shards on ``device`` (train/materialize.py): no rank ever holds the whole model on the host.
+    only its shards on ``device`` (engine/meta.py): no rank ever holds the whole model on the host.
     """
     backend = None if cfg.fused else "torch"
     device = device or torch.device(cfg.device)
