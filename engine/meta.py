@@ -125,8 +125,8 @@ def meta_compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_
 def read_rows(name: str, source: Source, start: int, stop: int, full_rows: int,
               stored_vocab: int | None) -> torch.Tensor:
     """Rows [start, stop) of the source tensor; reads only what is needed. The vocabulary tensors of a
-    model whose vocabulary adds image placeholder rows (``stored_vocab``) get those rows as ``grow_rows``
-    makes them (the row mean); any other tensor must have the model's rows, or it is an error naming it."""
+    model whose vocabulary adds image placeholder rows (``stored_vocab``) get those rows as the row mean
+    (``row_mean``); any other tensor must have the model's rows, or it is an error naming it."""
     with safe_open(source.file, framework="pt") as f:
         sl = f.get_slice(source.key)
         shape = sl.get_shape()

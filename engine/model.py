@@ -151,7 +151,9 @@ def _fuse_int8(ws: list[torch.Tensor]) -> None:
     if _tiled(qs) and _tiled(ss):
         return
     n = [q.shape[0] for q in qs]
-    for w, q, s in zip(ws, torch.cat(qs).split(n), torch.cat(ss).split(n), strict=True):
+    with torch.no_grad(), torch.inference_mode(False):  # as fuse_linears: plain tensors, whatever mode calls it
+        fused_q, fused_s = torch.cat(qs).split(n), torch.cat(ss).split(n)
+    for w, q, s in zip(ws, fused_q, fused_s, strict=True):
         shape = w.scale.shape
         w.qdata, w.scale = q, s.view(shape)
 
@@ -296,7 +298,7 @@ class Block(nn.Module):
               *(p for mod in lin for p in (mod._parameters.get("weight"), mod._parameters.get("bias"))))
         fused = (ps[2], ps[4], ps[6], ps[10], ps[12])       # the weights of q, k, v, gate, up
         key = (n1.eps, n2.eps, *map(id, lin), *map(id, ps), *[_data_key(p) for p in ps if p is not None],
-               *[(p.shape, p.stride()) for p in fused if type(p) is nn.Parameter])
+               *[(p.shape, p.stride()) for p in fused if type(p) in _PLAIN])
         seen = self.__dict__.get("_whole_layer_key")
         if seen is None or seen[0] != key:
             seen = self.__dict__["_whole_layer_key"] = (key, self._whole_layer_check(n1, n2, lin, x))
@@ -330,10 +332,13 @@ class Block(nn.Module):
         return None
 
 
+_PLAIN = (nn.Parameter, torch.Tensor)
+
+
 def _data_key(p: torch.Tensor) -> object:
     """What identifies a parameter's data for ``whole_layer_weights``' remembered verdict: its data pointer, or
     for a quantized weight (a tensor subclass, no storage of its own) its int8 rows' and scales' objects."""
-    if type(p) is nn.Parameter:
+    if type(p) in _PLAIN:
         return p.data_ptr()
     q, s = getattr(p, "qdata", None), getattr(p, "scale", None)
     if q is None or s is None:

@@ -221,7 +221,7 @@ def read_sources(sources: dict[str, Source]) -> dict[str, torch.Tensor]:
 def row_mean(read, n: int) -> torch.Tensor:
     """The mean of a tensor's ``n`` rows, given ``read(a, b)`` → rows [a, b): summed in fp64 4096 rows at a
     time (bounded memory when ``read`` slices a file), returned in the rows' dtype. The new embedding row
-    of an image placeholder; one function, so a tensor read whole and one read in slices get the same row."""
+    of an image placeholder (``engine.meta.read_rows`` reads it for each rank's rows alike)."""
     total, dtype = None, None
     for a in range(0, n, 4096):
         rows = read(a, min(a + 4096, n))
@@ -229,12 +229,6 @@ def row_mean(read, n: int) -> torch.Tensor:
         part = rows.double().sum(0)
         total = part if total is None else total + part
     return (total / n).to(dtype)
-
-
-def grow_rows(w: torch.Tensor, rows: int) -> torch.Tensor:
-    """``w`` with rows appended up to ``rows``, each the mean of its rows (see ``row_mean``)."""
-    n = w.shape[0]
-    return torch.cat([w, row_mean(lambda a, b: w[a:b], n).expand(rows - n, *w.shape[1:])]) if rows > n else w
 
 
 def read_projector_bin(file: str) -> dict[str, torch.Tensor]:
@@ -371,7 +365,7 @@ def index_checkpoint(path: str, *, vision: str | None = None) -> CheckpointIndex
 
 def with_image_token_row(config: LlavaConfig) -> LlavaConfig:
     """``config`` with a vocabulary that holds an out-of-vocabulary image placeholder id: the rows added
-    to ``VOCAB_ROWS`` are the mean embedding (``grow_rows``), so that exported checkpoints index the id
+    to ``VOCAB_ROWS`` are the mean embedding (``row_mean``), so that exported checkpoints index the id
     safely in transformers; our scatter never reads that row."""
     v = config.text.vocab_size
     if config.image_token_id < v:
