@@ -18,6 +18,7 @@ override).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -160,13 +161,20 @@ def _fresh(meta: MetaModel, names: set[str]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _local_rows(p) -> tuple[int, int]:
+def _dtensor_type():
+    """DTensor's class when torch.distributed.tensor is loaded (FSDP2 has sharded something), else None: no
+    parameter can be one then, and a plain load neither imports it nor needs torch.distributed at all."""
+    module = sys.modules.get("torch.distributed.tensor")
+    return None if module is None else module.DTensor
+
+
+def _local_rows(p, dtensor) -> tuple[int, int]:
     """The rows [start, stop) of parameter ``p`` this rank holds: all of them, or FSDP2's Shard(0)
     chunk (torch.chunk's split: ceil(n / W) rows a rank, the last ones shorter or empty)."""
-    from torch.distributed.tensor import DTensor, Shard
     n = p.shape[0] if p.ndim else 0
-    if not isinstance(p, DTensor):
+    if dtensor is None or not isinstance(p, dtensor):
         return 0, n
+    from torch.distributed.tensor import Shard
     if p.device_mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
         raise ValueError(f"materialize: expected FSDP2's Shard(0) on a 1-D mesh, got {p.placements}")
     chunk = -(-n // p.device_mesh.size())
@@ -177,15 +185,15 @@ def _local_rows(p) -> tuple[int, int]:
 def materialize(meta: MetaModel, *, device: torch.device | str, dtype: torch.dtype = torch.float32) -> Llava:
     """Allocate the model's parameters on ``device`` in ``dtype`` (after FSDP2 sharding: only this rank's shards)
     and fill them from their sources, one tensor at a time. Returns the model, now real."""
-    from torch.distributed.tensor import DTensor
+    dtensor = _dtensor_type()
     model = meta.model
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     fresh = _fresh(meta, {n for n in params if n not in meta.sources or n in meta.overrides})
     with torch.no_grad():
         for name, p in params.items():
-            local = p.to_local() if isinstance(p, DTensor) else p
-            start, stop = _local_rows(p)
+            local = p.to_local() if dtensor is not None and isinstance(p, dtensor) else p
+            start, stop = _local_rows(p, dtensor)
             if name in meta.sources and name not in meta.overrides:
                 value = read_rows(name, meta.sources[name], start, stop, p.shape[0] if p.ndim else 0,
                                   meta.stored_vocab)
