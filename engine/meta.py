@@ -187,6 +187,12 @@ def materialize(meta: MetaModel, *, device: torch.device | str, dtype: torch.dty
     and fill them from their sources, one tensor at a time. Returns the model, now real."""
     dtensor = _dtensor_type()
     model = meta.model
+    if any(p.dtype != dtype for p in model.parameters()):
+        if dtensor is not None and any(isinstance(p, dtensor) for p in model.parameters()):
+            raise ValueError(f"materialize: the model was sharded on the meta device in "
+                             f"{next(model.parameters()).dtype}; shard it in {dtype} (its parameters' dtype is "
+                             f"what the shards are allocated in)")
+        model.to(dtype)                            # still on the meta device: no memory, the dtype allocated below
     model.to_empty(device=device)
     params = dict(model.named_parameters())
     fresh = _fresh(meta, {n for n in params if n not in meta.sources or n in meta.overrides})

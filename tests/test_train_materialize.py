@@ -200,8 +200,10 @@ def test_engine_load_reads_every_layout_a_tensor_at_a_time(layout, tmp_path):
     meta = meta_load(path, vision=vision)
     assert all(p.is_meta for p in meta.model.parameters())
     got = materialize(meta, device=torch.device("cpu")).state_dict()
-    loaded = engine.load(path, vision=vision, dtype=torch.float32).state_dict()
+    loaded = engine.load(path, vision=vision).state_dict()                          # the stored dtype: fp32
     assert loaded.keys() == got.keys() and all(torch.equal(loaded[k], got[k]) for k in got)
+    bf16 = engine.load(path, vision=vision, dtype=torch.bfloat16).state_dict()      # every parameter cast
+    assert all(bf16[k].dtype == torch.bfloat16 and torch.equal(bf16[k], got[k].bfloat16()) for k in got)
     if layout == "original":
         vocab = json.load(open(os.path.join(path, "config.json")))["vocab_size"]
         assert meta.model.config.image_token_id == vocab
