@@ -335,3 +335,17 @@ def test_engine_load_holds_the_model_and_one_tensor_not_the_checkpoint(tmp_path)
     assert model_bytes > 100e6
     # measured 1.09-1.15 (one tensor, allocator slack); the whole bf16 file read first as before: 1.53
     assert grew < 1.3 * model_bytes, (grew / 1e6, model_bytes / 1e6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="loading onto a GPU needs a CUDA device")
+@pytest.mark.parametrize("layout", ["original", "hf-linear"])
+def test_engine_load_onto_a_gpu_equals_the_cpu_load(layout, tmp_path):
+    """The parameters are allocated on the GPU in the dtype asked for and filled a tensor at a time: the same
+    values as the CPU load, cast."""
+    path, vision = _checkpoint(layout, tmp_path)
+    cpu = engine.load(path, vision=vision).state_dict()
+    gpu = engine.load(path, vision=vision, device="cuda", dtype=torch.bfloat16).state_dict()
+    assert gpu.keys() == cpu.keys()
+    assert all(v.is_cuda and v.dtype == torch.bfloat16 and torch.equal(v.cpu(), cpu[k].bfloat16())
+               for k, v in gpu.items())
