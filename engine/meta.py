@@ -35,6 +35,7 @@ from engine.weights import (
     fold_identity_projector,
     index_checkpoint,
     index_safetensors_dir,
+    new_model,
     read_sources,
     rename,
     row_mean,
@@ -53,7 +54,6 @@ class MetaModel:
     sources: dict[str, Source]
     seed: int
     overrides: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
-    stored_vocab: int | None = None   # rows the sources of VOCAB_ROWS hold when the model's vocabulary adds some
 
     @property
     def stored_dtype(self) -> torch.dtype:
@@ -70,8 +70,7 @@ def meta_model(config: LlavaConfig, sources: dict[str, Source], where: str, *, s
     parameter's shape (``VOCAB_ROWS``: ``stored_vocab`` rows, when given). Raises ValueError naming the keys."""
     if config.text.tie_word_embeddings:
         sources.pop("decoder.lm_head.weight", None)
-    with torch.device("meta"):
-        model = Llava(config, kernel_backend=kernel_backend)
+    model = new_model(config, kernel_backend=kernel_backend)
     params = dict(model.named_parameters())
     fresh = {n for n in params if n.startswith("projector.") or n.startswith("vision.post_norm.")}
     missing = sorted(set(params) - set(sources) - fresh)
@@ -86,7 +85,7 @@ def meta_model(config: LlavaConfig, sources: dict[str, Source], where: str, *, s
         if src.shape != want:
             raise ValueError(f"{where}: {name} has shape {src.shape} in the checkpoint ({src.file}: {src.key}) but "
                              f"the config implies {want}")
-    return MetaModel(model, sources, seed, stored_vocab=stored_vocab)
+    return MetaModel(model, sources, seed)
 
 
 def meta_load(path: str, *, vision: str | None = None, kernel_backend: str | None = "torch") -> MetaModel:
@@ -123,20 +122,16 @@ def meta_compose(clip_dir: str, llama_dir: str, *, projector_type: str = "mlp2x_
                       stored_vocab=stored)
 
 
-def read_rows(name: str, source: Source, start: int, stop: int, full_rows: int,
-              stored_vocab: int | None) -> torch.Tensor:
-    """Rows [start, stop) of the source tensor; reads only what is needed. The vocabulary tensors of a
-    model whose vocabulary adds image placeholder rows (``stored_vocab``) get those rows as the row mean
-    (``row_mean``); any other tensor must have the model's rows, or it is an error naming it."""
+def read_rows(source: Source, start: int, stop: int, full_rows: int) -> torch.Tensor:
+    """Rows [start, stop) of the source tensor, its first dimension extended to ``full_rows`` with copies of its
+    row mean (``row_mean``: an image placeholder's vocabulary rows); reads only what is needed. ``meta_model``
+    has checked every source's shape against its parameter, so only a vocabulary tensor ever has fewer rows."""
     with safe_open(source.file, framework="pt") as f:
         sl = f.get_slice(source.key)
         shape = sl.get_shape()
         if not shape:
             return f.get_tensor(source.key)
         n = shape[0]
-        expected = stored_vocab if stored_vocab is not None and name in VOCAB_ROWS else full_rows
-        if n != expected:
-            raise ValueError(f"{source.file}: {source.key} ({name}) has {n} rows; the model expects {expected}")
         if full_rows == n:
             return sl[start:stop]
         parts = [sl[start:min(stop, n)]] if start < n else []
@@ -201,8 +196,7 @@ def materialize(meta: MetaModel, *, device: torch.device | str, dtype: torch.dty
             local = p.to_local() if dtensor is not None and isinstance(p, dtensor) else p
             start, stop = _local_rows(p, dtensor)
             if name in meta.sources and name not in meta.overrides:
-                value = read_rows(name, meta.sources[name], start, stop, p.shape[0] if p.ndim else 0,
-                                  meta.stored_vocab)
+                value = read_rows(meta.sources[name], start, stop, p.shape[0] if p.ndim else 0)
             else:
                 value = fresh[name][start:stop] if p.ndim else fresh[name]
             if tuple(value.shape) != tuple(local.shape):

@@ -146,8 +146,7 @@ def _fuse_int8(ws: list[torch.Tensor]) -> None:
     scales each move into one new tensor, every weight keeping its object with ``qdata`` and ``scale`` re-pointed
     to views of its rows (the zero points, all 0, stay). Per-row scales make the fused GEMM's rows the separate
     GEMMs' rows exactly. A no-op when already fused."""
-    rows = [dense.int8_rows(w) for w in ws]
-    qs, ss = [q for q, _ in rows], [s.view(-1, 1) for _, s in rows]
+    qs, ss = _int8_parts(ws)
     if _tiled(qs) and _tiled(ss):
         return
     n = [q.shape[0] for q in qs]
@@ -158,18 +157,25 @@ def _fuse_int8(ws: list[torch.Tensor]) -> None:
         w.qdata, w.scale = q, s.view(shape)
 
 
+def _int8_parts(ws: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The int8 rows [N_i, D] and the scales as [N_i, 1] (``_tiled``'s shape) of per-row int8 weights; None when one
+    is not (``dense.int8_rows``)."""
+    rows = [dense.int8_rows(w) for w in ws]
+    if any(r is None for r in rows):
+        return None
+    return [q for q, _ in rows], [s.view(-1, 1) for _, s in rows]
+
+
 def fused_int8(x: torch.Tensor, *linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``fused_weight`` for per-row int8 weights: (q [ΣN_i, D], scale [ΣN_i]) when ``fuse_linears`` tiled them and
     the GEMM on ``x`` runs our int8 kernel (``dense.int8_route``); None otherwise (one GEMM per projection, the
     same numbers: our kernel sums each output element alike whatever its neighbours)."""
     if not _plain(linears) or not dense.int8_route(x):
         return None
-    rows = [dense.int8_rows(m._parameters["weight"]) for m in linears]
-    if any(r is None for r in rows):
+    parts = _int8_parts([m._parameters["weight"] for m in linears])
+    if parts is None or not (_tiled(parts[0]) and _tiled(parts[1])):
         return None
-    qs, ss = [q for q, _ in rows], [s.view(-1, 1) for _, s in rows]
-    if not (_tiled(qs) and _tiled(ss)):
-        return None
+    qs, ss = parts
     n, d = sum(q.shape[0] for q in qs), qs[0].shape[1]
     return qs[0].as_strided((n, d), (d, 1)), ss[0].as_strided((n,), (1,))
 
